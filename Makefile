@@ -1,0 +1,37 @@
+# fastmil developer entry points. Every target creates/updates .venv itself, so a fresh clone needs only `make X`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of this release lies on the build machines' disk; any torch>=2.4 already installed is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.fastmil-installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench aot clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)/store
+	$(VENV)/bin/fastmil synth $(DEMO_OUT)/store --slides 24 --dim 256 --median-instances 2000
+	$(VENV)/bin/fastmil info $(DEMO_OUT)/store
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	mkdir -p bench_out
+	$(PY) -m pytest benchmarks -q -o addopts="" --benchmark-only --benchmark-json=bench_out/bench.json \
+		--benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py bench_out/bench.json
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) bench_out .pytest_cache

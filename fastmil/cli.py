@@ -1,0 +1,174 @@
+"""The ``fastmil`` command line. ``fastmil --help`` and ``fastmil COMMAND --help`` describe every option."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import SynthConfig, synthesize_store
+
+    cfg = SynthConfig(
+        n_slides=args.slides,
+        dim=args.dim,
+        seed=args.seed,
+        positive_fraction=args.positive_fraction,
+        tumour_fraction_min=args.tumour_min,
+        tumour_fraction_max=args.tumour_max,
+        median_instances=args.median_instances,
+        size_sigma=args.size_sigma,
+        min_instances=args.min_instances,
+        max_instances=args.max_instances,
+        layout=args.layout,
+        clam_coords_dir=args.clam_coords_dir,
+        tumour_snr=args.tumour_snr,
+        dtype=args.dtype,
+    )
+    store = synthesize_store(cfg, args.out_store, progress=not args.quiet)
+    _print_summary(store.summary())
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .data.importers import ingest
+    from .data.store import open_store
+
+    report = ingest(
+        args.src_dir,
+        args.out_store,
+        format=args.format,
+        coords_dir=args.coords_dir,
+        labels_csv=args.labels,
+        encoder=args.encoder,
+        chunk_rows=args.chunk_rows,
+        dtype=args.dtype,
+        compression=args.compression,
+        progress=not args.quiet,
+    )
+    print(f"ingest: {len(report.written)} slide(s) written, {len(report.skipped)} already present (skipped)")
+    if report.without_coords:
+        print(f"  {len(report.without_coords)} slide(s) have no coordinates (spatial methods will refuse them)")
+    if report.classes is not None:
+        print(f"  {report.labelled} label(s) recorded; classes: {report.classes}")
+    _print_summary(open_store(args.out_store).summary())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .data.store import open_store
+
+    summary = open_store(args.store).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from .data.tiling import tile_slide_to_h5
+
+    n = tile_slide_to_h5(args.slide, args.out_h5, patch_size=args.patch_size, min_tissue=args.min_tissue,
+                         progress=not args.quiet)
+    print(f"tile: {n} tissue tiles of {args.patch_size}px -> {args.out_h5}")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"store {s['path']}")
+    print(f"  slides      {s['slides']}  ({s['slides_with_coords']} with coordinates)")
+    print(
+        f"  instances   total {s['instances_total']:,}  min {s['instances_min']:,}  "
+        f"median {s['instances_median']:,.0f}  max {s['instances_max']:,}"
+    )
+    print(f"  feature dim {', '.join(map(str, s['dims'])) or '-'}  dtype {', '.join(s['dtypes']) or '-'}")
+    if s["classes"]:
+        print(f"  classes     {s['classes']}")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(s["label_counts"].items()))
+    print(f"  labels      {counts or '-'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .data.synthetic import SynthConfig
+
+    defaults = {f.name: f.default for f in fields(SynthConfig)}
+    parser = argparse.ArgumentParser(
+        prog="fastmil",
+        description="Multiple-instance learning on whole-slide images: feature stores, training, kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastmil {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = add("synth", _cmd_synth, "Write a synthetic cohort of spatially realistic slides into a store.")
+    p.add_argument("out_store", metavar="OUT_STORE", help="store path (created; re-running resumes)")
+    p.add_argument("--slides", type=int, default=defaults["n_slides"], help="number of slides (default %(default)s)")
+    p.add_argument("--dim", type=int, default=defaults["dim"], help="feature dimension D (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default %(default)s)")
+    p.add_argument("--positive-fraction", type=float, default=defaults["positive_fraction"],
+                   help="fraction of tumour slides (default %(default)s)")
+    p.add_argument("--tumour-min", type=float, default=defaults["tumour_fraction_min"],
+                   help="min fraction of tumour patches in a positive slide (default %(default)s)")
+    p.add_argument("--tumour-max", type=float, default=defaults["tumour_fraction_max"],
+                   help="max fraction of tumour patches in a positive slide (default %(default)s)")
+    p.add_argument("--median-instances", type=int, default=defaults["median_instances"],
+                   help="median bag size of the log-normal size distribution (default %(default)s)")
+    p.add_argument("--size-sigma", type=float, default=defaults["size_sigma"],
+                   help="log-normal sigma of bag sizes (default %(default)s)")
+    p.add_argument("--min-instances", type=int, default=defaults["min_instances"], help="(default %(default)s)")
+    p.add_argument("--max-instances", type=int, default=defaults["max_instances"], help="(default %(default)s)")
+    p.add_argument("--layout", choices=["procedural", "clam", "mixed"], default=defaults["layout"],
+                   help="tissue layouts: procedural, real CLAM coordinate files, or both (default %(default)s)")
+    p.add_argument("--clam-coords-dir", default=None, help="folder of CLAM coordinate .h5 files (layout clam/mixed)")
+    p.add_argument("--tumour-snr", type=float, default=defaults["tumour_snr"],
+                   help="tumour feature shift in noise standard deviations (default %(default)s)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default=defaults["dtype"],
+                   help="stored feature dtype (default %(default)s)")
+
+    p = add("ingest", _cmd_ingest, "Import TRIDENT/CLAM .h5 or CLAM/MHIM .pt feature files into a store.")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="folder of <slide_id>.h5 / <slide_id>.pt (or h5_files/, pt_files/)")
+    p.add_argument("out_store", metavar="OUT_STORE", help="store path (created if needed; re-running resumes)")
+    p.add_argument("--format", choices=["auto", "h5", "pt"], default="auto", help="source format (default %(default)s)")
+    p.add_argument("--coords-dir", default=None, help="folder of <slide_id>.h5 coordinate files for .pt features")
+    p.add_argument("--labels", default=None, metavar="CSV", help="CSV with slide_id,label columns")
+    p.add_argument("--encoder", default=None, help="name of the patch encoder, recorded in slide attrs")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows per feature chunk (default %(default)s)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="stored feature dtype (default: float16 stays float16, else float32)")
+    p.add_argument("--compression", choices=["zstd"], default=None, help="compress feature chunks (default: none)")
+
+    p = add("info", _cmd_info, "Summarise a store: slides, instance counts, dims, label counts.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = add("tile", _cmd_tile, "Tile a real slide (tissue filter) into a TRIDENT-style h5 of colour features.")
+    p.add_argument("slide", metavar="SLIDE", help="whole-slide image (.svs, .tif, ...)")
+    p.add_argument("out_h5", metavar="OUT_H5")
+    p.add_argument("--patch-size", type=int, default=224, help="tile size in level-0 pixels (default %(default)s)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="min tissue fraction per tile (default %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:  # user-facing input errors: one clear line, exit 2
+        print(f"fastmil {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Packing slides into training steps, and a loader that prefetches the next step on a thread.
+
+A step is a list of slide indices. The sampler packs bags by an instance budget
+(``max_instances_per_step``) and/or a bag count (``bags_per_step``); ``bags_per_step=1`` gives the
+batch-size-1 regime of the MIL papers. Order is shuffled per epoch from ``(seed, epoch)``, so runs are
+reproducible and resumable at any epoch.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..bags import Bags
+from .store import FeatureStore
+
+__all__ = ["BagBatchSampler", "BagLoader"]
+
+
+class BagBatchSampler:
+    """Yield lists of bag indices, one list per step.
+
+    Args:
+        sizes: instances per bag, ``[S]``.
+        max_instances_per_step: pack bags until the next one would exceed this many instances
+            (a single bag larger than the budget gets a step of its own).
+        bags_per_step: at most this many bags per step.
+        shuffle: shuffle bag order each epoch (from ``seed`` and the epoch set by :meth:`set_epoch`).
+        drop_last: drop a final step that holds fewer than ``bags_per_step`` bags.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] | np.ndarray,
+        *,
+        max_instances_per_step: int | None = None,
+        bags_per_step: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        if self.sizes.ndim != 1:
+            raise ValueError("sizes must be 1-D")
+        if max_instances_per_step is None and bags_per_step is None:
+            bags_per_step = 1
+        if max_instances_per_step is not None and max_instances_per_step < 1:
+            raise ValueError(f"max_instances_per_step must be >= 1, got {max_instances_per_step}")
+        if bags_per_step is not None and bags_per_step < 1:
+            raise ValueError(f"bags_per_step must be >= 1, got {bags_per_step}")
+        self.max_instances_per_step = max_instances_per_step
+        self.bags_per_step = bags_per_step
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.sizes))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return rng.permutation(len(self.sizes))
+
+    def steps(self) -> list[list[int]]:
+        """All steps of the current epoch."""
+        out: list[list[int]] = []
+        current: list[int] = []
+        load = 0
+        for i in self._order().tolist():
+            n = int(self.sizes[i])
+            full_by_count = self.bags_per_step is not None and len(current) >= self.bags_per_step
+            full_by_budget = (
+                self.max_instances_per_step is not None and current and load + n > self.max_instances_per_step
+            )
+            if full_by_count or full_by_budget:
+                out.append(current)
+                current, load = [], 0
+            current.append(i)
+            load += n
+        if current and not (self.drop_last and self.bags_per_step is not None and len(current) < self.bags_per_step):
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.steps())
+
+    def __len__(self) -> int:
+        return len(self.steps())
+
+
+_END = object()
+
+
+class BagLoader:
+    """Iterate :class:`Bags` steps read from a store, prefetching the next step(s) on a background thread.
+
+    Args:
+        store: the feature store.
+        slide_ids: the slides of this split; the sampler's indices refer to this list.
+        sampler: a :class:`BagBatchSampler` over ``store.sizes(slide_ids)`` (built with ``bags_per_step=1``
+            and ``shuffle=False`` when omitted).
+        prefetch: steps read ahead (>= 1).
+        dtype: cast features to this dtype on load (default: as stored).
+        pin_memory: pin host memory (for asynchronous copies to a GPU).
+
+    Errors raised on the reader thread are re-raised in the consumer, never swallowed.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        slide_ids: Sequence[str],
+        sampler: BagBatchSampler | None = None,
+        *,
+        prefetch: int = 2,
+        dtype: torch.dtype | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.store = store
+        self.slide_ids = list(slide_ids)
+        self.sampler = sampler or BagBatchSampler(store.sizes(self.slide_ids), bags_per_step=1, shuffle=False)
+        if len(self.sampler.sizes) != len(self.slide_ids):
+            raise ValueError(f"sampler covers {len(self.sampler.sizes)} bags but {len(self.slide_ids)} slide ids given")
+        self.prefetch = prefetch
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _load(self, step: list[int]) -> Bags:
+        bags = self.store.load_bags([self.slide_ids[i] for i in step], dtype=self.dtype)
+        return bags.pin_memory() if self.pin_memory else bags
+
+    def __iter__(self) -> Iterator[Bags]:
+        steps = self.sampler.steps()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for step in steps:
+                    if stop.is_set():
+                        return
+                    q.put(self._load(step))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                q.put(exc)
+                return
+            q.put(_END)
+
+        thread = threading.Thread(target=reader, name="fastmil-bag-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)

@@ -1,0 +1,227 @@
+"""Importers: TRIDENT/CLAM ``.h5`` feature files and CLAM/MHIM ``pt_files/*.pt`` into a feature store.
+
+- ``.h5`` (TRIDENT, CLAM ``h5_files``): datasets ``features [N, D]`` (CLAM sometimes ``[1, N, D]``) and
+  ``coords [N, 2]``; patch geometry in the attrs of ``coords`` (TRIDENT: ``patch_size_level0``,
+  ``target_magnification``; CLAM: ``patch_size``, ``patch_level``, ``downsample``). TRIDENT writes
+  ``(1, D)`` chunks, which are ~10x slower to read; the store re-chunks to ``(chunk_rows, D)``.
+- ``.pt`` (CLAM/MHIM ``pt_files``): a tensor ``[N, D]`` loaded with ``torch.load(weights_only=True)``,
+  so no arbitrary object is ever unpickled; coordinates from ``<coords_dir>/<slide_id>.h5`` (``coords``).
+
+Ingest is resumable and idempotent: slides already in the store from the same source file are skipped, and
+each slide is written atomically, so re-running after a crash completes the rest.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .labels import encode_labels, read_labels_csv
+from .store import DEFAULT_CHUNK_ROWS, FeatureStore, StoreError, create_store, to_jsonable, validate_slide_id
+
+__all__ = ["SlideSource", "IngestReport", "discover_sources", "ingest", "patch_attrs_from_h5"]
+
+FORMATS = ("auto", "h5", "pt")
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    slide_id: str
+    path: Path
+    kind: str  # "h5" or "pt"
+
+
+@dataclass
+class IngestReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    without_coords: list[str] = field(default_factory=list)
+    labelled: int = 0
+    classes: list[str] | None = None
+
+
+def _candidate_dirs(src: Path, kind: str) -> list[Path]:
+    sub = src / f"{kind}_files"
+    return [src, sub] if sub.is_dir() else [src]
+
+
+def discover_sources(src_dir: str | os.PathLike, format: str = "auto") -> list[SlideSource]:
+    """List the slide files in ``src_dir`` (and its CLAM-style ``h5_files/`` / ``pt_files/`` subfolders).
+
+    Raises ``ValueError`` when two files would give the same slide id, or when nothing is found.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ValueError(f"{src}: not a directory")
+    kinds = ("h5", "pt") if format == "auto" else (format,)
+    found: dict[str, SlideSource] = {}
+    for kind in kinds:
+        for d in _candidate_dirs(src, kind):
+            for path in sorted(d.glob(f"*.{kind}")):
+                sid = validate_slide_id(path.stem)
+                if sid in found:
+                    raise ValueError(
+                        f"duplicate slide id {sid!r}: {found[sid].path} and {path} "
+                        "(pass --format to pick one kind, or remove one file)"
+                    )
+                found[sid] = SlideSource(sid, path, kind)
+    if not found:
+        raise ValueError(f"{src}: no {'/'.join('.' + k for k in kinds)} slide files found")
+    return [found[s] for s in sorted(found)]
+
+
+def patch_attrs_from_h5(attrs: Any) -> dict:
+    """Normalise the patch geometry attrs of a TRIDENT/CLAM ``coords`` dataset."""
+    raw = {str(k): to_jsonable(v) for k, v in attrs.items()}
+    out: dict[str, Any] = {}
+    if "patch_size_level0" in raw:
+        out["patch_size_level0"] = int(raw["patch_size_level0"])
+    elif "patch_size" in raw:
+        down = raw.get("downsample", 1)
+        factor = float(down[0]) if isinstance(down, list) else float(down)
+        out["patch_size_level0"] = int(round(int(raw["patch_size"]) * factor))
+    for key in ("target_magnification", "magnification"):
+        if key in raw:
+            out["magnification"] = raw[key]
+            break
+    if "level0_magnification" in raw:
+        out["level0_magnification"] = raw["level0_magnification"]
+    out["source_attrs"] = raw
+    return out
+
+
+def _read_coords_h5(sid: str, path: Path) -> tuple[np.ndarray, dict]:
+    try:
+        with h5py.File(path, "r") as fh:
+            if "coords" not in fh:
+                raise ValueError(f"slide {sid!r}: {path} has no 'coords' dataset")
+            ds = fh["coords"]
+            return ds[:], patch_attrs_from_h5(ds.attrs)
+    except OSError as exc:
+        raise ValueError(f"slide {sid!r}: cannot read coordinates file {path} (truncated or corrupt h5?): {exc}") from exc
+
+
+def _write_h5_slide(store: FeatureStore, src: SlideSource, encoder: str | None, write_kw: dict) -> bool:
+    """Import one TRIDENT/CLAM h5; returns True when coordinates were present."""
+    sid, path = src.slide_id, src.path
+    try:
+        with h5py.File(path, "r") as fh:
+            if "features" not in fh:
+                hint = " (a patch-coordinates file? pair .pt features with --coords-dir)" if "coords" in fh else ""
+                raise ValueError(f"slide {sid!r}: {path} has no 'features' dataset{hint}")
+            feats = fh["features"]
+            if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM h5_files sometimes keep a leading batch dim
+                feats = feats[0]
+            coords, attrs = None, {}
+            if "coords" in fh:
+                coords = fh["coords"][:]
+                attrs = patch_attrs_from_h5(fh["coords"].attrs)
+            if encoder is not None:
+                attrs["encoder"] = encoder
+            elif "encoder" in fh.attrs:
+                attrs["encoder"] = to_jsonable(fh.attrs["encoder"])
+            attrs["source"] = path.name
+            store.write_slide(sid, feats, coords, attrs, **write_kw)
+            return coords is not None
+    except OSError as exc:
+        raise ValueError(f"slide {sid!r}: cannot read {path} (truncated or corrupt h5?): {exc}") from exc
+
+
+def _load_pt_tensor(sid: str, path: Path) -> torch.Tensor:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged or unsafe files
+        raise ValueError(f"slide {sid!r}: cannot load {path} as a tensor file (corrupt, or not weights-only): {exc}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("features"), torch.Tensor):
+        obj = obj["features"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"slide {sid!r}: {path} holds a {type(obj).__name__}, expected a [N, D] tensor")
+    if obj.dim() == 3 and obj.shape[0] == 1:
+        obj = obj[0]
+    return obj
+
+
+def _write_pt_slide(
+    store: FeatureStore, src: SlideSource, coords_dir: Path | None, encoder: str | None, write_kw: dict
+) -> bool:
+    sid = src.slide_id
+    feats = _load_pt_tensor(sid, src.path)
+    coords, attrs = None, {}
+    if coords_dir is not None:
+        cpath = coords_dir / f"{sid}.h5"
+        if not cpath.is_file():
+            raise ValueError(f"slide {sid!r}: missing coordinates: no {cpath}")
+        coords, attrs = _read_coords_h5(sid, cpath)
+    if encoder is not None:
+        attrs["encoder"] = encoder
+    attrs["source"] = src.path.name
+    store.write_slide(sid, feats, coords, attrs, **write_kw)
+    return coords is not None
+
+
+def ingest(
+    src_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    format: str = "auto",
+    coords_dir: str | os.PathLike | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    encoder: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    dtype: str | None = None,
+    compression: str | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Import every slide file in ``src_dir`` into the store at ``store_path`` (created if needed).
+
+    Labels (``labels_csv``) are checked against the slides before anything is written: a CSV naming a slide
+    that is neither in ``src_dir`` nor already in the store is an error.
+    """
+    sources = discover_sources(src_dir, format)
+    cdir = Path(coords_dir) if coords_dir is not None else None
+    if cdir is not None and not cdir.is_dir():
+        raise ValueError(f"--coords-dir {cdir}: not a directory")
+    store = create_store(store_path)
+    raw_labels = read_labels_csv(labels_csv) if labels_csv is not None else None
+    if raw_labels is not None:
+        known = {s.slide_id for s in sources} | set(store.slide_ids)
+        unknown = sorted(set(raw_labels) - known)
+        if unknown:
+            shown = ", ".join(repr(s) for s in unknown[:5])
+            raise ValueError(
+                f"{labels_csv}: labels name {len(unknown)} slide(s) that are neither in {src_dir} nor in the "
+                f"store: {shown}{' ...' if len(unknown) > 5 else ''}"
+            )
+
+    report = IngestReport()
+    write_kw = {"chunk_rows": chunk_rows, "dtype": dtype, "compression": compression}
+    for src in tqdm(sources, desc="ingest", unit="slide", disable=not progress):
+        if src.slide_id in store:
+            existing = store.slide_attrs(src.slide_id).get("source")
+            if existing != src.path.name:
+                raise StoreError(
+                    f"duplicate slide id {src.slide_id!r}: already in store from {existing!r}, now also {src.path}"
+                )
+            report.skipped.append(src.slide_id)
+            continue
+        if src.kind == "h5":
+            has_coords = _write_h5_slide(store, src, encoder, write_kw)
+        else:
+            has_coords = _write_pt_slide(store, src, cdir, encoder, write_kw)
+        report.written.append(src.slide_id)
+        if not has_coords:
+            report.without_coords.append(src.slide_id)
+
+    if raw_labels is not None:
+        labels, classes = encode_labels(raw_labels)
+        store.set_labels(labels, classes)
+        report.labelled, report.classes = len(labels), classes
+    return report

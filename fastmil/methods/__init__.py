@@ -1,0 +1,1 @@
+"""fastmil.methods"""

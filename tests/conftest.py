@@ -1,0 +1,48 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the repository (FASTMIL_SHARED_DATA overrides)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FASTMIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+CLAM_COORDS = SHARED_DATA / "clam_coords"
+CMU_SLIDE = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set FASTMIL_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def clam_coords_dir() -> Path:
+    return require(CLAM_COORDS)
+
+
+@pytest.fixture
+def cmu_slide() -> Path:
+    return require(CMU_SLIDE)
+
+
+def write_trident_h5(path: Path, features: np.ndarray, coords: np.ndarray, patch_size_level0: int = 512,
+                     chunks: tuple | None = None) -> None:
+    """A TRIDENT-style feature file: (1, D) chunked features, coords with patch geometry attrs."""
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("features", data=features, chunks=chunks or (1, features.shape[1]))
+        c = fh.create_dataset("coords", data=coords)
+        c.attrs["patch_size_level0"] = patch_size_level0
+        c.attrs["patch_size"] = 256
+        c.attrs["target_magnification"] = 20
+        c.attrs["level0_magnification"] = 40
+        c.attrs["name"] = path.stem
+
+
+def grid_coords(n: int, step: int = 512, width: int = 50) -> np.ndarray:
+    idx = np.arange(n)
+    return np.stack([(idx % width) * step, (idx // width) * step], axis=1).astype(np.int64)

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from fastmil.data import BagBatchSampler, BagLoader, create_store
+
+from .conftest import grid_coords
+
+
+SIZES = np.array([100, 5, 4000, 20, 700, 1, 90_000, 33, 250, 12])
+
+
+def test_budget_packing_covers_every_bag_once_and_respects_budget():
+    sampler = BagBatchSampler(SIZES, max_instances_per_step=1000, seed=3)
+    steps = sampler.steps()
+    flat = sorted(i for s in steps for i in s)
+    assert flat == list(range(len(SIZES)))
+    for step in steps:
+        load = SIZES[step].sum()
+        assert load <= 1000 or len(step) == 1  # an oversize bag travels alone
+    assert any(len(s) > 1 for s in steps)
+
+
+def test_bags_per_step_and_combined_limits():
+    steps = BagBatchSampler(SIZES, bags_per_step=3, shuffle=False).steps()
+    assert [len(s) for s in steps] == [3, 3, 3, 1]
+    assert BagBatchSampler(SIZES, bags_per_step=3, shuffle=False, drop_last=True).steps()[-1] == [6, 7, 8]
+    both = BagBatchSampler(SIZES, bags_per_step=2, max_instances_per_step=200, shuffle=False).steps()
+    assert all(len(s) <= 2 and (SIZES[s].sum() <= 200 or len(s) == 1) for s in both)
+    assert BagBatchSampler(SIZES).steps() == [[i] for i in BagBatchSampler(SIZES)._order()]  # default: 1 bag
+
+
+def test_shuffle_is_seeded_per_epoch():
+    a, b = BagBatchSampler(SIZES, seed=1), BagBatchSampler(SIZES, seed=1)
+    assert a.steps() == b.steps()
+    first = a.steps()
+    a.set_epoch(1)
+    assert a.steps() != first
+    b.set_epoch(1)
+    assert a.steps() == b.steps()
+    assert BagBatchSampler(SIZES, seed=2).steps() != BagBatchSampler(SIZES, seed=1).steps()
+
+
+def test_invalid_sampler_arguments():
+    with pytest.raises(ValueError, match="max_instances_per_step"):
+        BagBatchSampler(SIZES, max_instances_per_step=0)
+    with pytest.raises(ValueError, match="bags_per_step"):
+        BagBatchSampler(SIZES, bags_per_step=0)
+
+
+def _store(tmp_path, sizes):
+    store = create_store(tmp_path / "s")
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(sizes):
+        store.write_slide(f"s{i}", rng.standard_normal((n, 8)).astype(np.float32), grid_coords(n), {"label": i % 2})
+    store.set_labels({f"s{i}": i % 2 for i in range(len(sizes))}, ["a", "b"])
+    return store
+
+
+def test_loader_yields_packed_steps_in_sampler_order(tmp_path):
+    store = _store(tmp_path, [5, 7, 3, 9, 2])
+    ids = store.slide_ids
+    sampler = BagBatchSampler(store.sizes(ids), max_instances_per_step=12, seed=0)
+    steps = sampler.steps()
+    loaded = list(BagLoader(store, ids, sampler, prefetch=1))
+    assert [b.ids for b in loaded] == [[ids[i] for i in s] for s in steps]
+    for bags in loaded:
+        for b in range(len(bags)):
+            f, _ = store.read(bags.ids[b])
+            assert np.array_equal(bags[b].features.numpy(), f)
+        assert bags.labels is not None and bags.coords is not None
+
+
+def test_loader_reraises_reader_errors(tmp_path):
+    store = _store(tmp_path, [5, 7, 3])
+    (tmp_path / "s" / "slides" / "s1" / "features" / "c" / "0" / "0").unlink()
+    loader = BagLoader(store, store.slide_ids, prefetch=2)
+    with pytest.raises(ValueError, match=r"slide 's1'.*chunk 0 is missing"):
+        list(loader)
+
+
+def test_loader_stops_cleanly_when_consumer_breaks(tmp_path):
+    store = _store(tmp_path, [5, 7, 3, 4, 4, 4])
+    loader = BagLoader(store, store.slide_ids, prefetch=1)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    assert len(list(loader)) == 6  # a fresh iteration works after an abandoned one
