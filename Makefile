@@ -20,9 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)/store
-	$(VENV)/bin/fastmil synth $(DEMO_OUT)/store --slides 24 --dim 256 --median-instances 2000
-	$(VENV)/bin/fastmil info $(DEMO_OUT)/store
+	$(VENV)/bin/fastmil demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

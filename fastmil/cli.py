@@ -79,6 +79,47 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import fit, load_config
+
+    cfg = load_config(args.config, method=args.method, epochs=args.epochs, seed=args.seed, device=args.device)
+    result = fit(args.store, args.out, cfg, split_csv=args.split_csv, resume=args.resume, progress=not args.quiet)
+    _print_metrics(result.metrics)
+    print(f"best epoch {result.best_epoch}; run folder {result.run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    _print_metrics(evaluate(args.run, args.store, progress=not args.quiet))
+    print(f"metrics written to {args.run}/metrics.json")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .train import predict
+
+    out = predict(args.run, args.store, args.out, args.slides, heatmaps=not args.no_heatmaps, progress=not args.quiet)
+    print(f"predictions written to {out} (predictions.csv, attention/, heatmaps/, roc.png)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .train.demo import run_demo
+
+    run_demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"{'split':<6} {'n':>4} {'AUC':>6} {'bal.acc':>8} {'macroF1':>8} {'loss':>7}")
+    for split, m in metrics.items():
+        print(f"{split:<6} {m['n']:>4} {fmt(m.get('auc')):>6} {fmt(m.get('balanced_accuracy')):>8} "
+              f"{fmt(m.get('macro_f1')):>8} {fmt(m.get('loss')):>7}")
+
+
 def _print_summary(s: dict) -> None:
     print(f"store {s['path']}")
     print(f"  slides      {s['slides']}  ({s['slides_with_coords']} with coordinates)")
@@ -151,6 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", _cmd_info, "Summarise a store: slides, instance counts, dims, label counts.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = add("train", _cmd_train, "Train a MIL model on the labelled slides of a store.")
+    p.add_argument("--store", required=True, help="feature store")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, config, metrics)")
+    p.add_argument("--method", default=None, help="training method: abmil (default) or meanmil")
+    p.add_argument("--config", default=None, metavar="YAML", help="TrainConfig keys (see fastmil.train.TrainConfig)")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--split-csv", default=None, metavar="CSV", help="CLAM-style splits_k.csv (default: stratified random)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    p = add("eval", _cmd_eval, "Evaluate a run's best model on its splits; writes RUN/metrics.json.")
+    p.add_argument("--run", required=True, help="run folder written by fastmil train")
+    p.add_argument("--store", required=True, help="feature store")
+
+    p = add("predict", _cmd_predict, "Per-slide probabilities, attention, heatmaps and ROC for a trained run.")
+    p.add_argument("--run", required=True, help="run folder written by fastmil train")
+    p.add_argument("--store", required=True, help="feature store")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide in the store)")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+
+    p = add("demo", _cmd_demo, "Synthesise a cohort, train ABMIL, evaluate and predict; print a short report.")
+    p.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
 
     p = add("tile", _cmd_tile, "Tile a real slide (tissue filter) into a TRIDENT-style h5 of colour features.")
     p.add_argument("slide", metavar="SLIDE", help="whole-slide image (.svs, .tif, ...)")

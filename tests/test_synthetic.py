@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from fastmil.data import SynthConfig, make_slide, open_store, synthesize_store
-from fastmil.data.synthetic import bag_size, lattice_cells
+from fastmil.data.grid import lattice_cells, patch_stride
+from fastmil.data.synthetic import bag_size
 
 
 def _components(cells: np.ndarray) -> int:
@@ -120,3 +121,11 @@ def test_invalid_config():
         SynthConfig(tumour_fraction_min=0.1, tumour_fraction_max=0.01).validate()
     with pytest.raises(ValueError, match="clam_coords_dir"):
         SynthConfig(layout="clam").validate()
+
+
+def test_patch_stride_is_512_on_every_real_clam_file(clam_coords_dir):
+    import h5py
+
+    for path in sorted(clam_coords_dir.glob("*.h5")):
+        with h5py.File(path) as fh:
+            assert patch_stride(fh["coords"][:]) == 512, path.name

@@ -255,6 +255,12 @@ class FeatureStore:
         except Exception as exc:  # zarr/numcodecs raise many types; re-raise with the slide named
             raise StoreError(f"slide {slide_id!r}: cannot read {array_dir.name} from {array_dir}: {exc}") from exc
 
+    def read_coords(self, slide_id: str) -> np.ndarray | None:
+        """Only the coordinates ``int32 [N, 2]`` of one slide (None if it has none)."""
+        if not self._meta(slide_id)["has_coords"]:
+            return None
+        return self._read_array(slide_id, self._slide_dir(slide_id) / "coords")
+
     def read_instance_labels(self, slide_id: str) -> np.ndarray | None:
         """Per-instance ground truth ``uint8 [N]`` (synthetic slides: 1 = tumour), or None if unknown."""
         if not self._meta(slide_id)["has_instance_labels"]:

@@ -27,9 +27,10 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from .grid import lattice_cells
 from .store import FeatureStore, create_store
 
-__all__ = ["SynthConfig", "SyntheticSlide", "bag_size", "make_slide", "synthesize_store", "lattice_cells", "CLASSES"]
+__all__ = ["SynthConfig", "SyntheticSlide", "bag_size", "make_slide", "synthesize_store", "CLASSES"]
 
 CLASSES = ["normal", "tumour"]
 _N_LATENT = 8
@@ -52,7 +53,7 @@ class SynthConfig:
     layout: str = "procedural"  # "procedural", "clam" (real coordinate files) or "mixed"
     clam_coords_dir: str | None = None
     patch_size_level0: int = 512
-    tumour_snr: float = 3.0
+    tumour_snr: float = 8.0  # tumour patches are separable, as with foundation-model features
     correlation_length: float = 4.0  # in patches
     dtype: str = "float16"
 
@@ -87,12 +88,6 @@ class SyntheticSlide:
     label: int  # 0 normal, 1 tumour
     layout: str
     patch_size_level0: int
-
-
-def lattice_cells(coords: np.ndarray, step: int) -> np.ndarray:
-    """Snap level-0 coordinates to the nearest cell of one lattice: ``round((coords - min) / step)`` ``[N, 2]``."""
-    c = np.asarray(coords, dtype=np.int64)
-    return np.rint((c - c.min(axis=0)) / float(step)).astype(np.int64)
 
 
 def _smooth_fields(rng: np.random.Generator, shape: tuple[int, int], channels: int, length: float) -> np.ndarray:
@@ -158,8 +153,11 @@ class _CohortParams:
     def __init__(self, cfg: SynthConfig) -> None:
         rng = np.random.default_rng([cfg.seed, 7919])
         d = cfg.dim
-        self.mixing = rng.standard_normal((_N_LATENT, d)) * 0.8  # morphology latent -> feature space
+        self.mixing = rng.standard_normal((_N_LATENT, d)) * 0.5  # morphology latent -> feature space
         tumour_dir = rng.standard_normal(d)
+        if d > 2 * _N_LATENT:  # tumour is a morphology of its own: orthogonal to normal tissue variation
+            q, _ = np.linalg.qr(self.mixing.T)  # [d, latent] orthonormal basis of the morphology subspace
+            tumour_dir -= q @ (q.T @ tumour_dir)
         self.tumour_dir = tumour_dir / np.linalg.norm(tumour_dir)
         confounder = rng.standard_normal(d)
         confounder -= confounder @ self.tumour_dir * self.tumour_dir
@@ -230,9 +228,9 @@ def make_slide(
     d = cfg.dim
     feats = rng.standard_normal((n, d), dtype=np.float32)
     feats += (latent @ params.mixing).astype(np.float32)
-    feats += (params.base + 0.3 * rng.standard_normal(d)).astype(np.float32)  # per-slide stain shift
+    feats += (params.base + 0.1 * rng.standard_normal(d)).astype(np.float32)  # per-slide stain shift
     benign = confound_field > 1.5  # benign look-alike regions, in every slide
-    feats[benign] += (cfg.tumour_snr * params.confounder_dir).astype(np.float32)
+    feats[benign] += (0.6 * cfg.tumour_snr * params.confounder_dir).astype(np.float32)
     if tumour.any():
         strength = cfg.tumour_snr * (1.0 + 0.25 * np.tanh(priority[tumour]))[:, None]
         feats[tumour] += (strength * params.tumour_dir).astype(np.float32)

@@ -1,1 +1,5 @@
-"""fastmil.nn"""
+"""fastmil.nn: attention pooling and MIL models over packed ragged bags."""
+from .abmil import ABMIL, MeanPoolMIL
+from .attention import AttentionPool, GatedAttentionPool
+
+__all__ = ["ABMIL", "AttentionPool", "GatedAttentionPool", "MeanPoolMIL"]

@@ -1,0 +1,44 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, loaded with ``weights_only=True``."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "check_model_config"]
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` via a temporary file and an atomic rename (a crash leaves the old file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely (no arbitrary unpickling); clear error if missing or damaged."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"{p}: cannot load checkpoint (truncated, corrupt or not a fastmil checkpoint): {exc}") from exc
+
+
+def check_model_config(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` listing every difference between a checkpoint's model config and the current one."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"{where}: checkpoint is from another model config ({'; '.join(diffs)})")

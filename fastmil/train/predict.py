@@ -1,0 +1,136 @@
+"""Prediction for a trained run: per-slide probabilities, per-instance attention, heatmaps and a ROC curve.
+
+Output folder::
+
+    OUT/predictions.csv            slide_id, label (if known), prob_<class>..., pred
+    OUT/attention/<slide_id>.npy   float32 [N] attention weights, in the store's instance order
+    OUT/heatmaps/<slide_id>.png    attention drawn on the patch grid (and ground truth, where the store has it)
+    OUT/roc.png                    ROC curve(s), when labels are known
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ..data.grid import lattice_cells, patch_stride  # noqa: E402
+from ..data.store import FeatureStore, open_store  # noqa: E402
+from .loop import load_model, predict_slides  # noqa: E402
+from .metrics import binary_auc, roc_curve  # noqa: E402
+
+__all__ = ["predict", "attention_grid", "save_heatmap", "save_roc"]
+
+
+def attention_grid(coords: np.ndarray, values: np.ndarray, stride: int) -> np.ndarray:
+    """Place ``values [N]`` on the slide's patch lattice: ``[H, W]`` float with NaN where there is no patch."""
+    cells = lattice_cells(coords, stride)
+    grid = np.full((int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1), np.nan, dtype=np.float32)
+    grid[cells[:, 1], cells[:, 0]] = values
+    return grid
+
+
+def _percentile_rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float32)
+    ranks[order] = np.arange(len(x), dtype=np.float32) / max(1, len(x) - 1)
+    return ranks
+
+
+def save_heatmap(
+    path: Path, slide_id: str, coords: np.ndarray, attention: np.ndarray, stride: int,
+    truth: np.ndarray | None = None, title: str = "",
+) -> None:
+    """Attention (as within-slide percentile rank) on the patch grid, beside the ground truth if given."""
+    panels = 2 if truth is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 5), squeeze=False)
+    ax = axes[0, 0]
+    img = ax.imshow(attention_grid(coords, _percentile_rank(attention), stride), cmap="inferno", vmin=0, vmax=1,
+                    interpolation="nearest")
+    ax.set_title("attention (percentile within slide)")
+    fig.colorbar(img, ax=ax, fraction=0.046)
+    if truth is not None:
+        ax = axes[0, 1]
+        ax.imshow(attention_grid(coords, truth.astype(np.float32), stride), cmap="coolwarm", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title("ground truth (red = tumour)")
+    for a in axes[0]:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(f"{slide_id} {title}".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    targets = [1] if len(classes) == 2 else range(len(classes))
+    for c in targets:
+        positive = y == c
+        auc = binary_auc(positive, probs[:, c])
+        if auc is None:
+            continue
+        fpr, tpr = roc_curve(positive, probs[:, c])
+        ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def predict(
+    run: str | os.PathLike,
+    store: FeatureStore | str | os.PathLike,
+    out: str | os.PathLike,
+    slide_ids: Sequence[str] | None = None,
+    *,
+    heatmaps: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Predict every slide of ``store`` (or ``slide_ids``) with the run's best model; write ``out``."""
+    store = store if isinstance(store, FeatureStore) else open_store(store)
+    model, cfg, sig = load_model(run, store)
+    device = next(model.parameters()).device
+    ids = list(slide_ids) if slide_ids is not None else store.slide_ids
+    missing = [s for s in ids if s not in store]
+    if missing:
+        raise ValueError(f"slides not in store {store.path}: {', '.join(map(repr, missing[:5]))}")
+    probs, attention = predict_slides(model, store, ids, device, keep_attention=True, progress=progress, amp=cfg.amp)
+    classes = sig["classes"]
+    out = Path(out)
+    (out / "attention").mkdir(parents=True, exist_ok=True)
+    labels = store.labels(ids)
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", *[f"prob_{c}" for c in classes], "pred"])
+        for sid, p in zip(ids, probs):
+            y = labels[sid]
+            w.writerow([sid, "" if y is None else classes[y], *[f"{v:.6f}" for v in p], classes[int(p.argmax())]])
+    for sid in ids:
+        np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
+    if heatmaps:
+        (out / "heatmaps").mkdir(exist_ok=True)
+        for sid, p in tqdm(list(zip(ids, probs)), desc="heatmaps", unit="slide", disable=not progress, leave=False):
+            coords = store.read_coords(sid)
+            if coords is None:
+                continue
+            stride = patch_stride(coords, store.slide_attrs(sid).get("patch_size_level0"))
+            y = labels[sid]
+            title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
+            save_heatmap(out / "heatmaps" / f"{sid}.png", sid, coords, attention[sid], stride,
+                         store.read_instance_labels(sid), title)
+    known = [i for i, s in enumerate(ids) if labels[s] is not None]
+    if known and len({labels[ids[i]] for i in known}) > 1:
+        save_roc(out / "roc.png", np.array([labels[ids[i]] for i in known]), probs[known], classes)
+    return out

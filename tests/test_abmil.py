@@ -1,0 +1,89 @@
+"""ABMIL on packed bags equals per-bag and padded+mask evaluation, outputs and gradients (tolerance 1e-5)."""
+import pytest
+import torch
+
+from fastmil import Bags
+from fastmil.nn import ABMIL, GatedAttentionPool, MeanPoolMIL
+
+SIZES = [1, 7, 129, 40]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _bags(d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Bags.from_list([torch.randn(n, d, generator=g) for n in SIZES], labels=[0, 1, 1, 0])
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_packed_equals_per_bag_and_padded(gated):
+    torch.manual_seed(0)
+    model = ABMIL(24, embed_dim=32, attn_dim=16, n_classes=3, gated=gated, dropout=0.0)
+    bags = _bags()
+    target = torch.tensor([0, 2, 1, 1])
+
+    logits, weights = model(bags)
+    torch.nn.functional.cross_entropy(logits, target, reduction="sum").backward()
+    packed_grads = _grads(model)
+    assert logits.shape == (4, 3) and weights.shape == (bags.n_instances,)
+
+    model.zero_grad()
+    total = 0
+    for b in range(len(bags)):
+        one = bags[b]
+        lb, wb = model(one)
+        torch.testing.assert_close(lb[0], logits[b], **TOL)
+        torch.testing.assert_close(wb, weights[bags.offsets[b] : bags.offsets[b + 1]], **TOL)
+        total = total + torch.nn.functional.cross_entropy(lb, target[b : b + 1], reduction="sum")
+    total.backward()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, packed_grads[name], **TOL, msg=f"per-bag grad {name}")
+
+    model.zero_grad()
+    X, mask = bags.to_padded(pad_value=123.0)  # padding content must not leak in
+    n_max = X.shape[1]
+    offsets = torch.arange(0, (len(bags) + 1) * n_max, n_max, dtype=torch.int64)
+    lp, wp = model(X.reshape(-1, X.shape[-1]), offsets, mask.reshape(-1))
+    torch.testing.assert_close(lp, logits, **TOL)
+    torch.testing.assert_close(wp.reshape(mask.shape)[mask], weights, **TOL)
+    assert torch.all(wp.reshape(mask.shape)[~mask] == 0)
+    torch.nn.functional.cross_entropy(lp, target, reduction="sum").backward()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, packed_grads[name], **TOL, msg=f"padded grad {name}")
+
+
+def test_bag_of_one_gets_all_attention():
+    model = ABMIL(8, embed_dim=8, attn_dim=4, dropout=0.0)
+    _, w = model(Bags.from_list([torch.randn(1, 8)]))
+    assert w.tolist() == [1.0]
+
+
+def test_fp16_features_and_mask():
+    torch.manual_seed(0)
+    model = ABMIL(24, embed_dim=16, attn_dim=8, dropout=0.0)
+    bags = _bags()
+    mask = torch.ones(bags.n_instances, dtype=torch.bool)
+    mask[bags.offsets[2] : bags.offsets[3]] = False
+    logits, w = model(bags.features.half(), bags.offsets, mask)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert torch.all(w[bags.offsets[2] : bags.offsets[3]] == 0)
+
+
+def test_gated_pool_contract_and_mean_pool_uniform():
+    pool = GatedAttentionPool(6, 4)
+    assert pool.V.out_features == 4 and pool.U.in_features == 6 and pool.w.out_features == 1
+    pooled, w = pool(torch.randn(10, 6), torch.tensor([0, 3, 10]))
+    assert pooled.shape == (2, 6) and w.shape == (10,)
+    _, wm = MeanPoolMIL(6, 4)(torch.randn(10, 6), torch.tensor([0, 4, 10]))
+    torch.testing.assert_close(wm, torch.tensor([0.25] * 4 + [1 / 6] * 6))
+
+
+def test_forward_argument_errors():
+    model = ABMIL(4, embed_dim=4, attn_dim=2)
+    with pytest.raises(TypeError, match="needs offsets"):
+        model(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="n_classes"):
+        ABMIL(4, n_classes=1)
