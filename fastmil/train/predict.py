@@ -37,24 +37,21 @@ def attention_grid(coords: np.ndarray, values: np.ndarray, stride: int) -> np.nd
     return grid
 
 
-def _percentile_rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float32)
-    ranks[order] = np.arange(len(x), dtype=np.float32) / max(1, len(x) - 1)
-    return ranks
-
-
 def save_heatmap(
     path: Path, slide_id: str, coords: np.ndarray, attention: np.ndarray, stride: int,
     truth: np.ndarray | None = None, title: str = "",
 ) -> None:
-    """Attention (as within-slide percentile rank) on the patch grid, beside the ground truth if given."""
+    """Attention (linear, divided by the slide's maximum) on the patch grid, beside the ground truth if given.
+
+    Linear scale on purpose: a rank scale would stretch the many near-zero weights into a misleading gradient.
+    """
     panels = 2 if truth is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 5), squeeze=False)
     ax = axes[0, 0]
-    img = ax.imshow(attention_grid(coords, _percentile_rank(attention), stride), cmap="inferno", vmin=0, vmax=1,
+    peak = float(attention.max()) if attention.size and attention.max() > 0 else 1.0
+    img = ax.imshow(attention_grid(coords, attention / peak, stride), cmap="inferno", vmin=0, vmax=1,
                     interpolation="nearest")
-    ax.set_title("attention (percentile within slide)")
+    ax.set_title("attention / max attention")
     fig.colorbar(img, ax=ax, fraction=0.046)
     if truth is not None:
         ax = axes[0, 1]
