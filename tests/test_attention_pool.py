@@ -1,5 +1,4 @@
 """attention_pool (torch path) vs an independent fp64 reference, forward and backward, on ragged masked bags."""
-import os
 
 import pytest
 import torch

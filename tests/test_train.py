@@ -1,7 +1,6 @@
 """End to end: fit / evaluate / predict on synthetic slides, resume after a kill, bad inputs."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from ..bags import Bags
-from ..ops import attention_pool
-from .attention import AttentionPool, GatedAttentionPool
+from .attention import AttentionPool, GatedAttentionPool, MeanPool
 
 __all__ = ["ABMIL", "MeanPoolMIL"]
 
@@ -23,7 +22,23 @@ def _unpack(
     return x, offsets, mask
 
 
-class ABMIL(nn.Module):
+class _BagClassifier(nn.Module):
+    """``embed -> pool -> classifier``; subclasses set ``embed``, ``pool`` and ``classifier``."""
+
+    embed: nn.Module
+    pool: nn.Module
+    classifier: nn.Linear
+
+    def forward(
+        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features, offsets, mask = _unpack(x, offsets, mask)
+        h = self.embed(features.to(self.classifier.weight.dtype))
+        pooled, weights = self.pool(h, offsets, mask)
+        return self.classifier(pooled.to(h.dtype)), weights
+
+
+class ABMIL(_BagClassifier):
     """Attention-based MIL: ``Linear(D -> embed) + ReLU + Dropout -> (gated) attention pooling -> Linear(embed -> C)``.
 
     ``forward(bags)`` or ``forward(features [N, D], offsets [B+1], mask [N] | None)`` returns
@@ -52,32 +67,18 @@ class ABMIL(nn.Module):
         self.pool = pool_cls(embed_dim, attn_dim, backend=backend)
         self.classifier = nn.Linear(embed_dim, n_classes)
 
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, offsets, mask = _unpack(x, offsets, mask)
-        h = self.embed(features.to(self.classifier.weight.dtype))
-        pooled, weights = self.pool(h, offsets, mask)
-        return self.classifier(pooled.to(h.dtype)), weights
 
-
-class MeanPoolMIL(nn.Module):
+class MeanPoolMIL(_BagClassifier):
     """Baseline: ``Linear + ReLU + Dropout``, mean over the bag's (unmasked) instances, ``Linear``.
 
     Same interface as :class:`ABMIL`; the returned weights are uniform (1/n per bag, 0 where masked).
     """
 
-    def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, dropout: float = 0.25, **_: object) -> None:
+    def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, dropout: float = 0.25) -> None:
         super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {n_classes}")
         self.config = dict(in_dim=in_dim, embed_dim=embed_dim, n_classes=n_classes, dropout=dropout)
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.pool = MeanPool()
         self.classifier = nn.Linear(embed_dim, n_classes)
-
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, offsets, mask = _unpack(x, offsets, mask)
-        h = self.embed(features.to(self.classifier.weight.dtype))
-        zeros = h.new_zeros(h.shape[0])  # equal scores: the softmax is the (masked) mean
-        pooled, weights = attention_pool(zeros, h, offsets, mask)
-        return self.classifier(pooled.to(h.dtype)), weights

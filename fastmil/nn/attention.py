@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops import attention_pool
 
-__all__ = ["GatedAttentionPool", "AttentionPool"]
+__all__ = ["GatedAttentionPool", "AttentionPool", "MeanPool"]
 
 
 class GatedAttentionPool(nn.Module):
@@ -50,3 +50,12 @@ class AttentionPool(nn.Module):
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend)
+
+
+class MeanPool(nn.Module):
+    """Mean over each bag's unmasked instances (equal scores through :func:`attention_pool`); no parameters."""
+
+    def forward(
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_pool(h.new_zeros(h.shape[0]), h, offsets, mask)

@@ -30,7 +30,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> d
     t0 = time.perf_counter()
     store = synthesize_store(DEMO_DATA, out / "store", progress=progress)
     result = fit(store, out / "run", DEMO_TRAIN, resume=(out / "run" / "last.pt").exists(), progress=progress)
-    pred_dir = predict(out / "run", store, out / "predictions", store.slide_ids[:], progress=progress)
+    pred_dir = predict(out / "run", store, out / "predictions", store.slide_ids, progress=progress)
     elapsed = time.perf_counter() - t0
     lines = [
         "",

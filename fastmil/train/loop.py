@@ -268,7 +268,7 @@ def fit(
         value = monitored.get(cfg.monitor)
         if cfg.monitor == "auc" and value is None:  # AUC undefined (one class in val): fall back to loss
             value = -monitored["loss"]
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), f"{monitor_split}": monitored})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), monitor_split: monitored})
         if _better(cfg.monitor, value, best):
             best, best_epoch, bad_epochs = value, epoch, 0
             save_checkpoint(run / "best.pt", {"model_state": model.state_dict(), "model_config": signature,
