@@ -32,7 +32,7 @@ from .. import __version__
 from ..data.batching import BagBatchSampler, BagLoader
 from ..data.store import FeatureStore, open_store
 from ..methods import get_method
-from .checkpoint import check_model_config, load_checkpoint, save_checkpoint
+from .checkpoint import check_model_config, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import TrainConfig
 from .metrics import compute_metrics
 from .splits import labelled_slides, load_splits, make_splits, write_splits
@@ -198,8 +198,7 @@ def fit(
     if len(train_classes) < 2:
         raise ValueError(f"the train split holds one class only ({classes[next(iter(train_classes))]!r})")
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "config.yaml", "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    write_text_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_splits(run / "splits.csv", splits)
 
     torch.manual_seed(cfg.seed)
@@ -282,9 +281,9 @@ def fit(
             "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "finished": finished,
             "fastmil_version": __version__,
         })
-        with open(run / "history.json", "w", encoding="utf-8") as fh:
-            json.dump(history, fh, indent=2)
-        epochs.set_postfix(loss=f"{np.mean(losses):.4f}", **{f"{monitor_split}_{cfg.monitor}": f"{value:.4f}"})
+        write_text_atomic(run / "history.json", json.dumps(history, indent=2))
+        shown = "-" if value is None else f"{value:.4f}"
+        epochs.set_postfix(loss=f"{np.mean(losses):.4f}", **{f"{monitor_split}_{cfg.monitor}": shown})
         if finished:
             break
 
@@ -337,6 +336,5 @@ def evaluate(
     out = {}
     for name in tqdm(splits, desc="evaluate", unit="split", disable=not progress, leave=False):
         out[name] = _split_metrics(model, store, split_ids[name], labels, device, class_weight, cfg.amp)
-    with open(run / "metrics.json", "w", encoding="utf-8") as fh:
-        json.dump(out, fh, indent=2)
+    write_text_atomic(run / "metrics.json", json.dumps(out, indent=2))
     return out

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore
+from .checkpoint import write_text_atomic
 
 __all__ = ["labelled_slides", "make_splits", "load_splits", "write_splits"]
 
@@ -67,8 +68,9 @@ def load_splits(path: str | os.PathLike, labels: dict[str, int], store: FeatureS
 def write_splits(path: str | os.PathLike, splits: dict[str, list[str]]) -> None:
     """Write splits in CLAM's ``splits_k.csv`` layout (readable by :func:`load_splits`)."""
     rows = max(len(v) for v in splits.values()) if splits else 0
-    with open(Path(path), "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["", *SPLITS])
-        for i in range(rows):
-            w.writerow([i, *[(splits[k][i] if i < len(splits[k]) else "") for k in SPLITS]])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["", *SPLITS])
+    for i in range(rows):
+        w.writerow([i, *[(splits[k][i] if i < len(splits[k]) else "") for k in SPLITS]])
+    write_text_atomic(path, buf.getvalue())
