@@ -113,11 +113,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"{'split':<6} {'n':>4} {'AUC':>6} {'bal.acc':>8} {'macroF1':>8} {'loss':>7}")
-    for split, m in metrics.items():
-        print(f"{split:<6} {m['n']:>4} {fmt(m.get('auc')):>6} {fmt(m.get('balanced_accuracy')):>8} "
-              f"{fmt(m.get('macro_f1')):>8} {fmt(m.get('loss')):>7}")
+    from .train.metrics import format_metrics_table
+
+    print(format_metrics_table(metrics))
 
 
 def _print_summary(s: dict) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastmil.data import StoreError, create_store, open_store
-from fastmil.data import store as store_mod
+from fastmil import _atomic as atomic_mod
 
 from .conftest import grid_coords
 
@@ -155,7 +155,7 @@ def test_atomic_json_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("injected")
 
-    monkeypatch.setattr(store_mod.json, "dump", boom)
+    monkeypatch.setattr(atomic_mod.os, "replace", boom)  # the new file is fully written, the rename fails
     with pytest.raises(OSError):
         store.update_slide_attrs("a", label=1)
     monkeypatch.undo()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import zarr
 
+from .._atomic import write_text_atomic
 from ..bags import Bags
 
 __all__ = ["FeatureStore", "StoreError", "open_store", "create_store", "validate_slide_id"]
@@ -60,16 +61,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _remove_if_empty(folder: Path) -> None:

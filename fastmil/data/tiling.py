@@ -16,6 +16,8 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._atomic import atomic_target
+
 __all__ = ["COLOUR_FEATURE_DIM", "colour_features", "tissue_fraction", "tile_slide_to_h5"]
 
 _HIST_BINS = 8
@@ -91,23 +93,17 @@ def tile_slide_to_h5(
         raise ValueError(f"{path}: no tile of {patch_size}px has >= {min_tissue:.0%} tissue")
     out = Path(out_h5)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        with h5py.File(tmp, "w") as fh:
-            f = np.stack(feats)
-            fh.create_dataset("features", data=f, chunks=(1, f.shape[1]))  # TRIDENT's chunking
-            cds = fh.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            cds.attrs["patch_size"] = patch_size
-            cds.attrs["patch_size_level0"] = patch_size
-            cds.attrs["level0_magnification"] = float(objective) if objective else 20.0
-            cds.attrs["target_magnification"] = float(objective) if objective else 20.0
-            cds.attrs["overlap"] = 0
-            cds.attrs["name"] = path.stem
-            if mpp is not None:
-                cds.attrs["mpp"] = float(mpp)
-            fh.attrs["encoder"] = "colour-stats-v1"
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_target(out) as tmp, h5py.File(tmp, "w") as fh:
+        f = np.stack(feats)
+        fh.create_dataset("features", data=f, chunks=(1, f.shape[1]))  # TRIDENT's chunking
+        cds = fh.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        cds.attrs["patch_size"] = patch_size
+        cds.attrs["patch_size_level0"] = patch_size
+        cds.attrs["level0_magnification"] = float(objective) if objective else 20.0
+        cds.attrs["target_magnification"] = float(objective) if objective else 20.0
+        cds.attrs["overlap"] = 0
+        cds.attrs["name"] = path.stem
+        if mpp is not None:
+            cds.attrs["mpp"] = float(mpp)
+        fh.attrs["encoder"] = "colour-stats-v1"
     return len(feats)

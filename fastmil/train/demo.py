@@ -8,6 +8,7 @@ from pathlib import Path
 from ..data.synthetic import SynthConfig, synthesize_store
 from .config import TrainConfig
 from .loop import fit
+from .metrics import format_metrics_table
 from .predict import predict
 
 __all__ = ["DEMO_DATA", "DEMO_TRAIN", "run_demo"]
@@ -18,10 +19,6 @@ DEMO_DATA = SynthConfig(
     tumour_fraction_max=0.05,
 )
 DEMO_TRAIN = TrainConfig(epochs=20, lr=1e-3, embed_dim=128, attn_dim=64, dropout=0.1, patience=6, seed=0)
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> dict:
@@ -36,12 +33,8 @@ def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> d
         "",
         f"fastmil demo: {len(store)} synthetic slides (tumour {DEMO_DATA.tumour_fraction_min:.0%}-"
         f"{DEMO_DATA.tumour_fraction_max:.0%} of a positive slide), ABMIL, {DEMO_TRAIN.epochs} epochs max",
-        f"{'split':<6} {'n':>4} {'AUC':>6} {'bal.acc':>8} {'macroF1':>8}",
+        format_metrics_table(result.metrics),
     ]
-    for split in ("train", "val", "test"):
-        m = result.metrics[split]
-        lines.append(f"{split:<6} {m['n']:>4} {_fmt(m.get('auc')):>6} {_fmt(m.get('balanced_accuracy')):>8} "
-                     f"{_fmt(m.get('macro_f1')):>8}")
     lines += [
         f"best epoch {result.best_epoch}; wall time {elapsed:.0f} s",
         f"store        {out / 'store'}",

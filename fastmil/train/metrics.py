@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["binary_auc", "compute_metrics", "roc_curve"]
+__all__ = ["binary_auc", "compute_metrics", "format_metrics_table", "roc_curve"]
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -82,3 +82,13 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
         "per_class_recall": recall,
         "confusion_matrix": cm.tolist(),
     }
+
+
+def format_metrics_table(metrics: dict[str, dict]) -> str:
+    """A fixed-width table of ``{split: metrics}``: n, AUC, balanced accuracy, macro F1, loss."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"{'split':<6} {'n':>4} {'AUC':>6} {'bal.acc':>8} {'macroF1':>8} {'loss':>7}"]
+    for split, m in metrics.items():
+        lines.append(f"{split:<6} {m['n']:>4} {fmt(m.get('auc')):>6} {fmt(m.get('balanced_accuracy')):>8} "
+                     f"{fmt(m.get('macro_f1')):>8} {fmt(m.get('loss')):>7}")
+    return "\n".join(lines)
