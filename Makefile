@@ -31,5 +31,11 @@ bench: $(STAMP)
 		--benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
 	$(PY) benchmarks/report.py bench_out/bench.json
 
+# Ahead-of-time compile of every Triton kernel specialisation for sm_80 and sm_90, no GPU needed; fails on any
+# register spill or shared-memory overflow. TRITON_INTERPRET must not reach the compiler process.
+aot: $(STAMP)
+	mkdir -p bench_out
+	env -u TRITON_INTERPRET $(PY) -m fastmil.aot --targets 80,90 --json bench_out/aot.json
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench_out .pytest_cache

@@ -11,21 +11,45 @@ import sys
 RATIOS = [
     ("test_read_fastmil_store", "test_read_h5py_4096_chunks", 1.5,
      "store read / h5py (4096, D) read, 100k x 1024 fp16"),
+    ("test_gated_pool_time[cpu-fused-100000-1024]", "test_gated_pool_time[cpu-chain-100000-1024]", 1.0,
+     "GatedAttentionPool fwd+bwd CPU time, fused / plain chain, N=100k D=1024 hidden=128"),
+    ("test_gated_pool_time[cuda-fused-100000-1024]", "test_gated_pool_time[cuda-chain-100000-1024]", 1.0,
+     "GatedAttentionPool fwd+bwd CUDA time, fused / plain chain, N=100k D=1024 hidden=128"),
+]
+
+# (numerator, denominator, target, what, count the grad_h output): ratios of extra peak memory (extra_info).
+MEMORY_RATIOS = [
+    ("test_gated_pool_memory[cpu-nohgrad-fused-100000-1024]", "test_gated_pool_memory[cpu-nohgrad-chain-100000-1024]",
+     0.3, "GatedAttentionPool fwd+bwd CPU extra peak memory, fused / chain, h without grad", True),
+    ("test_gated_pool_memory[cpu-hgrad-fused-100000-1024]", "test_gated_pool_memory[cpu-hgrad-chain-100000-1024]",
+     0.3, "GatedAttentionPool fwd+bwd CPU extra peak memory beyond the N x D grad_h both return, h with grad", False),
+    ("test_gated_pool_memory[cpu-hgrad-fused-100000-1024]", "test_gated_pool_memory[cpu-hgrad-chain-100000-1024]",
+     None, "GatedAttentionPool fwd+bwd CPU extra peak memory including grad_h (for information)", True),
 ]
 
 
 def main(path: str) -> int:
     with open(path, encoding="utf-8") as fh:
-        benches = {b["name"]: b["stats"] for b in json.load(fh)["benchmarks"]}
+        benches = {b["name"]: b for b in json.load(fh)["benchmarks"]}
     failed = False
     for num, den, target, what in RATIOS:
         if num not in benches or den not in benches:
             continue
-        ratio = benches[num]["median"] / benches[den]["median"]
-        ok = ratio <= target
+        a, b = benches[num]["stats"]["median"], benches[den]["stats"]["median"]
+        ok = a / b <= target
         failed |= not ok
-        print(f"{what}: {ratio:.2f}x (median {benches[num]['median'] * 1e3:.1f} ms vs "
-              f"{benches[den]['median'] * 1e3:.1f} ms; target <= {target}x) {'OK' if ok else 'MISSED'}")
+        print(f"{what}: {a / b:.2f}x (median {a * 1e3:.1f} ms vs {b * 1e3:.1f} ms; target <= {target}x) "
+              f"{'OK' if ok else 'MISSED'}")
+    for num, den, target, what, with_grad_h in MEMORY_RATIOS:
+        if num not in benches or den not in benches:
+            continue
+        info_a, info_b = benches[num]["extra_info"], benches[den]["extra_info"]
+        a, b = info_a["extra_peak_bytes"], info_b["extra_peak_bytes"]
+        if not with_grad_h:
+            a, b = a - info_a["grad_h_bytes"], b - info_b["grad_h_bytes"]
+        verdict = "" if target is None else f"; target <= {target}x {'OK' if a / b <= target else 'MISSED'}"
+        failed |= target is not None and a / b > target
+        print(f"{what}: {a / b:.2f}x ({a / 2**20:.0f} MiB vs {b / 2**20:.0f} MiB{verdict})")
     return 1 if failed else 0
 
 

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import h5py
-import numpy as np
-import pytest
+# The Triton kernels run on CPU tensors only through the interpreter, which must be switched on before triton is
+# first imported (fastmil imports it lazily, so setting it here is early enough for the whole session).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTMIL_SHARED_DATA", REPO.parent / "shared" / "data"))

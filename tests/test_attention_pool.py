@@ -1,4 +1,7 @@
-"""attention_pool (torch path) vs an independent fp64 reference, forward and backward, on ragged masked bags."""
+"""attention_pool vs an independent fp64 reference, forward and backward, on ragged masked bags.
+
+Both backends run the same cases: ``torch``, and ``triton`` through the Triton interpreter on CPU tensors
+(``TRITON_INTERPRET=1`` is set by conftest.py before triton is imported)."""
 
 import pytest
 import torch
@@ -34,11 +37,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked-bag"])
 @pytest.mark.parametrize("heads", [None, 3])
-def test_forward_backward_match_fp64_reference(dtype, mask_kind, heads):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_backward_match_fp64_reference(dtype, mask_kind, heads, backend):
     scores, values, offsets, mask = _inputs(SIZES, heads=heads, dtype=dtype, mask_kind=mask_kind)
     s = scores.clone().requires_grad_()
     v = values.clone().requires_grad_()
-    pooled, weights = attention_pool(s, v, offsets, mask, backend="torch")
+    pooled, weights = attention_pool(s, v, offsets, mask, backend=backend)
     s64 = scores.double().requires_grad_()
     v64 = values.double().requires_grad_()
     ref_pooled, ref_weights = attention_pool_reference(s64, v64, offsets, mask)
@@ -59,10 +63,11 @@ def test_forward_backward_match_fp64_reference(dtype, mask_kind, heads):
         assert torch.isfinite(s.grad).all() and torch.isfinite(v.grad).all()
 
 
-def test_weights_sum_to_one_per_bag_and_zero_on_masked():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weights_sum_to_one_per_bag_and_zero_on_masked(backend):
     scores, values, offsets, mask = _inputs([5, 1, 33], mask_kind="random", seed=3)
     mask[5] = True  # the bag of one participates
-    _, w = attention_pool(scores, values, offsets, mask)
+    _, w = attention_pool(scores, values, offsets, mask, backend=backend)
     for b in range(3):
         seg = w[offsets[b] : offsets[b + 1]]
         m = mask[offsets[b] : offsets[b + 1]]
@@ -71,17 +76,20 @@ def test_weights_sum_to_one_per_bag_and_zero_on_masked():
     assert float(w[5]) == 1.0
 
 
-def test_empty_bag_pools_to_zero():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_bag_pools_to_zero(backend):
     scores = torch.randn(4)
     values = torch.randn(4, 3)
-    pooled, w = attention_pool(scores, values, torch.tensor([0, 4, 4]))
-    assert torch.all(pooled[1] == 0) and torch.isfinite(pooled).all()
+    pooled, w = attention_pool(scores, values, torch.tensor([0, 4, 4, 4]), backend=backend)
+    assert torch.all(pooled[1:] == 0) and torch.isfinite(pooled).all()
+    assert abs(float(w.sum()) - 1.0) < 1e-6
 
 
-def test_extreme_scores_stay_finite():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_extreme_scores_stay_finite(backend):
     scores = torch.tensor([1e4, -1e4, 3e4, 0.0])
     values = torch.randn(4, 2)
-    pooled, w = attention_pool(scores, values, torch.tensor([0, 2, 4]))
+    pooled, w = attention_pool(scores, values, torch.tensor([0, 2, 4]), backend=backend)
     assert torch.isfinite(pooled).all() and torch.allclose(w, torch.tensor([1.0, 0.0, 1.0, 0.0]))
 
 
@@ -92,6 +100,22 @@ def test_bad_inputs():
         attention_pool(torch.randn(4), torch.randn(4, 2), torch.tensor([0, 4]), torch.ones(4))
     with pytest.raises(ValueError, match="backend must be one of"):
         attention_pool(torch.randn(4), torch.randn(4, 2), torch.tensor([0, 4]), backend="cuda")
+    with pytest.raises(ValueError, match="at most 32 heads"):
+        attention_pool(torch.randn(4, 33), torch.randn(4, 2), torch.tensor([0, 4]), backend="triton")
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        attention_pool(torch.randn(4).double(), torch.randn(4, 2).double(), torch.tensor([0, 4]), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_of_scores_only(backend):
+    """Values that do not require grad: only the scores get a gradient, and it matches the reference."""
+    scores, values, offsets, mask = _inputs([3, 70], mask_kind="random", seed=5)
+    s = scores.clone().requires_grad_()
+    pooled, _ = attention_pool(s, values, offsets, mask, backend=backend)
+    pooled.sum().backward()
+    s64 = scores.double().requires_grad_()
+    attention_pool_reference(s64, values.double(), offsets, mask)[0].sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_backend_resolution(monkeypatch):

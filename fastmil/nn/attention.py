@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import attention_pool
+from ..ops import attention_pool, gated_attention_pool
 
 __all__ = ["GatedAttentionPool", "AttentionPool", "MeanPool"]
 
@@ -13,6 +13,8 @@ class GatedAttentionPool(nn.Module):
     """Gated attention pooling (Ilse et al., 2018): ``score_i = w(tanh(V h_i) * sigmoid(U h_i))``.
 
     Parameters ``V``, ``U`` (``nn.Linear(in_dim, hidden_dim)``) and ``w`` (``nn.Linear(hidden_dim, 1)``).
+    ``forward`` runs the fused op :func:`fastmil.ops.gated_attention_pool`: on CUDA one fused Triton kernel per
+    direction, on CPU a chunked torch path; neither keeps the ``N x hidden_dim`` activations for backward.
 
     ``forward(h [N, in_dim], offsets int64 [B+1], mask bool [N] | None) -> (pooled [B, in_dim] fp32, weights [N] fp32)``.
     """
@@ -31,7 +33,10 @@ class GatedAttentionPool(nn.Module):
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend)
+        return gated_attention_pool(
+            h, self.V.weight, self.V.bias, self.U.weight, self.U.bias, self.w.weight, self.w.bias,
+            offsets, mask, backend=self.backend,
+        )
 
 
 class AttentionPool(nn.Module):

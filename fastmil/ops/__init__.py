@@ -1,5 +1,13 @@
-"""fastmil ops: one file per op (torch reference, autograd Function, backend dispatch)."""
+"""fastmil ops: one file per op (torch reference, autograd Functions, backend dispatch)."""
 from ._backend import BACKENDS, resolve_backend
 from .attention_pool import attention_pool, attention_pool_reference
+from .gated_attention_pool import gated_attention_pool, gated_attention_pool_reference
 
-__all__ = ["BACKENDS", "attention_pool", "attention_pool_reference", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "attention_pool",
+    "attention_pool_reference",
+    "gated_attention_pool",
+    "gated_attention_pool_reference",
+    "resolve_backend",
+]

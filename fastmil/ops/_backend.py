@@ -11,12 +11,13 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "interpreting", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set (it must be set before triton is first imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -40,7 +41,7 @@ def resolve_backend(backend: str, op: str, device: torch.device, has_triton: boo
     if backend == "triton":
         if not has_triton:
             raise RuntimeError(f"{op}: no Triton kernel is available for this op; use backend='torch'")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"{op}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )

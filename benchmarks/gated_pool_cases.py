@@ -1,0 +1,77 @@
+"""The two implementations the gated-pooling benchmarks compare, and a one-shot peak-memory probe.
+
+``fused``: :class:`fastmil.nn.GatedAttentionPool` (the fused op: Triton on CUDA, chunked recompute on CPU).
+``chain``: the plain torch module chain as ABMIL code usually writes it: ``Linear -> tanh``, ``Linear -> sigmoid``,
+product, ``Linear`` to a score, ``softmax`` over the bag, weighted sum ``a @ h``; autograd keeps every
+intermediate. Both see one bag of N instances. ``h`` requires grad (as after an embedding layer, where both
+must return an ``N x D`` gradient) or not (pooling straight over stored features).
+
+Run as a script it measures the extra peak memory of ONE forward+backward in a fresh process, so that nothing
+else shares the peak: ``python benchmarks/gated_pool_cases.py {fused|chain} N D HIDDEN {cpu|cuda} {1|0}``
+(last: whether h requires grad) prints
+``extra_peak_bytes``: CPU, the rise of the process's peak RSS (``ru_maxrss``) over its RSS just before the
+step (after a tiny warm-up step); CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the step.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from fastmil.nn import GatedAttentionPool
+
+
+def make_case(n: int, dim: int, hidden: int, device: str = "cpu", seed: int = 0, h_grad: bool = True):
+    """``(pool module, h [n, dim] fp32, offsets [0, n])`` on ``device``; ``h`` requires grad if ``h_grad``."""
+    torch.manual_seed(seed)
+    pool = GatedAttentionPool(dim, hidden).to(device)
+    h = torch.randn(n, dim, device=device).requires_grad_(h_grad)
+    offsets = torch.tensor([0, n], device=device)
+    return pool, h, offsets
+
+
+def step_fused(pool: GatedAttentionPool, h: torch.Tensor, offsets: torch.Tensor) -> None:
+    pooled, _ = pool(h, offsets)
+    pooled.sum().backward()
+
+
+def step_chain(pool: GatedAttentionPool, h: torch.Tensor, offsets: torch.Tensor) -> None:
+    scores = pool.w(torch.tanh(pool.V(h)) * torch.sigmoid(pool.U(h))).squeeze(-1)
+    pooled = torch.softmax(scores, dim=0) @ h
+    pooled.sum().backward()
+
+
+STEPS = {"fused": step_fused, "chain": step_chain}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def measure_extra_peak(kind: str, n: int, dim: int, hidden: int, device: str, h_grad: bool) -> int:
+    """Extra peak bytes of one forward+backward (see the module docstring)."""
+    pool, h, offsets = make_case(n, dim, hidden, device, h_grad=h_grad)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        STEPS[kind](pool, h, offsets)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    # warm up on a tiny case first: library initialisation (thread pools, JIT kernels) is not the op's memory
+    STEPS[kind](*make_case(256, dim, hidden, device, h_grad=h_grad))
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    STEPS[kind](pool, h, offsets)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if peak <= peak_before:
+        raise RuntimeError("the step's peak stayed below the warm-up's; use a larger case")
+    return peak - before
+
+
+if __name__ == "__main__":
+    kind, n, dim, hidden, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    h_grad = sys.argv[6] == "1"
+    print(f"extra_peak_bytes {measure_extra_peak(kind, n, dim, hidden, device, h_grad)}")

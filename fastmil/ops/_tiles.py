@@ -1,0 +1,48 @@
+"""Tile tables: every bag cut into tiles of at most ``block_n`` rows that never cross a bag boundary.
+
+The Triton kernels run one program per tile (``fastmil/kernels/attention_pool.py`` explains the scheme). The
+table is built with a handful of vectorised torch ops on the host copy of ``offsets``: one device-to-host copy
+per call, which is also what sizes the launch grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TileTable", "build_tiles"]
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """``tile_bag`` int32 ``[T]``, ``tile_start``/``tile_end`` int64 ``[T]`` (row range of each tile) and
+    ``bag_tiles`` int64 ``[B+1]`` (tiles of bag b are ``bag_tiles[b]:bag_tiles[b+1]``), all on the op's device."""
+
+    tile_bag: torch.Tensor
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    bag_tiles: torch.Tensor
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.tile_bag.numel())
+
+
+def build_tiles(offsets: torch.Tensor, block_n: int, device: torch.device) -> TileTable:
+    """Tile table for ``offsets`` (int64 ``[B+1]``); an empty bag gets no tile."""
+    off = offsets.detach().to("cpu", torch.int64)
+    sizes = off[1:] - off[:-1]
+    per_bag = (sizes + block_n - 1) // block_n
+    bag_tiles = torch.zeros(off.numel(), dtype=torch.int64)
+    torch.cumsum(per_bag, 0, out=bag_tiles[1:])
+    n_tiles = int(bag_tiles[-1])
+    tile_bag = torch.repeat_interleave(torch.arange(sizes.numel()), per_bag, output_size=n_tiles)
+    tile_in_bag = torch.arange(n_tiles) - bag_tiles[tile_bag]
+    tile_start = off[tile_bag] + tile_in_bag * block_n
+    tile_end = torch.minimum(tile_start + block_n, off[tile_bag + 1])
+    return TileTable(
+        tile_bag=tile_bag.to(device=device, dtype=torch.int32),
+        tile_start=tile_start.to(device),
+        tile_end=tile_end.to(device),
+        bag_tiles=bag_tiles.to(device),
+    )

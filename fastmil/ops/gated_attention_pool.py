@@ -1,0 +1,326 @@
+"""``gated_attention_pool``: the fused op behind :class:`fastmil.nn.GatedAttentionPool`.
+
+Contract::
+
+    gated_attention_pool(h [N, D], v_weight [HID, D], v_bias [HID], u_weight [HID, D], u_bias [HID],
+                         w_weight [1, HID], w_bias [1], offsets int64 [B+1], mask bool [N] | None)
+        -> pooled [B, D] fp32, weights [N] fp32
+
+    score_i = w . (tanh(V h_i + bv) * sigmoid(U h_i + bu)) + bw;   weights = per-bag softmax over unmasked rows;
+    pooled_b = sum_i weights_i h_i.   All-masked or empty bags give zeros, never NaN.
+
+Differentiable in ``h`` and all six parameters. Neither path keeps an ``N x HID`` activation for backward:
+forward saves ``h``, the parameters, ``weights [N]`` and ``pooled [B, D]`` (plus, on Triton, the per-bag
+log-sum-exp), and backward recomputes the gated activations from ``h``.
+
+- **triton** (``fastmil.kernels.attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
+  online softmax statistics, partial weighted sum) + a merge kernel per bag + a weight-normalisation kernel.
+  Backward = one fused tile kernel (recompute from ``h`` and the log-sum-exp, pre-activation grads ``dpre``)
+  + ``grad_h = a g + dpre [V; U]`` + a split-N weight-grad GEMM ``dpre^T h`` whose per-split partials are
+  summed in a fixed order (deterministic, no atomics). ``dpre`` (``N x 2 HID`` fp32) lives only inside
+  backward: the weight gradients are a reduction over all rows that needs it as a GEMM operand.
+- **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``; V and U
+  run as one fused ``[2 HID, D]`` GEMM, ``grad_h`` is written chunk by chunk into one preallocated buffer.
+  Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+from ._tiles import build_tiles
+from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum, upcast_dots
+from .attention_pool import bag_index, pool_per_bag, segment_softmax
+
+__all__ = ["CHUNK_ROWS", "MAX_HIDDEN", "gated_attention_pool", "gated_attention_pool_reference"]
+
+CHUNK_ROWS = 2048
+"""Rows per chunk of the torch path (bounds its working memory; large enough for efficient GEMMs)."""
+MAX_HIDDEN = 256
+"""Largest ``hidden_dim`` of the Triton path (= ``fastmil.kernels.attention_pool.MAX_HIDDEN``)."""
+
+def _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask) -> None:
+    if h.dim() != 2:
+        raise ValueError(f"gated_attention_pool: h must be [N, D], got shape {tuple(h.shape)}")
+    n, dim = h.shape
+    hidden = v_weight.shape[0]
+    expected = {
+        "v_weight": (v_weight, (hidden, dim)), "u_weight": (u_weight, (hidden, dim)),
+        "v_bias": (v_bias, (hidden,)), "u_bias": (u_bias, (hidden,)),
+        "w_weight": (w_weight, (1, hidden)), "w_bias": (w_bias, (1,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"gated_attention_pool: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 2:
+        raise ValueError("gated_attention_pool: offsets must be int64 [B+1] with B >= 1")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (n,)):
+        raise ValueError(f"gated_attention_pool: mask must be bool [N] = [{n}], got {mask.dtype} {tuple(mask.shape)}")
+
+
+def gated_attention_pool_reference(
+    h: torch.Tensor, v_weight: torch.Tensor, v_bias: torch.Tensor, u_weight: torch.Tensor, u_bias: torch.Tensor,
+    w_weight: torch.Tensor, w_bias: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: a Python loop over bags with plain differentiable torch ops, computed in the
+    dtype of ``h`` (pass fp64 tensors). Gradients come from autograd through it."""
+    _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
+    n_bags = offsets.numel() - 1
+    bounds = offsets.tolist()
+    pooled_rows, weights = [], torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    for b in range(n_bags):
+        lo, hi = bounds[b], bounds[b + 1]
+        keep = torch.ones(hi - lo, dtype=torch.bool, device=h.device) if mask is None else mask[lo:hi]
+        if not bool(keep.any()):
+            pooled_rows.append(h.new_zeros(h.shape[1]))
+            continue
+        x = h[lo:hi][keep]
+        gate = torch.tanh(x @ v_weight.T + v_bias) * torch.sigmoid(x @ u_weight.T + u_bias)
+        a = torch.softmax((gate @ w_weight.T + w_bias)[:, 0], dim=0)
+        pooled_rows.append(a @ x)
+        weights = weights.index_put((torch.nonzero(keep).flatten() + lo,), a)
+    return torch.stack(pooled_rows), weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch path
+# ----------------------------------------------------------------------------------------------------------------
+class _GatedPoolTorch(torch.autograd.Function):
+    """Chunked recompute on the torch side; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
+        hidden = v_weight.shape[0]
+        w2 = torch.cat([v_weight, u_weight]).float()  # [2 HID, D]
+        b2 = torch.cat([v_bias, u_bias]).float()
+        w_vec, bw = w_weight[0].float(), w_bias.float()
+        scores = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for lo in range(0, h.shape[0], CHUNK_ROWS):
+            pre = torch.addmm(b2, h[lo : lo + CHUNK_ROWS].float(), w2.T)
+            gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
+            torch.addmv(bw, gate, w_vec, out=scores[lo : lo + CHUNK_ROWS])
+        weights = segment_softmax(scores[:, None], offsets, mask)  # [N, 1]
+        pooled = pool_per_bag(weights, h, offsets)[:, 0]  # [B, D]
+        weights = weights[:, 0]
+        ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
+        return pooled, weights
+
+    @staticmethod
+    def backward(ctx, grad_pooled, grad_weights):
+        h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        hidden = v_weight.shape[0]
+        w2 = torch.cat([v_weight, u_weight]).float()
+        b2 = torch.cat([v_bias, u_bias]).float()
+        w_vec = w_weight[0].float()
+        g = grad_pooled.float()
+        bag_dot = (g * pooled).sum(-1)  # [B]: sum_i a_i (g . h_i)
+        if grad_weights is not None:
+            bag_dot = bag_dot + segment_sum(weights * grad_weights.float(), offsets)
+        bag = bag_index(offsets, h.shape[0])
+        grad_h = torch.empty_like(h) if need[0] else None
+        grad_w2 = torch.zeros_like(w2)
+        grad_b2 = torch.zeros_like(b2)
+        grad_wv = torch.zeros_like(w_vec)
+        grad_bw = torch.zeros(1, dtype=torch.float32, device=h.device)
+        for lo in range(0, h.shape[0], CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, h.shape[0])
+            x = h[lo:hi].float()
+            pre = torch.addmm(b2, x, w2.T)
+            t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:])
+            a = weights[lo:hi]
+            first, last = int(bag[lo]), int(bag[hi - 1])
+            single_bag = first == last  # the common case: no [chunk, D] gather of grad_pooled rows
+            g_rows = g[first] if single_bag else g[bag[lo:hi]]
+            u = x @ g_rows if single_bag else torch.einsum("nd,nd->n", x, g_rows)
+            if grad_weights is not None:
+                u += grad_weights[lo:hi].float()
+            ds = a * (u - bag_dot[bag[lo:hi]])
+            dz = ds[:, None] * w_vec[None, :]
+            # reuse `pre` as the buffer of the pre-activation grads [dpre_v | dpre_u]
+            torch.mul(dz * sg, 1.0 - t * t, out=pre[:, :hidden])
+            torch.mul(dz * t, sg * (1.0 - sg), out=pre[:, hidden:])
+            grad_w2.addmm_(pre.T, x)
+            grad_b2 += pre.sum(0)
+            grad_wv += (t * sg).T @ ds
+            grad_bw += ds.sum()
+            if grad_h is not None:
+                # grad_h rows = a g_b + dpre [V; U], written straight into grad_h when it is fp32
+                dh = grad_h[lo:hi] if grad_h.dtype == torch.float32 else torch.empty_like(x)
+                if single_bag:
+                    torch.outer(a, g_rows, out=dh)
+                else:
+                    torch.mul(g_rows, a[:, None], out=dh)
+                dh.addmm_(pre, w2)
+                if dh.data_ptr() != grad_h[lo:hi].data_ptr():
+                    grad_h[lo:hi] = dh
+        return (
+            grad_h,
+            grad_w2[:hidden].to(v_weight.dtype) if need[1] else None,
+            grad_b2[:hidden].to(v_bias.dtype) if need[2] else None,
+            grad_w2[hidden:].to(u_weight.dtype) if need[3] else None,
+            grad_b2[hidden:].to(u_bias.dtype) if need[4] else None,
+            grad_wv[None].to(w_weight.dtype) if need[5] else None,
+            grad_bw.to(w_bias.dtype) if need[6] else None,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------------------------------
+def _rows_per_split(n: int, block_n: int) -> int:
+    """Rows per split of the weight-grad GEMM: ~16 splits (parallelism) but never fewer than 8 blocks of rows
+    per split, so the per-split ``[2, HID, D]`` fp32 partials stay a small fraction of the bytes of ``h``."""
+    per_split = cdiv(cdiv(n, 16), block_n) * block_n
+    return max(per_split, 8 * block_n)
+
+
+class _GatedPoolTriton(torch.autograd.Function):
+    """Fused Triton kernels; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
+        from ..kernels import attention_pool as k
+
+        n, dim = h.shape
+        hidden = v_weight.shape[0]
+        hid_pad = k.pow2_at_least(hidden)
+        cfg, mcfg = k.gated_fwd_config(hid_pad, h.dtype == torch.float32), k.merge_config()
+        dev = h.device
+        h = h if h.stride(1) == 1 else h.contiguous()
+        params = [p.contiguous() for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
+        tiles = build_tiles(offsets, cfg.block_n, dev)
+        n_tiles, n_bags = tiles.n_tiles, offsets.numel() - 1
+        pooled = torch.zeros(n_bags, dim, dtype=torch.float32, device=dev)
+        lse = torch.full((n_bags,), float("inf"), dtype=torch.float32, device=dev)
+        weights = torch.zeros(n, dtype=torch.float32, device=dev)  # raw scores first, then weights in place
+        if n_tiles > 0:
+            mask_arg = mask if mask is not None else tiles.tile_start  # never read when HAS_MASK is False
+            tile_max = torch.empty(n_tiles, dtype=torch.float32, device=dev)
+            tile_sum = torch.empty_like(tile_max)
+            partial = torch.empty(n_tiles, dim, dtype=torch.float32, device=dev)
+            k.gated_fwd_tile_kernel[(n_tiles,)](
+                h, *params, mask_arg, tiles.tile_start, tiles.tile_end, weights, tile_max, tile_sum, partial,
+                dim, hidden, h.stride(0),
+                BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=mask is not None,
+                UPCAST=upcast_dots(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            k.merge_tiles_kernel[(n_bags, 1, cdiv(dim, mcfg.block_d))](
+                tile_max, tile_sum, partial, tiles.bag_tiles, pooled, lse, dim, 1,
+                BLOCK_T=mcfg.block_n, BLOCK_D=mcfg.block_d, num_warps=mcfg.num_warps,
+            )
+            k.normalize_weights_kernel[(n_tiles,)](
+                weights, mask_arg, tiles.tile_bag, tiles.tile_start, tiles.tile_end, lse, weights, 1, 1,
+                BLOCK_N=cfg.block_n, H_PAD=1, HAS_MASK=mask is not None, num_warps=4,
+            )
+        ctx.save_for_backward(
+            h, *params, weights, pooled, lse, offsets, mask if mask is not None else lse,
+            tiles.tile_bag, tiles.tile_start, tiles.tile_end,
+        )
+        ctx.has_mask = mask is not None
+        ctx.param_dtypes = [p.dtype for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
+        return pooled, weights
+
+    @staticmethod
+    def backward(ctx, grad_pooled, grad_weights):
+        from ..kernels import attention_pool as k
+
+        (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, lse, offsets, mask,
+         tile_bag, tile_start, tile_end) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, dim = h.shape
+        hidden = v_weight.shape[0]
+        hid_pad = k.pow2_at_least(hidden)
+        k_dim, block_k = 2 * hid_pad, k.gemm_block_k(hid_pad)
+        fp32 = h.dtype == torch.float32
+        cfg, hcfg, wcfg = k.gated_bwd_config(hid_pad, fp32), k.grad_h_config(hid_pad, fp32), k.weight_grad_config(hid_pad)
+        dev = h.device
+        precision = dot_precision(h.dtype)
+        g = grad_pooled.float().contiguous()
+        bag_dot = (g * pooled).sum(-1)
+        if grad_weights is not None:
+            grad_weights = grad_weights.float().contiguous()
+            bag_dot = bag_dot + segment_sum(weights * grad_weights, offsets)
+        n_tiles = tile_bag.numel()
+        dpre = torch.zeros(n, k_dim, dtype=torch.float32, device=dev)  # [dpre_v | dpre_u], padded units 0
+        a = torch.zeros(n, dtype=torch.float32, device=dev)
+        grad_s = torch.zeros(n, dtype=torch.float32, device=dev)
+        grad_w_partial = torch.zeros(max(n_tiles, 1), hid_pad, dtype=torch.float32, device=dev)
+        grad_h = torch.zeros_like(h) if need[0] else None
+        grad_w2 = torch.zeros(k_dim, dim, dtype=torch.float32, device=dev)
+        if n_tiles > 0:
+            k.gated_bwd_tile_kernel[(n_tiles,)](
+                h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, mask,
+                tile_bag, tile_start, tile_end, lse, g, bag_dot,
+                grad_weights if grad_weights is not None else grad_s,
+                dpre, a, grad_s, grad_w_partial,
+                dim, hidden, h.stride(0),
+                BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=ctx.has_mask,
+                HAS_GRAD_WEIGHTS=grad_weights is not None, UPCAST=upcast_dots(h.dtype), DOT_PRECISION=precision,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if grad_h is not None:
+                w2 = torch.zeros(k_dim, dim, dtype=torch.float32, device=dev)
+                w2[:hidden] = v_weight
+                w2[hid_pad : hid_pad + hidden] = u_weight
+                k.grad_h_kernel[(n_tiles, cdiv(dim, hcfg.block_d))](
+                    dpre, w2, a, g, tile_bag, tile_start, tile_end, grad_h, dim, h.stride(0),
+                    BLOCK_N=hcfg.block_n, BLOCK_D=hcfg.block_d, BLOCK_K=block_k, K=k_dim, DOT_PRECISION=precision,
+                    num_warps=hcfg.num_warps, num_stages=hcfg.num_stages,
+                )
+            if need[1] or need[3]:
+                rows_per_split = _rows_per_split(n, wcfg.block_n)
+                n_splits = cdiv(n, rows_per_split)
+                partial = torch.empty(n_splits, k_dim, dim, dtype=torch.float32, device=dev)
+                k.weight_grad_kernel[(cdiv(dim, wcfg.block_d), k_dim // block_k, n_splits)](
+                    dpre, h, partial, n, dim, rows_per_split, h.stride(0),
+                    BLOCK_N=wcfg.block_n, BLOCK_D=wcfg.block_d, BLOCK_K=block_k, K=k_dim, DOT_PRECISION=precision,
+                    num_warps=wcfg.num_warps, num_stages=wcfg.num_stages,
+                )
+                grad_w2 = partial.sum(0)  # fixed-order reduction over splits: deterministic
+        dt = ctx.param_dtypes
+        return (
+            grad_h,
+            grad_w2[:hidden].to(dt[0]) if need[1] else None,
+            dpre[:, :hidden].sum(0).to(dt[1]) if need[2] else None,
+            grad_w2[hid_pad : hid_pad + hidden].to(dt[2]) if need[3] else None,
+            dpre[:, hid_pad : hid_pad + hidden].sum(0).to(dt[3]) if need[4] else None,
+            grad_w_partial.sum(0)[None, :hidden].to(dt[4]) if need[5] else None,
+            grad_s.sum().reshape(1).to(dt[5]) if need[6] else None,
+            None,
+            None,
+        )
+
+
+def gated_attention_pool(
+    h: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    u_weight: torch.Tensor,
+    u_bias: torch.Tensor,
+    w_weight: torch.Tensor,
+    w_bias: torch.Tensor,
+    offsets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused gated attention pooling over packed ragged bags (contract in the module docstring).
+
+    ``backend``: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND``
+    overrides ``"auto"``. The Triton path supports ``hidden_dim <= MAX_HIDDEN``.
+    """
+    _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
+    args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
+    if resolve_backend(backend, "gated_attention_pool", h.device, has_triton=HAS_TRITON) == "triton":
+        check_triton_inputs("gated_attention_pool", h.dtype, *args)
+        if v_weight.shape[0] > MAX_HIDDEN:
+            raise ValueError(
+                f"gated_attention_pool: the Triton kernels support hidden_dim <= {MAX_HIDDEN}, "
+                f"got {v_weight.shape[0]}; use backend='torch'"
+            )
+        return _GatedPoolTriton.apply(*args)
+    return _GatedPoolTorch.apply(*args)
