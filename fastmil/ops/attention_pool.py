@@ -25,7 +25,10 @@ from ._tiles import build_tiles
 MAX_HEADS = 32  # = fastmil.kernels.attention_pool.MAX_HEADS (kept here so that torch-only use never imports triton)
 from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum
 
-__all__ = ["attention_pool", "attention_pool_reference", "bag_index", "pool_per_bag", "segment_softmax"]
+__all__ = [
+    "attention_pool", "attention_pool_reference", "bag_index", "merge_and_normalize", "pool_per_bag",
+    "segment_softmax",
+]
 
 
 def _check_inputs(scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -140,6 +143,28 @@ class _AttentionPoolTorch(torch.autograd.Function):
         return grad_scores, grad_values, None, None
 
 
+def merge_and_normalize(
+    tile_max: torch.Tensor, tile_sum: torch.Tensor, partial: torch.Tensor, tiles, scores: torch.Tensor,
+    mask: torch.Tensor | None, pooled: torch.Tensor, lse: torch.Tensor, weights: torch.Tensor,
+    *, block_n: int, h_pad: int,
+) -> None:
+    """The forward's last two launches, shared by every tile-based pooling op: merge the tiles of each bag into
+    ``pooled [B, H, D]`` and ``lse [B, H]``, then ``weights [N, H] = exp(scores - lse)`` (``weights`` may alias
+    ``scores``). ``tile_max``/``tile_sum`` are ``[T, H]``, ``partial`` is ``[T, H, D]``, all fp32."""
+    from ..kernels import attention_pool as k
+
+    n_bags, heads, dim = pooled.shape[0], lse.shape[1], partial.shape[-1]
+    mcfg = k.merge_config()
+    k.merge_tiles_kernel[(n_bags, heads, cdiv(dim, mcfg.block_d))](
+        tile_max, tile_sum, partial, tiles.bag_tiles, pooled, lse, dim, heads,
+        BLOCK_T=mcfg.block_n, BLOCK_D=mcfg.block_d, num_warps=mcfg.num_warps,
+    )
+    k.normalize_weights_kernel[(tiles.n_tiles,)](
+        scores, mask if mask is not None else tiles.tile_start, tiles.tile_bag, tiles.tile_start, tiles.tile_end,
+        lse, weights, heads, scores.stride(0), BLOCK_N=block_n, H_PAD=h_pad, HAS_MASK=mask is not None, num_warps=4,
+    )
+
+
 class _AttentionPoolTriton(torch.autograd.Function):
     """Triton path: tile kernel + merge + weight normalisation forward, one tile kernel backward.
 
@@ -153,7 +178,7 @@ class _AttentionPoolTriton(torch.autograd.Function):
         dim = values.shape[1]
         n_bags = offsets.numel() - 1
         h_pad = k.pow2_at_least(heads)
-        cfg, mcfg = k.pool_config(h_pad, values.dtype == torch.float32), k.merge_config()
+        cfg = k.pool_config(h_pad, values.dtype == torch.float32)
         dev = values.device
         scores = scores.contiguous()
         values = values if values.stride(1) == 1 else values.contiguous()
@@ -173,15 +198,8 @@ class _AttentionPoolTriton(torch.autograd.Function):
                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, H_PAD=h_pad, HAS_MASK=mask is not None,
                 DOT_PRECISION=dot_precision(values.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            k.merge_tiles_kernel[(n_bags, heads, cdiv(dim, mcfg.block_d))](
-                tile_max, tile_sum, partial, tiles.bag_tiles, pooled, lse, dim, heads,
-                BLOCK_T=mcfg.block_n, BLOCK_D=mcfg.block_d, num_warps=mcfg.num_warps,
-            )
-            k.normalize_weights_kernel[(n_tiles,)](
-                scores, mask_arg, tiles.tile_bag, tiles.tile_start, tiles.tile_end, lse, weights,
-                heads, scores.stride(0), BLOCK_N=cfg.block_n, H_PAD=h_pad, HAS_MASK=mask is not None,
-                num_warps=cfg.num_warps,
-            )
+            merge_and_normalize(tile_max, tile_sum, partial, tiles, scores, mask, pooled, lse, weights,
+                                block_n=cfg.block_n, h_pad=h_pad)
         ctx.save_for_backward(values, weights, pooled, offsets, tiles.tile_bag, tiles.tile_start, tiles.tile_end)
         ctx.scores_dtype = scores.dtype
         return pooled, weights

@@ -30,7 +30,7 @@ import torch
 from ._backend import resolve_backend
 from ._tiles import build_tiles
 from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum, upcast_dots
-from .attention_pool import bag_index, pool_per_bag, segment_softmax
+from .attention_pool import bag_index, merge_and_normalize, pool_per_bag, segment_softmax
 
 __all__ = ["CHUNK_ROWS", "MAX_HIDDEN", "gated_attention_pool", "gated_attention_pool_reference"]
 
@@ -187,7 +187,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         n, dim = h.shape
         hidden = v_weight.shape[0]
         hid_pad = k.pow2_at_least(hidden)
-        cfg, mcfg = k.gated_fwd_config(hid_pad, h.dtype == torch.float32), k.merge_config()
+        cfg = k.gated_fwd_config(hid_pad, h.dtype == torch.float32)
         dev = h.device
         h = h if h.stride(1) == 1 else h.contiguous()
         params = [p.contiguous() for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
@@ -208,14 +208,8 @@ class _GatedPoolTriton(torch.autograd.Function):
                 UPCAST=upcast_dots(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            k.merge_tiles_kernel[(n_bags, 1, cdiv(dim, mcfg.block_d))](
-                tile_max, tile_sum, partial, tiles.bag_tiles, pooled, lse, dim, 1,
-                BLOCK_T=mcfg.block_n, BLOCK_D=mcfg.block_d, num_warps=mcfg.num_warps,
-            )
-            k.normalize_weights_kernel[(n_tiles,)](
-                weights, mask_arg, tiles.tile_bag, tiles.tile_start, tiles.tile_end, lse, weights, 1, 1,
-                BLOCK_N=cfg.block_n, H_PAD=1, HAS_MASK=mask is not None, num_warps=4,
-            )
+            merge_and_normalize(tile_max, tile_sum, partial[:, None], tiles, weights[:, None], mask,
+                                pooled[:, None], lse[:, None], weights[:, None], block_n=cfg.block_n, h_pad=1)
         ctx.save_for_backward(
             h, *params, weights, pooled, lse, offsets, mask if mask is not None else lse,
             tiles.tile_bag, tiles.tile_start, tiles.tile_end,
