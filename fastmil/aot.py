@@ -122,8 +122,10 @@ def all_specs() -> list[KernelSpec]:
                                "bag_tiles_ptr": "*i64", "pooled_ptr": f32, "lse_ptr": f32},
         dict(BLOCK_T=mcfg.block_n, BLOCK_D=mcfg.block_d), mcfg)
     # fused gated pooling
-    params = {n: f32 for n in ("vw_ptr", "vb_ptr", "uw_ptr", "ub_ptr", "ww_ptr", "wb_ptr")}
     for (dt, prec, upcast), hid_pad in itertools.product(_dtype_precisions(), (16, 32, 64, 128, 256)):
+        # V and U arrive in the score GEMM's dtype (fastmil.ops.gated_attention_pool._score_weights)
+        score_w = f32 if upcast else f"*{dt}"
+        params = {"vw_ptr": score_w, "vb_ptr": f32, "uw_ptr": score_w, "ub_ptr": f32, "ww_ptr": f32, "wb_ptr": f32}
         cfg = k.gated_fwd_config(hid_pad, dt == "fp32")
         for flags in _flags(HAS_MASK=(False, True)):
             ptr = {"h_ptr": f"*{dt}", **params, **index, "scores_ptr": f32, "tile_max_ptr": f32,

@@ -105,13 +105,17 @@ def pool_config(h_pad: int, fp32: bool) -> KernelConfig:
 def gated_fwd_config(hid_pad: int, fp32: bool) -> KernelConfig:
     """Tile config of ``gated_fwd_tile_kernel``. Two ``[block_n, hid_pad]`` fp32 accumulators plus the pipelined
     ``[block_d, hid_pad]`` weight tiles must fit in registers; these choices compile without spills for sm_80
-    and sm_90 (``make aot`` checks every one). ``fp32``: fp32 inputs (3xTF32 score GEMM) take narrower tiles."""
-    if hid_pad <= 32 and not fp32:
-        return KernelConfig(block_n=64, block_d=64, num_warps=8)
-    if hid_pad <= 64 and not fp32:
-        return KernelConfig(block_n=64, block_d=32, num_warps=8)
+    and sm_90 (``make aot`` checks every one). Every tile re-reads V and U from L2, so ``block_n`` is as large
+    as registers allow: 2 * hid_pad * D weight elements per block_n rows. fp32 inputs (3xTF32 score GEMM, fp32
+    weight tiles) take smaller tiles."""
+    if fp32:
+        if hid_pad <= 32:
+            return KernelConfig(block_n=32, block_d=32, num_warps=8)
+        return KernelConfig(block_n=32, block_d=16, num_warps=8)
+    if hid_pad <= 64:
+        return KernelConfig(block_n=128, block_d=16, num_warps=8)
     if hid_pad <= 128:
-        return KernelConfig(block_n=32, block_d=32 if not fp32 or hid_pad <= 32 else 16, num_warps=8)
+        return KernelConfig(block_n=64, block_d=16, num_warps=8)
     return KernelConfig(block_n=32, block_d=16, num_warps=8)
 
 

@@ -106,6 +106,23 @@ def test_bad_inputs():
         attention_pool(torch.randn(4).double(), torch.randn(4, 2).double(), torch.tensor([0, 4]), backend="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_heads_on_triton(dtype):
+    """17 heads select the H_PAD = 32 kernels."""
+    scores, values, offsets, mask = _inputs([1, 90, 40], heads=17, dtype=dtype, mask_kind="random", seed=8)
+    s, v = scores.clone().requires_grad_(), values.clone().requires_grad_()
+    pooled, weights = attention_pool(s, v, offsets, mask, backend="triton")
+    (pooled.square().sum() + weights.sum()).backward()
+    s64, v64 = scores.double().requires_grad_(), values.double().requires_grad_()
+    ref_pooled, ref_weights = attention_pool_reference(s64, v64, offsets, mask)
+    (ref_pooled.square().sum() + ref_weights.sum()).backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(pooled.double(), ref_pooled, atol=tol, rtol=tol)
+    torch.testing.assert_close(weights.double(), ref_weights, atol=tol, rtol=tol)
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=10 * tol, rtol=10 * tol)
+    torch.testing.assert_close(v.grad.double(), v64.grad, atol=10 * tol, rtol=10 * tol)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_grad_of_scores_only(backend):
     """Values that do not require grad: only the scores get a gradient, and it matches the reference."""

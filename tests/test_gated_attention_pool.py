@@ -88,6 +88,27 @@ def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backen
     assert torch.isfinite(h1.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 128, 256])
+def test_production_hidden_sizes_on_triton(hidden, dtype):
+    """hidden 64/128/256 select the other tile configs (BLOCK_N 32, narrower D blocks, padded 2*HID GEMMs)."""
+    h, params, offsets, mask = _case([1, 70, 33], dtype, "random", seed=7, dim=48, hidden=hidden)
+    h1 = h.clone().requires_grad_()
+    p1 = [p.clone().requires_grad_() for p in params]
+    pooled, weights = gated_attention_pool(h1, *p1, offsets, mask, backend="triton")
+    (pooled.square().sum() + weights.sum()).backward()
+    h64 = h.double().requires_grad_()
+    p64 = [p.double().requires_grad_() for p in params]
+    ref_pooled, ref_weights = gated_attention_pool_reference(h64, *p64, offsets, mask)
+    (ref_pooled.square().sum() + ref_weights.sum()).backward()
+    tol = TOL[dtype]
+    _close(pooled, ref_pooled, tol, "pooled")
+    _close(weights, ref_weights, tol, "weights")
+    _close(h1.grad, h64.grad, 4 * tol, "grad h")
+    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
+        _close(got.grad, ref.grad, 4 * tol, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_edge_bags_and_grad_of_params_only(backend):
     """Empty bags, a bag of one, an all-masked bag of one; h without grad (features straight from the store)."""

@@ -170,6 +170,14 @@ class _GatedPoolTorch(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 # Triton path
 # ----------------------------------------------------------------------------------------------------------------
+def _score_weights(h: torch.Tensor, v_weight: torch.Tensor, u_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """V and U as the tile kernels read them: in the dtype of the score GEMM's ``tl.dot`` (the input dtype for
+    fp16/bf16 on a GPU, fp32 otherwise). Every tile program re-reads both from L2, so half-width copies halve
+    that traffic; the kernel would round them to this dtype anyway, so results are identical."""
+    dtype = torch.float32 if upcast_dots(h.dtype) else h.dtype
+    return v_weight.to(dtype).contiguous(), u_weight.to(dtype).contiguous()
+
+
 def _rows_per_split(n: int, block_n: int) -> int:
     """Rows per split of the weight-grad GEMM: ~16 splits (parallelism) but never fewer than 8 blocks of rows
     per split, so the per-split ``[2, HID, D]`` fp32 partials stay a small fraction of the bytes of ``h``."""
@@ -191,6 +199,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         dev = h.device
         h = h if h.stride(1) == 1 else h.contiguous()
         params = [p.contiguous() for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
+        v_score, u_score = _score_weights(h, params[0], params[2])
         tiles = build_tiles(offsets, cfg.block_n, dev)
         n_tiles, n_bags = tiles.n_tiles, offsets.numel() - 1
         pooled = torch.zeros(n_bags, dim, dtype=torch.float32, device=dev)
@@ -202,7 +211,8 @@ class _GatedPoolTriton(torch.autograd.Function):
             tile_sum = torch.empty_like(tile_max)
             partial = torch.empty(n_tiles, dim, dtype=torch.float32, device=dev)
             k.gated_fwd_tile_kernel[(n_tiles,)](
-                h, *params, mask_arg, tiles.tile_start, tiles.tile_end, weights, tile_max, tile_sum, partial,
+                h, v_score, params[1], u_score, *params[3:], mask_arg, tiles.tile_start, tiles.tile_end,
+                weights, tile_max, tile_sum, partial,
                 dim, hidden, h.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=mask is not None,
                 UPCAST=upcast_dots(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
@@ -246,8 +256,9 @@ class _GatedPoolTriton(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if need[0] else None
         grad_w2 = torch.zeros(k_dim, dim, dtype=torch.float32, device=dev)
         if n_tiles > 0:
+            v_score, u_score = _score_weights(h, v_weight, u_weight)
             k.gated_bwd_tile_kernel[(n_tiles,)](
-                h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, mask,
+                h, v_score, v_bias, u_score, u_bias, w_weight, w_bias, mask,
                 tile_bag, tile_start, tile_end, lse, g, bag_dot,
                 grad_weights if grad_weights is not None else grad_s,
                 dpre, a, grad_s, grad_w_partial,
