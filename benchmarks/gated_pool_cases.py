@@ -9,12 +9,13 @@ must return an ``N x D`` gradient) or not (pooling straight over stored features
 Run as a script it measures the extra peak memory of ONE forward+backward in a fresh process, so that nothing
 else shares the peak: ``python benchmarks/gated_pool_cases.py {fused|chain} N D HIDDEN {cpu|cuda} {1|0}``
 (last: whether h requires grad) prints
-``extra_peak_bytes``: CPU, the rise of the process's peak RSS (``ru_maxrss``) over its RSS just before the
-step (after a tiny warm-up step); CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the step.
+``extra_peak_bytes``: CPU, the peak of live tensor bytes allocated during the step, from torch's allocator
+events (``torch.profiler`` with ``profile_memory=True``); CUDA, ``torch.cuda.max_memory_allocated`` above the
+allocation before the step. Both count the gradient buffers the step creates (``grad_h`` when ``h`` requires
+grad, parameter grads).
 """
 from __future__ import annotations
 
-import resource
 import sys
 
 import torch
@@ -45,9 +46,24 @@ def step_chain(pool: GatedAttentionPool, h: torch.Tensor, offsets: torch.Tensor)
 STEPS = {"fused": step_fused, "chain": step_chain}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="ascii") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def _tracked_peak_bytes(step) -> int:
+    """Peak of live tensor bytes allocated by ``step()`` on the CPU, from the allocator events that
+    ``torch.profiler`` records with ``profile_memory=True`` (a tracked allocator: exact tensor bytes, no
+    library start-up or allocator caching noise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    if not events:
+        raise RuntimeError("the profiler recorded no allocator events")
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def measure_extra_peak(kind: str, n: int, dim: int, hidden: int, device: str, h_grad: bool) -> int:
@@ -60,15 +76,7 @@ def measure_extra_peak(kind: str, n: int, dim: int, hidden: int, device: str, h_
         STEPS[kind](pool, h, offsets)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    # warm up on a tiny case first: library initialisation (thread pools, JIT kernels) is not the op's memory
-    STEPS[kind](*make_case(256, dim, hidden, device, h_grad=h_grad))
-    before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    STEPS[kind](pool, h, offsets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if peak <= peak_before:
-        raise RuntimeError("the step's peak stayed below the warm-up's; use a larger case")
-    return peak - before
+    return _tracked_peak_bytes(lambda: STEPS[kind](pool, h, offsets))
 
 
 if __name__ == "__main__":

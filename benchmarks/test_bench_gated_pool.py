@@ -23,11 +23,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def _extra_peak(kind: str, n: int, dim: int, device: str, h_grad: bool) -> int:
-    out = subprocess.run(
+    proc = subprocess.run(
         [sys.executable, str(CASES), kind, str(n), str(dim), str(HIDDEN), device, "1" if h_grad else "0"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    return int(out.split("extra_peak_bytes")[1])
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({kind} {n} x {dim} on {device}):\n{proc.stderr[-3000:]}")
+    return int(proc.stdout.split("extra_peak_bytes")[1])
 
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]

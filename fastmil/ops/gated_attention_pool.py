@@ -110,8 +110,14 @@ class _GatedPoolTorch(torch.autograd.Function):
         h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets = ctx.saved_tensors
         need = ctx.needs_input_grad
         hidden = v_weight.shape[0]
-        w2 = torch.cat([v_weight, u_weight]).float()
-        b2 = torch.cat([v_bias, u_bias]).float()
+        k2 = 2 * hidden
+        # w3 = [V; U; g_b] and b3 = [bv; bu; 0]: for a chunk inside one bag, one GEMM x @ w3^T gives both
+        # pre-activations and u = h . g_b, and with the last column replaced by the weights a, one GEMM
+        # [dpre | a] @ w3 gives grad_h = dpre [V; U] + a g_b: no separate passes over x or grad_h.
+        w3 = torch.zeros(k2 + 1, h.shape[1], dtype=torch.float32, device=h.device)
+        w3[:hidden], w3[hidden:k2] = v_weight, u_weight
+        w2 = w3[:k2]
+        b3 = torch.cat([v_bias.float(), u_bias.float(), v_bias.new_zeros(1, dtype=torch.float32)])
         w_vec = w_weight[0].float()
         g = grad_pooled.float()
         bag_dot = (g * pooled).sum(-1)  # [B]: sum_i a_i (g . h_i)
@@ -120,38 +126,42 @@ class _GatedPoolTorch(torch.autograd.Function):
         bag = bag_index(offsets, h.shape[0])
         grad_h = torch.empty_like(h) if need[0] else None
         grad_w2 = torch.zeros_like(w2)
-        grad_b2 = torch.zeros_like(b2)
+        grad_b2 = torch.zeros(k2, dtype=torch.float32, device=h.device)
         grad_wv = torch.zeros_like(w_vec)
         grad_bw = torch.zeros(1, dtype=torch.float32, device=h.device)
+        row_bag = -1  # the bag whose g is in w3's last row
         for lo in range(0, h.shape[0], CHUNK_ROWS):
             hi = min(lo + CHUNK_ROWS, h.shape[0])
             x = h[lo:hi].float()
-            pre = torch.addmm(b2, x, w2.T)
-            t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:])
-            a = weights[lo:hi]
             first, last = int(bag[lo]), int(bag[hi - 1])
-            single_bag = first == last  # the common case: no [chunk, D] gather of grad_pooled rows
-            g_rows = g[first] if single_bag else g[bag[lo:hi]]
-            u = x @ g_rows if single_bag else torch.einsum("nd,nd->n", x, g_rows)
+            single_bag = first == last  # the common case; small bags share chunks and take the gather path
+            if single_bag and first != row_bag:
+                w3[k2], row_bag = g[first], first
+            pre = torch.addmm(b3, x, w3.T)  # [chunk, 2H + 1]
+            t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:k2])
+            a = weights[lo:hi]
+            g_rows = None if single_bag else g[bag[lo:hi]]
+            u = pre[:, k2] if single_bag else torch.einsum("nd,nd->n", x, g_rows)
             if grad_weights is not None:
-                u += grad_weights[lo:hi].float()
+                u = u + grad_weights[lo:hi].float()
             ds = a * (u - bag_dot[bag[lo:hi]])
             dz = ds[:, None] * w_vec[None, :]
-            # reuse `pre` as the buffer of the pre-activation grads [dpre_v | dpre_u]
+            # reuse `pre` as the buffer of [dpre_v | dpre_u | a]
             torch.mul(dz * sg, 1.0 - t * t, out=pre[:, :hidden])
-            torch.mul(dz * t, sg * (1.0 - sg), out=pre[:, hidden:])
-            grad_w2.addmm_(pre.T, x)
-            grad_b2 += pre.sum(0)
+            torch.mul(dz * t, sg * (1.0 - sg), out=pre[:, hidden:k2])
+            pre[:, k2] = a
+            dpre = pre[:, :k2]
+            grad_w2.addmm_(dpre.T, x)
+            grad_b2 += dpre.sum(0)
             grad_wv += (t * sg).T @ ds
             grad_bw += ds.sum()
             if grad_h is not None:
-                # grad_h rows = a g_b + dpre [V; U], written straight into grad_h when it is fp32
                 dh = grad_h[lo:hi] if grad_h.dtype == torch.float32 else torch.empty_like(x)
                 if single_bag:
-                    torch.outer(a, g_rows, out=dh)
+                    torch.mm(pre, w3, out=dh)
                 else:
                     torch.mul(g_rows, a[:, None], out=dh)
-                dh.addmm_(pre, w2)
+                    dh.addmm_(dpre, w2)
                 if dh.data_ptr() != grad_h[lo:hi].data_ptr():
                     grad_h[lo:hi] = dh
         return (
