@@ -246,9 +246,9 @@ def pool_fwd_tile_kernel(
     head_ok = heads < H
     ok = valid[:, None] & head_ok[None, :]
     s = tl.load(scores_ptr + start * stride_s + local[:, None] * stride_s + heads[None, :], mask=ok, other=0.0)
-    m, p, l = _tile_softmax_stats(s.to(tl.float32), ok)
+    m, p, l_sum = _tile_softmax_stats(s.to(tl.float32), ok)
     tl.store(tile_max_ptr + t * H + heads, m, mask=head_ok)
-    tl.store(tile_sum_ptr + t * H + heads, l, mask=head_ok)
+    tl.store(tile_sum_ptr + t * H + heads, l_sum, mask=head_ok)
     p_t = tl.trans(p)  # [H_PAD, BLOCK_N]
     v_base = values_ptr + start * stride_v
     out_base = partial_ptr + t.to(tl.int64) * H * D
@@ -281,9 +281,9 @@ def gated_fwd_tile_kernel(
         BLOCK_N, BLOCK_D, HID_PAD, False, UPCAST, DOT_PRECISION,
     )
     tl.store(scores_ptr + start + local, s, mask=in_bag)
-    m, p, l = _tile_softmax_stats(s, valid)
+    m, p, l_sum = _tile_softmax_stats(s, valid)
     tl.store(tile_max_ptr + t, m)
-    tl.store(tile_sum_ptr + t, l)
+    tl.store(tile_sum_ptr + t, l_sum)
     out_base = partial_ptr + t.to(tl.int64) * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

@@ -187,6 +187,9 @@ def test_bad_inputs():
         gated_attention_pool(h, *params, offsets, torch.ones(4))
     with pytest.raises(TypeError, match="fp32/fp16/bf16"):
         gated_attention_pool(h.double(), *params, offsets, backend="triton")
+    for bad in ([0, 5], [1, 4], [0, 3, 2, 4]):  # past the end, not starting at 0, decreasing
+        with pytest.raises(ValueError, match="offsets must start at 0"):
+            gated_attention_pool(h, *params, torch.tensor(bad), backend="triton")
     big = [torch.zeros(257, DIM), torch.zeros(257), torch.zeros(257, DIM), torch.zeros(257), torch.zeros(1, 257),
            torch.zeros(1)]
     with pytest.raises(ValueError, match="hidden_dim <= 256"):

@@ -28,10 +28,18 @@ class TileTable:
         return int(self.tile_bag.numel())
 
 
-def build_tiles(offsets: torch.Tensor, block_n: int, device: torch.device) -> TileTable:
-    """Tile table for ``offsets`` (int64 ``[B+1]``); an empty bag gets no tile."""
+def build_tiles(offsets: torch.Tensor, n_rows: int, block_n: int, device: torch.device) -> TileTable:
+    """Tile table for ``offsets`` (int64 ``[B+1]``) over ``n_rows`` rows; an empty bag gets no tile.
+
+    Raises ValueError unless ``offsets`` starts at 0, never decreases and ends at ``n_rows``: the kernels
+    address memory through these row ranges, so bad offsets must never reach them."""
     off = offsets.detach().to("cpu", torch.int64)
     sizes = off[1:] - off[:-1]
+    if int(off[0]) != 0 or int(off[-1]) != n_rows or bool((sizes < 0).any()):
+        raise ValueError(
+            f"offsets must start at 0, be non-decreasing and end at N = {n_rows}; "
+            f"got first {int(off[0])}, last {int(off[-1])}, {int((sizes < 0).sum())} decreasing steps"
+        )
     per_bag = (sizes + block_n - 1) // block_n
     bag_tiles = torch.zeros(off.numel(), dtype=torch.int64)
     torch.cumsum(per_bag, 0, out=bag_tiles[1:])

@@ -20,15 +20,17 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._tiles import build_tiles
-
-MAX_HEADS = 32  # = fastmil.kernels.attention_pool.MAX_HEADS (kept here so that torch-only use never imports triton)
+from ._tiles import TileTable, build_tiles
 from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum
 
 __all__ = [
-    "attention_pool", "attention_pool_reference", "bag_index", "merge_and_normalize", "pool_per_bag",
+    "MAX_HEADS", "attention_pool", "attention_pool_reference", "bag_index", "merge_and_normalize", "pool_per_bag",
     "segment_softmax",
 ]
+
+MAX_HEADS = 32
+"""Heads the Triton path supports (= ``fastmil.kernels.attention_pool.MAX_HEADS``, repeated here so that
+torch-only use never imports triton)."""
 
 
 def _check_inputs(scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -144,7 +146,7 @@ class _AttentionPoolTorch(torch.autograd.Function):
 
 
 def merge_and_normalize(
-    tile_max: torch.Tensor, tile_sum: torch.Tensor, partial: torch.Tensor, tiles, scores: torch.Tensor,
+    tile_max: torch.Tensor, tile_sum: torch.Tensor, partial: torch.Tensor, tiles: TileTable, scores: torch.Tensor,
     mask: torch.Tensor | None, pooled: torch.Tensor, lse: torch.Tensor, weights: torch.Tensor,
     *, block_n: int, h_pad: int,
 ) -> None:
@@ -182,7 +184,7 @@ class _AttentionPoolTriton(torch.autograd.Function):
         dev = values.device
         scores = scores.contiguous()
         values = values if values.stride(1) == 1 else values.contiguous()
-        tiles = build_tiles(offsets, cfg.block_n, dev)
+        tiles = build_tiles(offsets, n, cfg.block_n, dev)
         n_tiles = tiles.n_tiles
         pooled = torch.zeros(n_bags, heads, dim, dtype=torch.float32, device=dev)
         lse = torch.full((n_bags, heads), float("inf"), dtype=torch.float32, device=dev)

@@ -19,8 +19,9 @@ log-sum-exp), and backward recomputes the gated activations from ``h``.
   + ``grad_h = a g + dpre [V; U]`` + a split-N weight-grad GEMM ``dpre^T h`` whose per-split partials are
   summed in a fixed order (deterministic, no atomics). ``dpre`` (``N x 2 HID`` fp32) lives only inside
   backward: the weight gradients are a reduction over all rows that needs it as a GEMM operand.
-- **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``; V and U
-  run as one fused ``[2 HID, D]`` GEMM, ``grad_h`` is written chunk by chunk into one preallocated buffer.
+- **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``. V and U
+  run as one ``[2 HID, D]`` GEMM; in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute
+  GEMM also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written straight into ``grad_h``.
   Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ CHUNK_ROWS = 2048
 """Rows per chunk of the torch path (bounds its working memory; large enough for efficient GEMMs)."""
 MAX_HIDDEN = 256
 """Largest ``hidden_dim`` of the Triton path (= ``fastmil.kernels.attention_pool.MAX_HIDDEN``)."""
+
 
 def _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask) -> None:
     if h.dim() != 2:
@@ -210,7 +212,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         h = h if h.stride(1) == 1 else h.contiguous()
         params = [p.contiguous() for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
         v_score, u_score = _score_weights(h, params[0], params[2])
-        tiles = build_tiles(offsets, cfg.block_n, dev)
+        tiles = build_tiles(offsets, n, cfg.block_n, dev)
         n_tiles, n_bags = tiles.n_tiles, offsets.numel() - 1
         pooled = torch.zeros(n_bags, dim, dtype=torch.float32, device=dev)
         lse = torch.full((n_bags,), float("inf"), dtype=torch.float32, device=dev)
