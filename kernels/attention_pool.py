@@ -31,10 +31,11 @@ is a GEMM over a materialised ``dpre`` (``8 * HID`` bytes per row, vs ``2 * D`` 
 The forward never writes an ``N x HID`` tensor.
 
 Precision: every load is cast to fp32 before elementwise arithmetic; reductions and accumulators are fp32.
-``UPCAST`` (constexpr) also casts ``tl.dot`` operands to fp32; the launcher sets it for fp32 inputs and under
-``TRITON_INTERPRET=1`` (whose bf16 arithmetic is wrong). On a GPU with fp16/bf16 inputs the gated score GEMM
-runs on tensor cores in the input dtype with fp32 accumulation, like ``torch.autocast``. ``DOT_PRECISION``
-(constexpr ``"ieee"`` or ``"tf32"``) selects the fp32 ``tl.dot`` mode.
+``UPCAST`` (constexpr) also casts the score GEMM's ``tl.dot`` operands to fp32; the launcher sets it for fp32
+inputs, and for bf16 under ``TRITON_INTERPRET=1`` (whose bf16 arithmetic is wrong). Otherwise (fp16/bf16 on a
+GPU, fp16 in the interpreter) the gated score GEMM runs in the input dtype with fp32 accumulation, like
+``torch.autocast``, with V and U passed in that dtype. ``DOT_PRECISION`` (constexpr ``"ieee"``, ``"tf32"`` or
+``"tf32x3"``) selects the mode of the fp32 ``tl.dot`` products.
 
 This file holds kernels and their launch-configuration helpers only; autograd lives in ``fastmil/ops``.
 """
