@@ -135,13 +135,13 @@ def all_specs() -> list[KernelSpec]:
         cfg = k.gated_bwd_config(hid_pad, dt == "fp32")
         for flags in _flags(HAS_MASK=(False, True), HAS_GRAD_WEIGHTS=(False, True)):
             ptr = {"h_ptr": f"*{dt}", **params, **index, "lse_ptr": f32, "grad_pooled_ptr": f32,
-                   "bag_dot_ptr": f32, "grad_weights_ptr": f32, "dpre_ptr": f32, "a_ptr": f32,
+                   "bag_dot_ptr": f32, "grad_weights_ptr": f32, "dpre_ptr": f32,
                    "grad_s_ptr": f32, "grad_w_partial_ptr": f32}
             add("gated_bwd_tile_kernel", ptr, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, **flags,
                                                    UPCAST=upcast, DOT_PRECISION=prec), cfg)
         gemm = {"BLOCK_K": k.gemm_block_k(hid_pad), "K": 2 * hid_pad, "DOT_PRECISION": prec}
         cfg = k.grad_h_config(hid_pad, dt == "fp32")
-        add("grad_h_kernel", {"dpre_ptr": f32, "w2_ptr": f32, "a_ptr": f32, "grad_pooled_ptr": f32, **index,
+        add("grad_h_kernel", {"dpre_ptr": f32, "w2_ptr": f32, "weights_ptr": f32, "grad_pooled_ptr": f32, **index,
                               "grad_h_ptr": f"*{dt}"}, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **gemm), cfg)
         cfg = k.weight_grad_config(hid_pad)
         add("weight_grad_kernel", {"dpre_ptr": f32, "h_ptr": f"*{dt}", "partial_ptr": f32},

@@ -409,7 +409,7 @@ def gated_bwd_tile_kernel(
     h_ptr, vw_ptr, vb_ptr, uw_ptr, ub_ptr, ww_ptr, wb_ptr, mask_ptr,
     tile_bag_ptr, tile_start_ptr, tile_end_ptr,
     lse_ptr, grad_pooled_ptr, bag_dot_ptr, grad_weights_ptr,
-    dpre_ptr, a_ptr, grad_s_ptr, grad_w_partial_ptr,
+    dpre_ptr, grad_s_ptr, grad_w_partial_ptr,
     D, HIDDEN, stride_h,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HID_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -419,7 +419,7 @@ def gated_bwd_tile_kernel(
     ``dz = ds w``, ``dpre_v = dz sg (1 - t^2)``, ``dpre_u = dz t sg (1 - sg)``.
 
     Writes ``dpre [N, 2 * HID_PAD]`` fp32 (``[dpre_v | dpre_u]``, 0 on masked rows and padded units),
-    ``a [N]`` fp32 (the recomputed weights, for the ``a g_b`` term of ``grad_h``), ``grad_s [N]`` fp32 and
+    ``grad_s [N]`` fp32 and
     ``grad_w_partial[t] = sum_i ds_i (t_i * sg_i)`` ``[T, HID_PAD]`` fp32. ``grad_h`` and the V/U weight grads
     are GEMMs over ``dpre`` (``grad_h_kernel``, ``weight_grad_kernel``)."""
     t_id = tl.program_id(0)
@@ -438,7 +438,6 @@ def gated_bwd_tile_kernel(
     hid = tl.arange(0, HID_PAD)
     w = tl.load(ww_ptr + hid, mask=hid < HIDDEN, other=0.0).to(tl.float32)
     dz = ds[:, None] * w[None, :]
-    tl.store(a_ptr + start + local, a, mask=in_bag)
     tl.store(grad_s_ptr + start + local, ds, mask=in_bag)
     tl.store(grad_w_partial_ptr + t_id.to(tl.int64) * HID_PAD + hid, tl.sum(ds[:, None] * t * sg, axis=0))
     dpre_base = dpre_ptr + start * (2 * HID_PAD) + local[:, None] * (2 * HID_PAD) + hid[None, :]
@@ -448,13 +447,14 @@ def gated_bwd_tile_kernel(
 
 @triton.jit
 def grad_h_kernel(
-    dpre_ptr, w2_ptr, a_ptr, grad_pooled_ptr, tile_bag_ptr, tile_start_ptr, tile_end_ptr, grad_h_ptr,
+    dpre_ptr, w2_ptr, weights_ptr, grad_pooled_ptr, tile_bag_ptr, tile_start_ptr, tile_end_ptr, grad_h_ptr,
     D, stride_h,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid ``(T, cdiv(D, BLOCK_D))``. ``grad_h[rows, cols] = a_i g_b[cols] + dpre[rows] @ w2[:, cols]`` for the
-    rows of tile ``t`` (bag ``b``), with ``dpre [N, K]`` fp32 and ``w2 = [V; U]`` zero-padded to ``[K, D]`` fp32,
+    rows of tile ``t`` (bag ``b``), with ``a = weights [N]`` fp32 (the forward's), ``dpre [N, K]`` fp32 and
+    ``w2 = [V; U]`` zero-padded to ``[K, D]`` fp32,
     ``K = 2 * HID_PAD``. A plain GEMM with a K loop: register use does not grow with the hidden size."""
     t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -462,7 +462,7 @@ def grad_h_kernel(
     b = tl.load(tile_bag_ptr + t).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    a = tl.load(a_ptr + start + local, mask=in_bag, other=0.0)
+    a = tl.load(weights_ptr + start + local, mask=in_bag, other=0.0)
     g = tl.load(grad_pooled_ptr + b * D + cols, mask=col_ok, other=0.0)
     acc = a[:, None] * g[None, :]
     ks = tl.arange(0, BLOCK_K)

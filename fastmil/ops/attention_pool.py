@@ -24,7 +24,8 @@ from ._tiles import TileTable, build_tiles
 from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum
 
 __all__ = [
-    "MAX_HEADS", "attention_pool", "attention_pool_reference", "bag_index", "merge_and_normalize", "pool_per_bag",
+    "MAX_HEADS", "attention_pool", "attention_pool_reference", "bag_grad_dot", "bag_index", "merge_and_normalize",
+    "pool_per_bag",
     "segment_softmax",
 ]
 
@@ -145,6 +146,19 @@ class _AttentionPoolTorch(torch.autograd.Function):
         return grad_scores, grad_values, None, None
 
 
+def bag_grad_dot(
+    g: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, grad_weights: torch.Tensor | None,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """``c_b = sum_i a_i u_i`` of the softmax backward ``grad_s_i = a_i (u_i - c_b)``, where
+    ``u_i = g_b . v_i (+ grad_weights_i)``: ``g_b . pooled_b (+ sum_i a_i grad_weights_i)``, fp32 ``[B]`` or
+    ``[B, H]`` for ``g``/``pooled`` ``[B, (H,) D]`` and ``weights [N, (H)]``."""
+    c = (g.float() * pooled).sum(-1)
+    if grad_weights is not None:
+        c = c + segment_sum(weights * grad_weights.float(), offsets)
+    return c
+
+
 def merge_and_normalize(
     tile_max: torch.Tensor, tile_sum: torch.Tensor, partial: torch.Tensor, tiles: TileTable, scores: torch.Tensor,
     mask: torch.Tensor | None, pooled: torch.Tensor, lse: torch.Tensor, weights: torch.Tensor,
@@ -217,10 +231,9 @@ class _AttentionPoolTriton(torch.autograd.Function):
         h_pad = k.pow2_at_least(heads)
         cfg = k.pool_config(h_pad, values.dtype == torch.float32)
         g = grad_pooled.float().contiguous()
-        bag_dot = (g * pooled).sum(-1)  # [B, H]: sum_i a_i (g . v_i) = g . pooled
+        bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         if grad_weights is not None:
             grad_weights = grad_weights.float().contiguous()
-            bag_dot = bag_dot + segment_sum(weights * grad_weights, offsets)
         grad_scores = torch.zeros(n, heads, dtype=torch.float32, device=values.device)
         grad_values = torch.zeros_like(values) if need_values else None
         n_tiles = tile_bag.numel()

@@ -30,8 +30,8 @@ import torch
 
 from ._backend import resolve_backend
 from ._tiles import build_tiles
-from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, segment_sum, upcast_dots
-from .attention_pool import bag_index, merge_and_normalize, pool_per_bag, segment_softmax
+from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, upcast_dots
+from .attention_pool import bag_grad_dot, bag_index, merge_and_normalize, pool_per_bag, segment_softmax
 
 __all__ = ["CHUNK_ROWS", "MAX_HIDDEN", "gated_attention_pool", "gated_attention_pool_reference"]
 
@@ -122,9 +122,7 @@ class _GatedPoolTorch(torch.autograd.Function):
         b3 = torch.cat([v_bias.float(), u_bias.float(), v_bias.new_zeros(1, dtype=torch.float32)])
         w_vec = w_weight[0].float()
         g = grad_pooled.float()
-        bag_dot = (g * pooled).sum(-1)  # [B]: sum_i a_i (g . h_i)
-        if grad_weights is not None:
-            bag_dot = bag_dot + segment_sum(weights * grad_weights.float(), offsets)
+        bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         bag = bag_index(offsets, h.shape[0])
         grad_h = torch.empty_like(h) if need[0] else None
         grad_w2 = torch.zeros_like(w2)
@@ -256,13 +254,11 @@ class _GatedPoolTriton(torch.autograd.Function):
         dev = h.device
         precision = dot_precision(h.dtype)
         g = grad_pooled.float().contiguous()
-        bag_dot = (g * pooled).sum(-1)
+        bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         if grad_weights is not None:
             grad_weights = grad_weights.float().contiguous()
-            bag_dot = bag_dot + segment_sum(weights * grad_weights, offsets)
         n_tiles = tile_bag.numel()
         dpre = torch.zeros(n, k_dim, dtype=torch.float32, device=dev)  # [dpre_v | dpre_u], padded units 0
-        a = torch.zeros(n, dtype=torch.float32, device=dev)
         grad_s = torch.zeros(n, dtype=torch.float32, device=dev)
         grad_w_partial = torch.zeros(max(n_tiles, 1), hid_pad, dtype=torch.float32, device=dev)
         grad_h = torch.zeros_like(h) if need[0] else None
@@ -273,7 +269,7 @@ class _GatedPoolTriton(torch.autograd.Function):
                 h, v_score, v_bias, u_score, u_bias, w_weight, w_bias, mask,
                 tile_bag, tile_start, tile_end, lse, g, bag_dot,
                 grad_weights if grad_weights is not None else grad_s,
-                dpre, a, grad_s, grad_w_partial,
+                dpre, grad_s, grad_w_partial,
                 dim, hidden, h.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=ctx.has_mask,
                 HAS_GRAD_WEIGHTS=grad_weights is not None, UPCAST=upcast_dots(h.dtype), DOT_PRECISION=precision,
@@ -284,7 +280,7 @@ class _GatedPoolTriton(torch.autograd.Function):
                 w2[:hidden] = v_weight
                 w2[hid_pad : hid_pad + hidden] = u_weight
                 k.grad_h_kernel[(n_tiles, cdiv(dim, hcfg.block_d))](
-                    dpre, w2, a, g, tile_bag, tile_start, tile_end, grad_h, dim, h.stride(0),
+                    dpre, w2, weights, g, tile_bag, tile_start, tile_end, grad_h, dim, h.stride(0),
                     BLOCK_N=hcfg.block_n, BLOCK_D=hcfg.block_d, BLOCK_K=block_k, K=k_dim, DOT_PRECISION=precision,
                     num_warps=hcfg.num_warps, num_stages=hcfg.num_stages,
                 )
