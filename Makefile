@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fastmil-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench aot clean
+.PHONY: venv demo test bench aot aot-triton lint clean
 
 venv: $(STAMP)
 
@@ -31,11 +31,33 @@ bench: $(STAMP)
 		--benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
 	$(PY) benchmarks/report.py bench_out/bench.json
 
-# Ahead-of-time compile of every Triton kernel specialisation for sm_80 and sm_90, no GPU needed; fails on any
-# register spill or shared-memory overflow. TRITON_INTERPRET must not reach the compiler process.
+# Ahead-of-time compile of every Triton kernel specialisation the launchers can produce, for sm_80 and sm_90, no
+# GPU needed, on every triton release fastmil declares (kernels/limits.py CHECKED_TRITON, pyproject's range); fails
+# on any register spill, shared-memory overflow or compile error. A release other than the one in .venv gets a
+# venv of its own (.venv-aot-triton-X: the CPU torch wheel + that triton). TRITON_INTERPRET must not reach it.
+AOT_TRITON ?= 3.8.0 3.9.0
+
 aot: $(STAMP)
 	mkdir -p bench_out
-	env -u TRITON_INTERPRET $(PY) -m fastmil.aot --targets 80,90 --json bench_out/aot.json
+	@set -e; for v in $(AOT_TRITON); do $(MAKE) --no-print-directory aot-triton TRITON=$$v; done
+	$(PY) -m fastmil.aot --matrix $(foreach v,$(AOT_TRITON),bench_out/aot-triton-$(v).json)
+
+aot-triton: $(STAMP)
+	@set -e; py=$(PY); \
+	if [ "$$($(PY) -c 'import importlib.metadata as m; print(m.version("triton"))')" != "$(TRITON)" ]; then \
+		venv=.venv-aot-triton-$(TRITON); py=$$venv/bin/python; \
+		if [ ! -f $$venv/.installed ]; then \
+			$(PYTHON) -m venv $$venv; \
+			$$py -m pip install --quiet --upgrade pip; \
+			$$py -m pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON)" numpy; \
+			$$py -m pip install --quiet --no-deps -e .; \
+			touch $$venv/.installed; \
+		fi; \
+	fi; \
+	env -u TRITON_INTERPRET $$py -m fastmil.aot --targets 80,90 --json bench_out/aot-triton-$(TRITON).json
+
+lint: $(STAMP)
+	$(PY) -m ruff check fastmil kernels tests benchmarks ray_jobs
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) bench_out .pytest_cache
+	rm -rf $(VENV) .venv-aot-triton-* $(DEMO_OUT) bench_out .pytest_cache

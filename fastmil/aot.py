@@ -1,26 +1,35 @@
 """Ahead-of-time compile checks for every fastmil Triton kernel, without a GPU (``make aot``).
 
-Every kernel is compiled with ``triton.compile`` for every specialisation its launcher can pick (dtypes, block
-configs, ``H_PAD``/``HID_PAD``, boolean feature flags, fp32 dot precision) and for each target (sm_80 = A100,
-sm_90 = H100/H200). The PTX is assembled with the ptxas bundled in the triton wheel (the one triton itself uses
-for that target) with ``-v``, and a table of registers, spilled bytes and shared memory is printed. The run fails
-(exit 1) on any spill, on shared memory above the target's per-block limit, or on a compile error.
+Discovery: every module of ``fastmil.kernels`` that defines ``aot_launches()`` is a kernel family; that
+function yields :class:`fastmil.kernels._launch.Launch` objects built by the *same* launch functions the ops
+run, over representative arguments (dtypes, feature widths, row layouts, masks, heads/hidden sizes). Adding a
+kernel means adding files, not editing this module.
 
-Pointers are compiled with the 16-byte alignment hint that every fresh torch allocation gets at run time; integer
-arguments without divisibility hints (the general case; D and strides that are multiples of 16 only make the
-code simpler).
+Specialisation: each launch goes through Triton's own argument binder (the code ``JITFunction.run`` executes
+before compiling), so integer arguments divisible by 16 get the divisibility hint, integers equal to 1 become
+constants, bool tensors are ``*u1``, unaligned pointers lose the alignment hint and ``num_stages`` is what the
+launch states. Launches that specialise identically are compiled once. Both fp32 TF32 settings
+(``torch.backends.cuda.matmul.allow_tf32``) are covered.
 
-``TRITON_INTERPRET`` must be unset for this process (the interpreter replaces the compiler); this module removes
-it from its own environment before importing triton and refuses to run if triton was already imported with it.
+Each specialisation is compiled for each target (sm_80 = A100, sm_90 = H100/H200); the PTX is assembled with the
+ptxas bundled in the triton wheel with ``-v``. The run fails (exit 1) on any register spill, on shared memory
+above the target's per-block limit, or on a compile error. Results are cached per triton version and kernel
+source in ``--cache`` (default ``bench_out/aot-cache.json``), so re-runs recompile only what changed.
 
-Usage: ``python -m fastmil.aot [--targets 80,90] [--kernel NAME] [--jobs N] [--json PATH]``.
+``TRITON_INTERPRET`` must be unset for this process (the interpreter replaces the compiler).
+
+Usage: ``python -m fastmil.aot [--targets 80,90] [--kernel NAME] [--jobs N] [--json PATH] [--verbose]``;
+``python -m fastmil.aot --matrix bench_out/aot-triton-*.json`` prints the per-release table of ``make aot``.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
+import importlib
 import json
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,35 +37,52 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Iterable
 
-__all__ = ["SHARED_LIMIT", "CompileResult", "KernelSpec", "all_specs", "compile_spec", "main"]
+__all__ = ["SHARED_LIMIT", "CompileResult", "Specialisation", "collect_specialisations", "compile_specialisation",
+           "kernel_modules", "main", "specialise"]
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 """Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB (CUDA programming guide)."""
 
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-
 
 @dataclass(frozen=True)
-class KernelSpec:
-    """One specialisation: kernel name, pointer types by argument name, constexprs, launch options."""
+class Specialisation:
+    """One compiled variant of a kernel, as Triton's binder derives it from a launch's arguments."""
 
+    module: str
     kernel: str
-    pointers: tuple[tuple[str, str], ...]
-    constexprs: tuple[tuple[str, object], ...]
+    signature: tuple[tuple[str, str], ...]  # parameter name -> Triton type ("*fp16", "i32", "constexpr")
+    constants: tuple[tuple[str, Any], ...]  # parameter name -> constexpr value (incl. ints specialised to 1)
+    attrs: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]  # parameter name -> compiler attributes
     num_warps: int
     num_stages: int
 
     @property
+    def divisible(self) -> tuple[str, ...]:
+        """Parameters with Triton's divisibility-by-16 hint (pointers: 16-byte alignment)."""
+        return tuple(name for name, attrs in self.attrs if ("tt.divisibility", 16) in attrs)
+
+    @property
     def label(self) -> str:
-        ptr = dict(self.pointers)
-        dtype = next((ptr[k] for k in ("h_ptr", "values_ptr", "scores_ptr", "dpre_ptr") if k in ptr), "-")
-        consts = " ".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{dtype.lstrip('*')} {consts} w{self.num_warps}s{self.num_stages}"
+        """A compact description: main dtype, the runtime-specialised arguments, the constexprs, warps/stages."""
+        sig = dict(self.signature)
+        main_ptr = next((n for n in ("h_ptr", "values_ptr", "scores_ptr", "dpre_ptr", "tile_max_ptr") if n in sig), None)
+        dtype = sig[main_ptr].lstrip("*") if main_ptr else "-"
+        ints = [n for n, t in self.signature if t[0] in "iu" and not n.endswith("_ptr")]
+        consts = dict(self.constants)
+        runtime = [f"{n}={consts[n]}" if n in consts else (f"{n}%16" if n in self.divisible else n) for n in ints]
+        ptrs = [n for n, t in self.signature if t.startswith("*")]
+        unaligned = [n.removesuffix("_ptr") for n in ptrs if n not in self.divisible]
+        flags = " ".join(f"{k}={v}" for k, v in self.constants if k.isupper())
+        misaligned = f" unaligned({','.join(unaligned)})" if unaligned else ""
+        mask = f" mask={sig['mask_ptr'].lstrip('*')}" if "mask_ptr" in sig else ""
+        return f"{dtype}{mask} [{' '.join(runtime)}]{misaligned} {flags} w{self.num_warps}s{self.num_stages}"
 
 
 @dataclass
 class CompileResult:
+    module: str
     kernel: str
     config: str
     target: int
@@ -64,95 +90,90 @@ class CompileResult:
     spill_bytes: int = -1
     shared_bytes: int = -1
     seconds: float = 0.0
+    cached: bool = False
     error: str = ""
     problems: list[str] = field(default_factory=list)
 
 
-def _flags(**choices: tuple) -> list[dict]:
-    keys = list(choices)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(choices[k] for k in keys))]
+# ----------------------------------------------------------------------------------------------------------------
+# discovery and specialisation (main process)
+# ----------------------------------------------------------------------------------------------------------------
+def kernel_modules() -> list[Any]:
+    """Every module of ``fastmil.kernels`` that declares ``aot_launches()``."""
+    import fastmil.kernels as pkg
+
+    found = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if callable(getattr(module, "aot_launches", None)):
+            found.append(module)
+    return found
 
 
-def _dtype_precisions() -> list[tuple[str, str, bool]]:
-    """(dtype, DOT_PRECISION, UPCAST) as chosen by ``fastmil.ops._triton`` on a GPU: fp32 takes tf32x3, or tf32
-    when ``torch.backends.cuda.matmul.allow_tf32`` is set; fp16/bf16 take tf32 and native-dtype score GEMMs."""
-    return [("fp32", "tf32x3", True), ("fp32", "tf32", True), ("fp16", "tf32", False), ("bf16", "tf32", False)]
+def jit_kernels(module: Any) -> set[str]:
+    """Names of the ``@triton.jit`` kernels (``*_kernel``) defined in ``module`` itself."""
+    return {
+        name for name, obj in vars(module).items()
+        if name.endswith("_kernel") and hasattr(obj, "arg_names") and getattr(obj, "__module__", None) == module.__name__
+    }
 
 
-def all_specs() -> list[KernelSpec]:
-    """Every specialisation the launchers in ``fastmil.ops`` can request."""
-    from fastmil.kernels import attention_pool as k
+def _runtime_kwargs(fn: Any, launch: Any) -> dict:
+    """The keyword arguments ``JITFunction.run`` hands to the binder for this launch."""
+    from triton import knobs
 
-    specs: list[KernelSpec] = []
-
-    def add(kernel: str, pointers: dict, consts: dict, cfg) -> None:
-        args = getattr(k, kernel).arg_names
-        pointers = {name: ty for name, ty in pointers.items() if name in args}  # `index` lists every kernel's
-        specs.append(KernelSpec(kernel, tuple(pointers.items()), tuple(consts.items()), cfg.num_warps, cfg.num_stages))
-
-    index = {"tile_bag_ptr": "*i32", "tile_start_ptr": "*i64", "tile_end_ptr": "*i64", "mask_ptr": "*i1"}
-    f32 = "*fp32"
-    # given-scores attention_pool: values dtype x scores dtype x heads
-    for (vdt, prec, _), sdt, h_pad in itertools.product(_dtype_precisions(), DTYPES, (16, 32)):
-        cfg = k.pool_config(h_pad, vdt == "fp32")
-        for flags in _flags(HAS_MASK=(False, True)):
-            ptr = {"scores_ptr": f"*{sdt}", "values_ptr": f"*{vdt}", **index, "tile_max_ptr": f32,
-                   "tile_sum_ptr": f32, "partial_ptr": f32}
-            add("pool_fwd_tile_kernel", ptr, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, H_PAD=h_pad, **flags,
-                                                  DOT_PRECISION=prec), cfg)
-    for (vdt, prec, _), h_pad in itertools.product(_dtype_precisions(), (16, 32)):
-        cfg = k.pool_config(h_pad, vdt == "fp32")
-        for flags in _flags(HAS_GRAD_WEIGHTS=(False, True), NEED_GRAD_VALUES=(False, True)):
-            ptr = {"values_ptr": f"*{vdt}", "weights_ptr": f32, "grad_pooled_ptr": f32, "bag_dot_ptr": f32,
-                   "grad_weights_ptr": f32, **index, "grad_scores_ptr": f32, "grad_values_ptr": f"*{vdt}"}
-            add("pool_bwd_tile_kernel", ptr, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, H_PAD=h_pad, **flags,
-                                                  DOT_PRECISION=prec), cfg)
-    for sdt, h_pad in itertools.product(DTYPES, (1, 16, 32)):
-        if h_pad == 1 and sdt != "fp32":
-            continue  # H_PAD=1 is the gated op's in-place pass over fp32 raw scores
-        if h_pad == 1:  # the gated op launches it with its own tile size
-            block_ns = {k.gated_fwd_config(p, f).block_n for p in (16, 32, 64, 128, 256) for f in (False, True)}
-        else:  # the values dtype picks the tile size
-            block_ns = {k.pool_config(h_pad, f).block_n for f in (False, True)}
-        for bn, flags in itertools.product(sorted(block_ns), _flags(HAS_MASK=(False, True))):
-            ptr = {"scores_ptr": f"*{sdt}", **index, "lse_ptr": f32, "weights_ptr": f32}
-            add("normalize_weights_kernel", ptr, dict(BLOCK_N=bn, H_PAD=h_pad, **flags), k.KernelConfig(bn, 0, 4, 2))
-    mcfg = k.merge_config()
-    add("merge_tiles_kernel", {"tile_max_ptr": f32, "tile_sum_ptr": f32, "partial_ptr": f32,
-                               "bag_tiles_ptr": "*i64", "pooled_ptr": f32, "lse_ptr": f32},
-        {"BLOCK_T": mcfg.block_n, "BLOCK_D": mcfg.block_d}, mcfg)
-    # fused gated pooling
-    for (dt, prec, upcast), hid_pad in itertools.product(_dtype_precisions(), (16, 32, 64, 128, 256)):
-        # V and U arrive in the score GEMM's dtype (fastmil.ops.gated_attention_pool._score_weights)
-        score_w = f32 if upcast else f"*{dt}"
-        params = {"vw_ptr": score_w, "vb_ptr": f32, "uw_ptr": score_w, "ub_ptr": f32, "ww_ptr": f32, "wb_ptr": f32}
-        cfg = k.gated_fwd_config(hid_pad, dt == "fp32")
-        for flags in _flags(HAS_MASK=(False, True)):
-            ptr = {"h_ptr": f"*{dt}", **params, **index, "scores_ptr": f32, "tile_max_ptr": f32,
-                   "tile_sum_ptr": f32, "partial_ptr": f32}
-            add("gated_fwd_tile_kernel", ptr, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, **flags,
-                                                   UPCAST=upcast, DOT_PRECISION=prec), cfg)
-        cfg = k.gated_bwd_config(hid_pad, dt == "fp32")
-        for flags in _flags(HAS_MASK=(False, True), HAS_GRAD_WEIGHTS=(False, True)):
-            ptr = {"h_ptr": f"*{dt}", **params, **index, "lse_ptr": f32, "grad_pooled_ptr": f32,
-                   "bag_dot_ptr": f32, "grad_weights_ptr": f32, "dpre_ptr": f32,
-                   "grad_s_ptr": f32, "grad_w_partial_ptr": f32}
-            add("gated_bwd_tile_kernel", ptr, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, **flags,
-                                                   UPCAST=upcast, DOT_PRECISION=prec), cfg)
-        gemm = {"BLOCK_K": k.gemm_block_k(hid_pad), "K": 2 * hid_pad, "DOT_PRECISION": prec}
-        cfg = k.grad_h_config(hid_pad, dt == "fp32")
-        add("grad_h_kernel", {"dpre_ptr": f32, "w2_ptr": f32, "weights_ptr": f32, "grad_pooled_ptr": f32, **index,
-                              "grad_h_ptr": f"*{dt}"}, dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **gemm), cfg)
-        cfg = k.weight_grad_config(hid_pad)
-        add("weight_grad_kernel", {"dpre_ptr": f32, "h_ptr": f"*{dt}", "partial_ptr": f32},
-            dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **gemm), cfg)
-    return specs
+    kwargs = {**launch.args, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.9
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return kwargs
 
 
+def specialise(launch: Any, backend: Any) -> Specialisation:
+    """The specialisation Triton's runtime would compile for ``launch`` (its binder, its ``_pack_args``)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = _runtime_kwargs(fn, launch)
+    bound, spec, options = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    names = list(fn.arg_names)
+    constants = tuple((names[path[0]], value) for path, value in sorted(constexprs.items()))
+    exact_attrs = tuple((names[path[0]], tuple(tuple(a) for a in values)) for path, values in sorted(attrs.items()))
+    return Specialisation(
+        module=fn.__module__, kernel=fn.__name__, signature=tuple((n, signature[n]) for n in names),
+        constants=constants, attrs=exact_attrs, num_warps=options.num_warps, num_stages=options.num_stages,
+    )
+
+
+def collect_specialisations(kernel_filter: str | None = None) -> list[Specialisation]:
+    """Distinct specialisations of every discovered launch, under both fp32 TF32 settings, in discovery order."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # argument specialisation does not depend on the arch
+    seen: dict[Specialisation, None] = {}
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow_tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            for module in kernel_modules():
+                for launch in module.aot_launches():
+                    if kernel_filter is None or kernel_filter in launch.name:
+                        seen.setdefault(specialise(launch, backend), None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return list(seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compilation (worker processes)
+# ----------------------------------------------------------------------------------------------------------------
 def _parse_ptxas(log: str) -> tuple[int, int]:
     """(registers, spilled bytes = spill stores + spill loads) from ``ptxas -v`` output."""
-    import re
-
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spills is None:
@@ -160,39 +181,24 @@ def _parse_ptxas(log: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def compile_spec(spec: KernelSpec, capability: int) -> CompileResult:
-    """Compile one specialisation for ``sm_<capability>`` and measure it (runs in a worker process)."""
+def compile_specialisation(spec: Specialisation, capability: int) -> CompileResult:
+    """Compile one specialisation for ``sm_<capability>`` and measure registers, spills and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
-    from fastmil.kernels import attention_pool as k
-
-    result = CompileResult(spec.kernel, spec.label, capability)
+    result = CompileResult(spec.module, spec.kernel, spec.label, capability)
     start = time.perf_counter()
     try:
-        fn = getattr(k, spec.kernel)
-        pointers, consts = dict(spec.pointers), dict(spec.constexprs)
-        unknown = set(pointers) - set(fn.arg_names)
-        if unknown:
-            raise ValueError(f"spec names arguments the kernel does not have: {sorted(unknown)}")
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                if name not in pointers:
-                    raise ValueError(f"no pointer type given for {name}")
-                signature[name] = pointers[name]
-            else:
-                signature[name] = "i32"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
-        compiled = triton.compile(
-            ASTSource(fn, signature, consts, attrs),
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-        )
+        fn = getattr(importlib.import_module(spec.module), spec.kernel)
+        names = list(fn.arg_names)
+        signature = dict(spec.signature)
+        constexprs = {(names.index(n),): v for n, v in spec.constants}
+        attrs = {(names.index(n),): [list(a) for a in values] for n, values in spec.attrs}
+        target = GPUTarget("cuda", capability, 32)
+        options = make_backend(target).parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         result.shared_bytes = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as tmp:
             ptx = Path(tmp) / "kernel.ptx"
@@ -208,35 +214,94 @@ def compile_spec(spec: KernelSpec, capability: int) -> CompileResult:
     # any failure of one build (a triton CompilationError, ptxas, a bad spec) is reported in its table row and
     # makes the run exit 1; one bad specialisation must not hide the results of all the others
     except Exception as exc:  # noqa: BLE001
-        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        text = str(exc).strip()
+        result.error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
     result.seconds = time.perf_counter() - start
+    _judge(result)
+    return result
+
+
+def _judge(result: CompileResult) -> None:
+    result.problems = []
     if result.error:
         result.problems.append("compile error")
     if result.spill_bytes > 0:
         result.problems.append(f"spills {result.spill_bytes} B")
-    if result.shared_bytes > SHARED_LIMIT[capability]:
-        result.problems.append(f"shared {result.shared_bytes} B > {SHARED_LIMIT[capability]} B")
-    return result
+    if result.shared_bytes > SHARED_LIMIT[result.target]:
+        result.problems.append(f"shared {result.shared_bytes} B > {SHARED_LIMIT[result.target]} B")
 
 
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (it warns otherwise)
 
 
-def _run(job: tuple[KernelSpec, int]) -> CompileResult:
-    return compile_spec(*job)
+def _run(job: tuple[Specialisation, int]) -> CompileResult:
+    return compile_specialisation(*job)
 
 
-def _table(results: list[CompileResult]) -> str:
-    rows = [("kernel", "config", "target", "regs", "spill B", "smem B", "s", "status")]
+# ----------------------------------------------------------------------------------------------------------------
+# cache and report
+# ----------------------------------------------------------------------------------------------------------------
+def _cache_key(spec: Specialisation, capability: int) -> str:
+    """Triton version + the kernel's source hash (incl. the jit functions it calls) + the specialisation."""
+    import triton
+
+    fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    text = json.dumps([triton.__version__, fn.cache_key, repr(spec), capability])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged cache only costs a recompile
+
+
+def _table(results: Iterable[CompileResult]) -> str:
+    rows = [("kernel", "specialisation", "target", "regs", "spill B", "smem B", "status")]
     for r in results:
         status = "ok" if not r.problems else "; ".join(r.problems) + (f" ({r.error})" if r.error else "")
-        rows.append((r.kernel, r.config, f"sm_{r.target}", str(r.registers), str(r.spill_bytes),
-                     str(r.shared_bytes), f"{r.seconds:.1f}", status))
+        rows.append((r.kernel, r.config, f"sm_{r.target}", str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
+                     status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _summary(results: list[CompileResult]) -> str:
+    rows = [("kernel", "target", "builds", "max regs", "max smem B", "spills", "errors")]
+    keys = sorted({(r.kernel, r.target) for r in results})
+    for kernel, target in keys:
+        group = [r for r in results if r.kernel == kernel and r.target == target]
+        rows.append((kernel, f"sm_{target}", str(len(group)), str(max(r.registers for r in group)),
+                     str(max(r.shared_bytes for r in group)), str(sum(r.spill_bytes > 0 for r in group)),
+                     str(sum(bool(r.error) for r in group))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def matrix_markdown(paths: list[Path]) -> str:
+    """A markdown table of ``--json`` results from several triton releases: builds, largest register count and
+    spilling builds per kernel, target and release."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    versions = [r["triton"] for r in runs]
+    kernels = sorted({(res["kernel"], res["target"]) for r in runs for res in r["results"]})
+    head = "| kernel | target | " + " | ".join(f"triton {v}: builds / max regs / spills" for v in versions) + " |"
+    lines = [head, "|" + "---|" * (2 + len(versions))]
+    for kernel, target in kernels:
+        cells = []
+        for r in runs:
+            group = [x for x in r["results"] if x["kernel"] == kernel and x["target"] == target]
+            bad = sum(x["spill_bytes"] > 0 or bool(x["error"]) for x in group)
+            cells.append(f"{len(group)} / {max(x['registers'] for x in group)} / {bad}" if group else "-")
+        lines.append(f"| `{kernel}` | sm_{target} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -246,7 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--cache", type=Path, default=Path("bench_out/aot-cache.json"),
+                        help="results cache (default %(default)s); --cache '' disables it")
+    parser.add_argument("--verbose", action="store_true", help="print every build, not only the problems")
+    parser.add_argument("--matrix", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only print a markdown table of earlier --json results (one per triton release)")
     args = parser.parse_args(argv)
+    if args.matrix:
+        print(matrix_markdown(args.matrix))
+        return 0
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastmil.aot: triton was imported with TRITON_INTERPRET set; run in a fresh process", file=sys.stderr)
         return 2
@@ -256,21 +329,45 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"fastmil.aot: unsupported targets {unknown}; known: {sorted(SHARED_LIMIT)}", file=sys.stderr)
         return 2
-    specs = [s for s in all_specs() if args.kernel is None or args.kernel in s.kernel]
-    jobs = [(spec, cap) for spec in specs for cap in targets]
-    print(f"compiling {len(specs)} kernel specialisations x {len(targets)} targets = {len(jobs)} builds "
-          f"with {args.jobs} processes", flush=True)
+    import triton
+
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_worker_init) as pool:
-        results = list(pool.map(_run, jobs, chunksize=4))
-    print(_table(results))
-    bad = [r for r in results if r.problems]
-    worst = max((r.registers for r in results), default=0)
-    print(f"\n{len(results)} builds in {time.perf_counter() - start:.0f} s; max registers {worst}; "
-          f"{len(bad)} with problems")
+    specs = collect_specialisations(args.kernel)
+    cache_path = args.cache if str(args.cache) else None
+    cache = _load_cache(cache_path)
+    jobs, results, keys = [], {}, {}
+    for spec in specs:
+        for cap in targets:
+            key = keys[(spec, cap)] = _cache_key(spec, cap)
+            if key in cache:
+                results[(spec, cap)] = CompileResult(**{**cache[key], "cached": True})
+            else:
+                jobs.append((spec, cap))
+    print(f"triton {triton.__version__}: {len(specs)} kernel specialisations x {len(targets)} targets = "
+          f"{len(specs) * len(targets)} builds ({len(jobs)} to compile, {len(results)} cached) with {args.jobs} "
+          "processes", flush=True)
+    if jobs:
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_worker_init) as pool:
+            for job, result in zip(jobs, pool.map(_run, jobs, chunksize=4)):
+                results[job] = result
+    ordered = [results[(spec, cap)] for spec in specs for cap in targets]
+    if cache_path is not None:
+        for (spec, cap), r in results.items():
+            if not r.error:  # errors are retried next time
+                cache[keys[(spec, cap)]] = {k: v for k, v in asdict(r).items() if k != "cached"}
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache))
+    bad = [r for r in ordered if r.problems]
+    print(_summary(ordered))
+    if args.verbose or bad:
+        print()
+        print(_table(ordered if args.verbose else bad))
+    worst = max((r.registers for r in ordered), default=0)
+    print(f"\ntriton {triton.__version__}: {len(ordered)} builds in {time.perf_counter() - start:.0f} s; "
+          f"max registers {worst}; {len(bad)} with problems")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+        args.json.write_text(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in ordered]}, indent=1))
     return 1 if bad else 0
 
 

@@ -62,21 +62,33 @@ def test_bag_of_one_gets_all_attention():
 
 
 def test_fp16_features_and_mask():
+    """fp16 features are cast to the fp32 parameters: the same numbers as the fp16-rounded features in fp32,
+    and a masked bag gets zero attention and the logits of an empty (all-zero) pooled vector."""
     torch.manual_seed(0)
     model = ABMIL(24, embed_dim=16, attn_dim=8, dropout=0.0)
     bags = _bags()
     mask = torch.ones(bags.n_instances, dtype=torch.bool)
     mask[bags.offsets[2] : bags.offsets[3]] = False
     logits, w = model(bags.features.half(), bags.offsets, mask)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    ref_logits, ref_w = model(bags.features.half().float(), bags.offsets, mask)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0)
+    torch.testing.assert_close(w, ref_w, atol=0, rtol=0)
     assert torch.all(w[bags.offsets[2] : bags.offsets[3]] == 0)
+    torch.testing.assert_close(logits[2], model.classifier(torch.zeros(16)))
 
 
-def test_gated_pool_contract_and_mean_pool_uniform():
+def test_gated_pool_matches_its_definition_and_mean_pool_is_uniform():
+    torch.manual_seed(1)
     pool = GatedAttentionPool(6, 4)
     assert pool.V.out_features == 4 and pool.U.in_features == 6 and pool.w.out_features == 1
-    pooled, w = pool(torch.randn(10, 6), torch.tensor([0, 3, 10]))
-    assert pooled.shape == (2, 6) and w.shape == (10,)
+    h, offsets = torch.randn(10, 6), torch.tensor([0, 3, 10])
+    pooled, w = pool(h, offsets)
+    for b, (lo, hi) in enumerate([(0, 3), (3, 10)]):
+        x = h[lo:hi]
+        a = torch.softmax(pool.w(torch.tanh(pool.V(x)) * torch.sigmoid(pool.U(x)))[:, 0], dim=0)
+        torch.testing.assert_close(w[lo:hi], a)
+        torch.testing.assert_close(pooled[b], a @ x)
     _, wm = MeanPoolMIL(6, 4)(torch.randn(10, 6), torch.tensor([0, 4, 10]))
     torch.testing.assert_close(wm, torch.tensor([0.25] * 4 + [1 / 6] * 6))
 

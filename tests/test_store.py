@@ -116,7 +116,7 @@ def test_missing_or_truncated_chunk_is_an_error(tmp_path, compression):
     store.write_slide("y", f, c, compression=compression)
     assert open_store(tmp_path / "s").read("x")[0].tobytes() == f.tobytes()
     (tmp_path / "s" / "slides" / "x" / "features" / "c" / "1" / "0").unlink()
-    missing = r"slide 'x'.*chunk 1 is missing" if compression is None else r"slide 'x'.*2 of 3 chunk files"
+    missing = r"slide 'x'.*chunk 1 is missing" if compression is None else r"slide 'x': features has 2 of 3 chunk files"
     with pytest.raises(StoreError, match=missing):
         open_store(tmp_path / "s").read("x")
     chunk = tmp_path / "s" / "slides" / "y" / "features" / "c" / "0" / "0"
@@ -169,3 +169,163 @@ def test_bf16_tensor_is_stored_as_float32(tmp_path):
     store.write_slide("b", t, grid_coords(10))
     f, _ = store.read("b")
     assert f.dtype == np.float32 and np.array_equal(f, t.float().numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# durability: every interruption leaves the old or the new version, never neither
+# ---------------------------------------------------------------------------------------------------------------
+FS_OPS = ("rename", "replace", "fsync", "mkdir", "open", "unlink", "rmdir")
+
+
+class _Interrupt(BaseException):
+    """Stands for a signal (KeyboardInterrupt-like: not an Exception, so no ``except Exception`` swallows it)."""
+
+
+def _fail_at(monkeypatch, step: int) -> dict:
+    """Make the ``step``-th filesystem operation (os.rename/replace/fsync/mkdir/open/unlink/rmdir,
+    shutil.rmtree) raise ``_Interrupt``; returns the call counter."""
+    import os
+    import shutil
+
+    count = {"n": 0}
+
+    def wrap(real):
+        def op(*args, **kwargs):
+            count["n"] += 1
+            if count["n"] == step:
+                raise _Interrupt(f"injected at filesystem operation {step}")
+            return real(*args, **kwargs)
+        return op
+
+    for name in FS_OPS:
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    monkeypatch.setattr(shutil, "rmtree", wrap(shutil.rmtree))
+    return count
+
+
+def _old_and_new(n=5000):
+    f, c = _slide(n=n, d=8)
+    return (f, c), (f[: n // 2] + 1, c[: n // 2])
+
+
+def test_interrupted_overwrite_leaves_the_old_or_the_new_slide_at_every_step(tmp_path, monkeypatch):
+    (old_f, old_c), (new_f, new_c) = _old_and_new()
+    outcomes = set()
+    step = 0
+    while True:
+        step += 1
+        root = tmp_path / f"s{step}"
+        create_store(root).write_slide("a", old_f, old_c, attrs={"label": 0})
+        store = open_store(root, mode="a")
+        counter = _fail_at(monkeypatch, step)
+        try:
+            store.write_slide("a", new_f, new_c, attrs={"label": 1}, overwrite=True)
+            interrupted = False
+        except _Interrupt:
+            interrupted = True
+        monkeypatch.undo()
+        for mode in ("r", "a", "r"):  # a reader before recovery, the recovering writer, a reader after
+            reopened = open_store(root, mode=mode)
+            assert reopened.slide_ids == ["a"], (step, mode)
+            f, c = reopened.read("a")
+            version = "new" if f.shape == new_f.shape and f.tobytes() == new_f.tobytes() else "old"
+            expected_f, expected_c = (new_f, new_c) if version == "new" else (old_f, old_c)
+            assert f.tobytes() == expected_f.tobytes() and np.array_equal(c, expected_c), (step, mode)
+            assert reopened.label("a") == (1 if version == "new" else 0)
+        outcomes.add(version)
+        assert not (root / ".trash").exists() and not (root / ".staging").exists(), step
+        if not interrupted:
+            break
+    assert counter["n"] > 40 and step == counter["n"] + 1  # every operation of the write was interrupted once
+    assert outcomes == {"old", "new"}
+
+
+_KILL_SCRIPT = """
+import os, shutil, signal, sys
+import numpy as np
+from fastmil.data.store import FeatureStore, open_store
+root, kill_at = sys.argv[1], int(sys.argv[2])
+new = np.load(sys.argv[3])
+count = {"n": 0, "on": False}
+def wrap(real):
+    def op(*args, **kwargs):
+        if count["on"]:
+            count["n"] += 1
+            if count["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return op
+for name in %r:
+    setattr(os, name, wrap(getattr(os, name)))
+shutil.rmtree = wrap(shutil.rmtree)
+commit = FeatureStore._commit
+def counted(self, *args):
+    count["on"] = True
+    return commit(self, *args)
+FeatureStore._commit = counted
+open_store(root, mode="a").write_slide("a", new["f"], new["c"], overwrite=True)
+print("completed")
+""" % (FS_OPS,)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5, 6, 7, 9, 15])
+def test_sigkill_during_an_overwrite_commit_leaves_a_readable_slide(tmp_path, kill_at):
+    """A process killed (SIGKILL: no handler runs) at each step of the commit: readers find the old or the new
+    slide, and the next writable open restores the old one if the new one never arrived."""
+    import signal
+    import subprocess
+    import sys
+
+    (old_f, old_c), (new_f, new_c) = _old_and_new()
+    root = tmp_path / "s"
+    create_store(root).write_slide("a", old_f, old_c)
+    np.savez(tmp_path / "new.npz", f=new_f, c=new_c)
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(root), str(kill_at), str(tmp_path / "new.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    versions = []
+    for mode in ("r", "a", "r"):
+        f, _ = open_store(root, mode=mode).read("a")
+        assert f.tobytes() in (old_f.tobytes(), new_f.tobytes()), mode
+        versions.append(f.tobytes() == new_f.tobytes())
+    assert len(set(versions)) == 1  # recovery does not change which version a reader saw
+    assert not (root / ".trash").exists() and not (root / ".staging").exists()
+
+
+def test_interrupted_label_update_is_all_old_or_all_new(tmp_path, monkeypatch):
+    ids = [f"s{i}" for i in range(4)]
+    step = 0
+    seen = set()
+    while True:
+        step += 1
+        root = tmp_path / f"st{step}"
+        store = create_store(root)
+        for sid in ids:
+            store.write_slide(sid, *_slide(n=3, d=2))
+        store.set_labels({sid: 0 for sid in ids}, ["neg", "pos"])
+        _fail_at(monkeypatch, step)
+        try:
+            store.set_labels({sid: 1 for sid in ids[:3]}, ["benign", "malignant"])
+            done = True
+        except _Interrupt:
+            done = False
+        monkeypatch.undo()
+        for mode in ("r", "a", "r"):
+            reopened = open_store(root, mode=mode)
+            labels, classes = [reopened.label(s) for s in ids], reopened.classes
+            assert (labels, classes) in (([0, 0, 0, 0], ["neg", "pos"]), ([1, 1, 1, 0], ["benign", "malignant"])), (step, mode)
+        seen.add(tuple(labels))
+        assert not (root / "labels.pending.json").exists()
+        if done:
+            break
+    assert seen == {(0, 0, 0, 0), (1, 1, 1, 0)} and step > 5
+
+
+def test_missing_instance_label_chunk_is_an_error(tmp_path):
+    store = create_store(tmp_path / "s")
+    f, c = _slide(n=70_000, d=2)
+    store.write_slide("x", f, c, instance_labels=np.ones(70_000, np.uint8))
+    assert int(open_store(tmp_path / "s").read_instance_labels("x").sum()) == 70_000
+    (tmp_path / "s" / "slides" / "x" / "instance_labels" / "c" / "1").unlink()  # a chunk holds 65536 labels
+    with pytest.raises(StoreError, match=r"slide 'x': instance_labels has 1 of 2 chunk files"):
+        open_store(tmp_path / "s").read_instance_labels("x")

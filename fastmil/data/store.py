@@ -8,10 +8,18 @@ Layout (DESIGN.md section 5)::
         coords    [N, 2] int32   level-0 (x, y) of each patch's top-left corner (optional)
         instance_labels [N] u1   per-patch ground truth where known (synthetic slides: 1 = tumour)
 
-A slide is staged under ``STORE/.staging/`` and renamed into ``slides/`` only when complete, so a crash
-mid-write never leaves half a slide behind; leftovers in ``.staging`` are removed when the store is next
-opened for writing. Metadata (attributes) is read and updated straight from the zarr v3 ``zarr.json`` files,
-the latter by write-aside-then-rename, so listing thousands of slides never touches array data.
+Durability (every interruption leaves the old or the new version of what was written, never neither):
+
+- A slide is staged under ``STORE/.staging/``, every file and folder of it fsynced, and renamed into
+  ``slides/`` only when complete. Overwriting moves the old slide to ``STORE/.trash/`` first; if anything fails
+  between the two renames the old slide is moved back, and a process killed in that window leaves the old slide
+  in ``.trash``, where readers still find it and the next writable open restores it (:meth:`FeatureStore.recover`).
+- A label update (class names + slide labels) is committed by one atomic write of ``STORE/labels.pending.json``;
+  readers prefer it to the per-slide attributes, and applying it to those attributes is idempotent and is
+  finished by the next writable open if interrupted.
+
+Metadata (attributes) is read and updated straight from the zarr v3 ``zarr.json`` files, the latter by
+write-aside-then-rename, so listing thousands of slides never touches array data.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ DEFAULT_CHUNK_ROWS = 4096
 _STAGING = ".staging"
 _TRASH = ".trash"
 _SLIDES = "slides"
+_LABEL_JOURNAL = "labels.pending.json"
 _FEATURE_DTYPES = (np.float16, np.float32)
 # zarr skips chunks equal to the fill value by default; writing every chunk lets a missing chunk file mean damage.
 _ALL_CHUNKS = {"write_empty_chunks": True}
@@ -113,8 +122,12 @@ class FeatureStore:
                 f"(fastmil_format={attrs.get('fastmil_format')!r})"
             )
         self._slide_meta: dict[str, dict] = {}
+        self._orphans: dict[str, Path] = {}
+        self._journal: dict | None = None
         if mode == "a":
-            self._clean_leftovers()
+            self.recover()
+        self._orphans = self._find_orphans()
+        self._journal = self._read_label_journal()
 
     # ------------------------------------------------------------------ store level
     @property
@@ -130,15 +143,18 @@ class FeatureStore:
     @property
     def classes(self) -> list[str] | None:
         """Class names (index = class id), or None if the store carries no labels."""
+        if self._journal is not None:
+            return list(self._journal["classes"])
         return self.attrs.get("classes")
 
     @property
     def slide_ids(self) -> list[str]:
         """Sorted ids of the complete slides in the store."""
         slides = self.path / _SLIDES
-        if not slides.is_dir():
-            return []
-        return sorted(p.name for p in slides.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
+        ids = set(self._orphans)
+        if slides.is_dir():
+            ids.update(p.name for p in slides.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
+        return sorted(ids)
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -146,12 +162,55 @@ class FeatureStore:
     def __contains__(self, slide_id: object) -> bool:
         return isinstance(slide_id, str) and (self._slide_dir(slide_id) / "zarr.json").is_file()
 
+    # ------------------------------------------------------------------ crash recovery
+    def _find_orphans(self) -> dict[str, Path]:
+        """Old versions of slides left in ``.trash`` by a process killed mid-overwrite, whose ``slides/`` entry
+        is missing: ``{slide_id: trash_dir}``. Readers serve them; :meth:`recover` moves them back."""
+        trash = self.path / _TRASH
+        if not trash.is_dir():
+            return {}
+        found = {}
+        for entry in trash.iterdir():
+            sid = entry.name.rsplit(".", 1)[0]
+            if (entry / "zarr.json").is_file() and not (self.path / _SLIDES / sid / "zarr.json").is_file():
+                found[sid] = entry
+        return found
+
+    def recover(self) -> None:
+        """Finish or roll back what an interrupted process left (run by every ``mode="a"`` open): restore old
+        slides whose overwrite was cut between its two renames, drop superseded old versions and partial
+        stagings, and finish applying a committed label update."""
+        self._require_writable()
+        trash = self.path / _TRASH
+        if trash.is_dir():
+            for entry in sorted(trash.iterdir()):
+                final = self.path / _SLIDES / entry.name.rsplit(".", 1)[0]
+                if (entry / "zarr.json").is_file() and not (final / "zarr.json").is_file():
+                    if final.exists():  # not a slide (no metadata): nothing a complete write leaves
+                        shutil.rmtree(final)
+                    os.rename(entry, final)  # the new version never arrived: the old one is the slide
+                    _fsync_dir(final.parent)
+                else:
+                    shutil.rmtree(entry)  # superseded by a complete new version
+            _remove_if_empty(trash)
+        staging = self.path / _STAGING
+        if staging.exists():
+            shutil.rmtree(staging)  # never renamed into place: the old version (or no slide) stands
+        self._journal = self._read_label_journal()
+        if self._journal is not None:
+            self._apply_label_journal()
+        self._orphans = {}
+
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, slides={len(self)}, mode={self.mode!r})"
 
     # ------------------------------------------------------------------ per-slide metadata
     def _slide_dir(self, slide_id: str) -> Path:
-        return self.path / _SLIDES / slide_id
+        orphan = self._orphans.get(slide_id)
+        final = self.path / _SLIDES / slide_id
+        if orphan is not None and not (final / "zarr.json").is_file() and (orphan / "zarr.json").is_file():
+            return orphan
+        return final
 
     def _meta(self, slide_id: str) -> dict:
         """Cached metadata of one slide: attrs, n (instances), dim, dtype, chunk_rows, has_coords."""
@@ -203,6 +262,8 @@ class FeatureStore:
         return dims.pop()
 
     def label(self, slide_id: str) -> int | None:
+        if self._journal is not None and slide_id in self._journal["labels"]:
+            return int(self._journal["labels"][slide_id])
         value = self._meta(slide_id)["attrs"].get("label")
         return None if value is None else int(value)
 
@@ -254,10 +315,11 @@ class FeatureStore:
         return self._read_array(slide_id, self._slide_dir(slide_id) / "coords")
 
     def read_instance_labels(self, slide_id: str) -> np.ndarray | None:
-        """Per-instance ground truth ``uint8 [N]`` (synthetic slides: 1 = tumour), or None if unknown."""
+        """Per-instance ground truth ``uint8 [N]`` (synthetic slides: 1 = tumour), or None if unknown.
+        Missing or truncated chunks are an error naming the slide, as for features."""
         if not self._meta(slide_id)["has_instance_labels"]:
             return None
-        return zarr.open_array(str(self._slide_dir(slide_id) / "instance_labels"), mode="r")[:]
+        return self._read_array(slide_id, self._slide_dir(slide_id) / "instance_labels")
 
     def _check_chunks_present(self, slide_id: str, array_dir: Path, n_rows: int, chunk_rows: int) -> None:
         """zarr silently returns fill values for missing chunk files; a missing chunk here means damage."""
@@ -266,7 +328,7 @@ class FeatureStore:
         found = sum(1 for p in chunk_dir.rglob("*") if p.is_file()) if chunk_dir.is_dir() else 0
         if found != expected:
             raise StoreError(
-                f"slide {slide_id!r}: features have {found} of {expected} chunk files in {chunk_dir} "
+                f"slide {slide_id!r}: {array_dir.name} has {found} of {expected} chunk files in {chunk_dir} "
                 "(store damaged or written by an interrupted copy); re-ingest this slide"
             )
 
@@ -304,12 +366,6 @@ class FeatureStore:
     def _require_writable(self) -> None:
         if self.mode != "a":
             raise StoreError(f"{self.path}: store opened read-only; open it with mode='a' to write")
-
-    def _clean_leftovers(self) -> None:
-        for name in (_STAGING, _TRASH):
-            leftover = self.path / name
-            if leftover.exists():
-                shutil.rmtree(leftover)
 
     def write_slide(
         self,
@@ -396,25 +452,39 @@ class FeatureStore:
                 )
                 iarr[:] = inst_np
             group.attrs.update(to_jsonable(dict(attrs or {})))
+            _fsync_tree(staging)
             self._commit(staging, final_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             _remove_if_empty(staging.parent)
             raise
-        self._slide_meta.pop(slide_id, None)
+        finally:
+            self._slide_meta.pop(slide_id, None)
+            self._orphans.pop(slide_id, None)
 
     def _commit(self, staging: Path, final_dir: Path) -> None:
-        """Move a complete staged slide into place (replacing an old one through the trash)."""
+        """Move a complete, fsynced staged slide into place. An old version is first moved to ``.trash``; if the
+        second rename fails it is moved back, so the old or the new slide is always in place (a kill between
+        the renames leaves the old one in ``.trash``: readers find it there, :meth:`recover` restores it)."""
         final_dir.parent.mkdir(parents=True, exist_ok=True)
-        if final_dir.exists():
-            trash = self.path / _TRASH / f"{final_dir.name}.{uuid.uuid4().hex}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(final_dir, trash)
+        if not final_dir.exists():
             os.rename(staging, final_dir)
-            shutil.rmtree(trash)
-            _remove_if_empty(trash.parent)
-        else:
+            _fsync_dir(final_dir.parent)
+            _remove_if_empty(staging.parent)
+            return
+        trash = self.path / _TRASH / f"{final_dir.name}.{uuid.uuid4().hex}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(final_dir, trash)
+        try:
+            _fsync_dir(trash.parent)
             os.rename(staging, final_dir)
+            _fsync_dir(final_dir.parent)
+        except BaseException:
+            if not final_dir.exists() and trash.exists():
+                os.rename(trash, final_dir)
+            raise
+        shutil.rmtree(trash)
+        _remove_if_empty(trash.parent)
         _remove_if_empty(staging.parent)
 
     def update_slide_attrs(self, slide_id: str, **updates: Any) -> None:
@@ -427,9 +497,12 @@ class FeatureStore:
         self._slide_meta.pop(slide_id, None)
 
     def set_labels(self, labels: Mapping[str, int], classes: Sequence[str]) -> None:
-        """Record slide labels (class indices into ``classes``) and the class names.
+        """Record slide labels (class indices into ``classes``) and the class names, as one atomic step.
 
         Every slide id must be in the store and every label in ``[0, len(classes))``; checked before any write.
+        The update is committed by one atomic write of ``labels.pending.json`` (readers see the old labels
+        before it and the new ones after it), then applied to the store and slide attributes and the journal
+        removed; an interruption while applying is finished by the next writable open.
         """
         self._require_writable()
         unknown = sorted(s for s in labels if s not in self)
@@ -440,9 +513,35 @@ class FeatureStore:
         for sid, y in labels.items():
             if not 0 <= int(y) < len(classes):
                 raise ValueError(f"slide {sid!r}: label {y} out of range [0, {len(classes)})")
-        self.update_attrs(classes=list(classes))
-        for sid, y in labels.items():
-            self.update_slide_attrs(sid, label=int(y))
+        journal = {"classes": list(classes), "labels": {sid: int(y) for sid, y in labels.items()}}
+        _write_json_atomic(self.path / _LABEL_JOURNAL, journal)  # the commit point
+        self._journal = journal
+        self._apply_label_journal()
+
+    def _read_label_journal(self) -> dict | None:
+        path = self.path / _LABEL_JOURNAL
+        if not path.is_file():
+            return None
+        try:
+            journal = _read_json(path)
+        except (OSError, json.JSONDecodeError) as exc:  # written atomically, so this is damage, not a crash
+            raise StoreError(f"{path}: unreadable label update journal: {exc}") from exc
+        if not isinstance(journal.get("classes"), list) or not isinstance(journal.get("labels"), dict):
+            raise StoreError(f"{path}: not a fastmil label journal")
+        return journal
+
+    def _apply_label_journal(self) -> None:
+        """Write the committed label update into the attributes (idempotent), then drop the journal."""
+        journal = self._journal
+        _merge_attrs(self.path / "zarr.json", {"classes": journal["classes"]})
+        for sid, y in journal["labels"].items():
+            meta_path = self._slide_dir(sid) / "zarr.json"
+            if meta_path.is_file():  # a slide deleted by hand since is simply skipped
+                _merge_attrs(meta_path, {"label": int(y)})
+            self._slide_meta.pop(sid, None)
+        (self.path / _LABEL_JOURNAL).unlink()
+        _fsync_dir(self.path)
+        self._journal = None
 
     def summary(self) -> dict:
         """Counts for ``fastmil info``: slides, instances (total/min/median/max), dims, dtypes, labels."""
@@ -473,6 +572,25 @@ class FeatureStore:
             "classes": classes,
             "label_counts": label_counts,
         }
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder (deepest first) under ``root``, so that a rename of ``root`` can
+    never become durable before its content."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(folder))
 
 
 def _is_raw_layout(ameta: Mapping[str, Any]) -> bool:

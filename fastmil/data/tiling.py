@@ -10,6 +10,7 @@ Needs ``tiffslide`` (``pip install fastmil[wsi]``).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import h5py
@@ -79,6 +80,11 @@ def tile_slide_to_h5(
     width, height = slide.dimensions
     mpp = slide.properties.get("tiffslide.mpp-x")
     objective = slide.properties.get("tiffslide.objective-power")
+    if not objective:
+        warnings.warn(
+            f"{path}: the slide records no objective power; its magnification is stored as unknown "
+            "(no level0_magnification/target_magnification attrs)", UserWarning, stacklevel=2,
+        )
     feats, coords = [], []
     rows = range(0, height - patch_size + 1, patch_size)
     with slide:
@@ -99,8 +105,9 @@ def tile_slide_to_h5(
         cds = fh.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         cds.attrs["patch_size"] = patch_size
         cds.attrs["patch_size_level0"] = patch_size
-        cds.attrs["level0_magnification"] = float(objective) if objective else 20.0
-        cds.attrs["target_magnification"] = float(objective) if objective else 20.0
+        if objective:
+            cds.attrs["level0_magnification"] = float(objective)
+            cds.attrs["target_magnification"] = float(objective)
         cds.attrs["overlap"] = 0
         cds.attrs["name"] = path.stem
         if mpp is not None:

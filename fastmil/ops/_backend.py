@@ -11,14 +11,11 @@ import os
 
 import torch
 
+from ..kernels._launch import interpreting
+
 __all__ = ["BACKENDS", "interpreting", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` is set (it must be set before triton is first imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str, op: str, device: torch.device, has_triton: bool) -> str:

@@ -1,8 +1,9 @@
-"""Tile tables: every bag cut into tiles of at most ``block_n`` rows that never cross a bag boundary.
+"""Tile tables (every bag cut into tiles of at most ``block_n`` rows that never cross a bag boundary) and the
+two launches that finish every tile-based pooling forward (merge the tiles of each bag, normalise weights).
 
-The Triton kernels run one program per tile (``fastmil/kernels/attention_pool.py`` explains the scheme). The
-table is built with a handful of vectorised torch ops on the host copy of ``offsets``: one device-to-host copy
-per call, which is also what sizes the launch grid.
+The Triton kernels run one program per tile (``fastmil/kernels/_tiled_softmax.py`` explains the scheme). The
+table is built with a handful of vectorised torch ops on the host copy of ``offsets``, which is also what sizes
+the launch grid.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TileTable", "build_tiles"]
+__all__ = ["TileTable", "build_tiles", "finish_tiled_pool"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,17 @@ def build_tiles(offsets: torch.Tensor, n_rows: int, block_n: int, device: torch.
         tile_end=tile_end.to(device),
         bag_tiles=bag_tiles.to(device),
     )
+
+
+def finish_tiled_pool(
+    tile_max: torch.Tensor, tile_sum: torch.Tensor, partial: torch.Tensor, tiles: TileTable, scores: torch.Tensor,
+    mask: torch.Tensor | None, pooled: torch.Tensor, lse: torch.Tensor, weights: torch.Tensor, block_n: int,
+) -> None:
+    """The forward's last two launches, shared by every tile-based pooling op: merge the tiles of each bag into
+    ``pooled [B, H, D]`` and ``lse [B, H]``, then ``weights [N, H] = exp(scores - lse)`` (``weights`` may alias
+    ``scores``). ``tile_max``/``tile_sum`` are ``[T, H]``, ``partial`` is ``[T, H, D]``, all fp32; ``block_n``
+    is the tile size the table was built with."""
+    from ..kernels import _tiled_softmax as k
+
+    k.merge_launch(tile_max, tile_sum, partial, tiles.bag_tiles, pooled, lse)()
+    k.normalize_launch(scores, mask, tiles.tile_bag, tiles.tile_start, tiles.tile_end, lse, weights, block_n)()

@@ -1,58 +1,50 @@
-"""Launch-side helpers shared by the Triton-backed ops: availability, dtype policy, deterministic segment sums."""
+"""Launch-side helpers shared by the Triton-backed ops: availability, input checks, the checked triton range."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import warnings
 
 import torch
 
-from ._backend import interpreting
+from ..kernels.limits import CHECKED_TRITON
 
-__all__ = ["HAS_TRITON", "SUPPORTED_DTYPES", "cdiv", "check_triton_inputs", "dot_precision", "segment_sum", "upcast_dots"]
+__all__ = ["HAS_TRITON", "SUPPORTED_DTYPES", "check_triton_inputs"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether triton is importable; it is imported lazily, only when a Triton path runs."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """Cast the score GEMM's ``tl.dot`` operands to fp32: for fp32 inputs, and for bf16 under the interpreter
-    (its bf16 arithmetic is wrong). fp16 keeps native fp16 operands under the interpreter too, so the tests run
-    the same code path (fp16 weights, fp16 tensor-core-style products) that a GPU runs."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+_version_checked = False
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """Mode of the fp32 ``tl.dot`` products (weighted sums, gradient GEMMs; the fp32 score GEMM).
-
-    fp16/bf16 inputs: ``"tf32"`` (TF32 holds their mantissas exactly; the fp32 operand is rounded to 10 bits).
-    fp32 inputs: ``"tf32"`` where torch itself would use TF32 (``torch.backends.cuda.matmul.allow_tf32``),
-    else ``"tf32x3"`` (three TF32 products, close to fp32 accuracy, still on tensor cores; the FMA-based
-    ``"ieee"`` mode spills registers in these tile shapes). Under the interpreter: ``"ieee"`` (numpy fp32)."""
-    if interpreting():
-        return "ieee"
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3"
-
-
-def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Per-bag sums of ``values [N, ...]`` -> ``[B, ...]`` fp32, deterministic on every device (fp64 prefix sums
-    instead of atomics)."""
-    prefix = torch.zeros((values.shape[0] + 1, *values.shape[1:]), dtype=torch.float64, device=values.device)
-    torch.cumsum(values.double(), 0, out=prefix[1:])
-    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).float()
+def _check_triton_version() -> None:
+    """Warn once when the installed triton is outside the versions ``make aot`` checks (compiles, no spills)."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    version = importlib.metadata.version("triton")
+    if ".".join(version.split(".")[:2]) not in CHECKED_TRITON:
+        warnings.warn(
+            f"triton {version} is outside the versions fastmil's kernels are checked on ({', '.join(CHECKED_TRITON)}: "
+            "ahead-of-time compile without register spills); they may compile with spills or not at all",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division for launch grids."""
-    return -(-a // b)
-
-
-def check_triton_inputs(op: str, dtype: torch.dtype, *tensors: torch.Tensor | None) -> None:
-    """Errors the Triton path reports before launching: input dtype, and one device for every tensor."""
+def check_triton_inputs(op: str, dtype: torch.dtype, dim: int, *tensors: torch.Tensor | None) -> None:
+    """Errors the Triton path reports before launching: input dtype, feature width, one device for every
+    tensor; and a warning for an unchecked triton version."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: the Triton kernels take fp32/fp16/bf16 inputs, got {dtype}")
+    if dim < 2:
+        raise ValueError(
+            f"{op}: the Triton kernels need a feature width D >= 2 (D = 1 would compile a specialisation that "
+            "`make aot` does not check); use backend='torch'"
+        )
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    _check_triton_version()

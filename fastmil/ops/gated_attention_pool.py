@@ -13,12 +13,13 @@ Differentiable in ``h`` and all six parameters. Neither path keeps an ``N x HID`
 forward saves ``h``, the parameters, ``weights [N]`` and ``pooled [B, D]`` (plus, on Triton, the per-bag
 log-sum-exp), and backward recomputes the gated activations from ``h``.
 
-- **triton** (``fastmil.kernels.attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
+- **triton** (``fastmil.kernels.gated_attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
   online softmax statistics, partial weighted sum) + a merge kernel per bag + a weight-normalisation kernel.
   Backward = one fused tile kernel (recompute from ``h`` and the log-sum-exp, pre-activation grads ``dpre``)
   + ``grad_h = a g + dpre [V; U]`` + a split-N weight-grad GEMM ``dpre^T h`` whose per-split partials are
   summed in a fixed order (deterministic, no atomics). ``dpre`` (``N x 2 HID`` fp32) lives only inside
-  backward: the weight gradients are a reduction over all rows that needs it as a GEMM operand.
+  backward: the weight gradients are a reduction over all rows that needs it as a GEMM operand. Inputs of any
+  strides are accepted (passed in a checked layout, ``kernels._launch.canonical``); outputs have their own.
 - **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``. V and U
   run as one ``[2 HID, D]`` GEMM; in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute
   GEMM also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written straight into ``grad_h``.
@@ -28,17 +29,17 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._launch import canonical
+from ..kernels.limits import MAX_HIDDEN
 from ._backend import resolve_backend
-from ._tiles import build_tiles
-from ._triton import HAS_TRITON, cdiv, check_triton_inputs, dot_precision, upcast_dots
-from .attention_pool import bag_grad_dot, bag_index, merge_and_normalize, pool_per_bag, segment_softmax
+from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax
+from ._tiles import build_tiles, finish_tiled_pool
+from ._triton import HAS_TRITON, check_triton_inputs
 
 __all__ = ["CHUNK_ROWS", "MAX_HIDDEN", "gated_attention_pool", "gated_attention_pool_reference"]
 
 CHUNK_ROWS = 2048
 """Rows per chunk of the torch path (bounds its working memory; large enough for efficient GEMMs)."""
-MAX_HIDDEN = 256
-"""Largest ``hidden_dim`` of the Triton path (= ``fastmil.kernels.attention_pool.MAX_HIDDEN``)."""
 
 
 def _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask) -> None:
@@ -88,21 +89,22 @@ def gated_attention_pool_reference(
 # torch path
 # ----------------------------------------------------------------------------------------------------------------
 class _GatedPoolTorch(torch.autograd.Function):
-    """Chunked recompute on the torch side; see the module docstring."""
+    """Chunked recompute on the torch side; see the module docstring. Computes in fp32 (fp64 for fp64 ``h``)."""
 
     @staticmethod
     def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
         hidden = v_weight.shape[0]
-        w2 = torch.cat([v_weight, u_weight]).float()  # [2 HID, D]
-        b2 = torch.cat([v_bias, u_bias]).float()
-        w_vec, bw = w_weight[0].float(), w_bias.float()
-        scores = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        acc = _accumulation_dtype(h)
+        w2 = torch.cat([v_weight, u_weight]).to(acc)  # [2 HID, D]
+        b2 = torch.cat([v_bias, u_bias]).to(acc)
+        w_vec, bw = w_weight[0].to(acc), w_bias.to(acc)
+        scores = torch.empty(h.shape[0], dtype=acc, device=h.device)
         for lo in range(0, h.shape[0], CHUNK_ROWS):
-            pre = torch.addmm(b2, h[lo : lo + CHUNK_ROWS].float(), w2.T)
+            pre = torch.addmm(b2, h[lo : lo + CHUNK_ROWS].to(acc), w2.T)
             gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
             torch.addmv(bw, gate, w_vec, out=scores[lo : lo + CHUNK_ROWS])
         weights = segment_softmax(scores[:, None], offsets, mask)  # [N, 1]
-        pooled = pool_per_bag(weights, h, offsets)[:, 0]  # [B, D]
+        pooled = pool_per_bag(weights, h, offsets, offsets.tolist())[:, 0]  # [B, D]
         weights = weights[:, 0]
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
         return pooled, weights
@@ -113,26 +115,27 @@ class _GatedPoolTorch(torch.autograd.Function):
         need = ctx.needs_input_grad
         hidden = v_weight.shape[0]
         k2 = 2 * hidden
+        acc = _accumulation_dtype(h)
         # w3 = [V; U; g_b] and b3 = [bv; bu; 0]: for a chunk inside one bag, one GEMM x @ w3^T gives both
         # pre-activations and u = h . g_b, and with the last column replaced by the weights a, one GEMM
         # [dpre | a] @ w3 gives grad_h = dpre [V; U] + a g_b: no separate passes over x or grad_h.
-        w3 = torch.zeros(k2 + 1, h.shape[1], dtype=torch.float32, device=h.device)
+        w3 = torch.zeros(k2 + 1, h.shape[1], dtype=acc, device=h.device)
         w3[:hidden], w3[hidden:k2] = v_weight, u_weight
         w2 = w3[:k2]
-        b3 = torch.cat([v_bias.float(), u_bias.float(), v_bias.new_zeros(1, dtype=torch.float32)])
-        w_vec = w_weight[0].float()
-        g = grad_pooled.float()
+        b3 = torch.cat([v_bias.to(acc), u_bias.to(acc), v_bias.new_zeros(1, dtype=acc)])
+        w_vec = w_weight[0].to(acc)
+        g = grad_pooled.to(acc)
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         bag = bag_index(offsets, h.shape[0])
-        grad_h = torch.empty_like(h) if need[0] else None
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
         grad_w2 = torch.zeros_like(w2)
-        grad_b2 = torch.zeros(k2, dtype=torch.float32, device=h.device)
+        grad_b2 = torch.zeros(k2, dtype=acc, device=h.device)
         grad_wv = torch.zeros_like(w_vec)
-        grad_bw = torch.zeros(1, dtype=torch.float32, device=h.device)
+        grad_bw = torch.zeros(1, dtype=acc, device=h.device)
         row_bag = -1  # the bag whose g is in w3's last row
         for lo in range(0, h.shape[0], CHUNK_ROWS):
             hi = min(lo + CHUNK_ROWS, h.shape[0])
-            x = h[lo:hi].float()
+            x = h[lo:hi].to(acc)
             first, last = int(bag[lo]), int(bag[hi - 1])
             single_bag = first == last  # the common case; small bags share chunks and take the gather path
             if single_bag and first != row_bag:
@@ -143,7 +146,7 @@ class _GatedPoolTorch(torch.autograd.Function):
             g_rows = None if single_bag else g[bag[lo:hi]]
             u = pre[:, k2] if single_bag else torch.einsum("nd,nd->n", x, g_rows)
             if grad_weights is not None:
-                u = u + grad_weights[lo:hi].float()
+                u = u + grad_weights[lo:hi].to(acc)
             ds = a * (u - bag_dot[bag[lo:hi]])
             dz = ds[:, None] * w_vec[None, :]
             # reuse `pre` as the buffer of [dpre_v | dpre_u | a]
@@ -156,7 +159,7 @@ class _GatedPoolTorch(torch.autograd.Function):
             grad_wv += (t * sg).T @ ds
             grad_bw += ds.sum()
             if grad_h is not None:
-                dh = grad_h[lo:hi] if grad_h.dtype == torch.float32 else torch.empty_like(x)
+                dh = grad_h[lo:hi] if grad_h.dtype == acc else torch.empty_like(x)
                 if single_bag:
                     torch.mm(pre, w3, out=dh)
                 else:
@@ -177,123 +180,78 @@ class _GatedPoolTorch(torch.autograd.Function):
         )
 
 
+def _accumulation_dtype(h: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 ``h``; fp64 for fp64 (references, ``gradcheck``)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton path
 # ----------------------------------------------------------------------------------------------------------------
-def _score_weights(h: torch.Tensor, v_weight: torch.Tensor, u_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """V and U as the tile kernels read them: in the dtype of the score GEMM's ``tl.dot`` (the input dtype for
-    fp16/bf16 on a GPU, fp32 otherwise). Every tile program re-reads both from L2, so half-width copies halve
-    that traffic; the kernel would round them to this dtype anyway, so results are identical."""
-    dtype = torch.float32 if upcast_dots(h.dtype) else h.dtype
-    return v_weight.to(dtype).contiguous(), u_weight.to(dtype).contiguous()
-
-
-def _rows_per_split(n: int, block_n: int) -> int:
-    """Rows per split of the weight-grad GEMM: ~16 splits (parallelism) but never fewer than 8 blocks of rows
-    per split, so the per-split ``[2, HID, D]`` fp32 partials stay a small fraction of the bytes of ``h``."""
-    per_split = cdiv(cdiv(n, 16), block_n) * block_n
-    return max(per_split, 8 * block_n)
-
-
 class _GatedPoolTriton(torch.autograd.Function):
-    """Fused Triton kernels; see the module docstring."""
+    """Fused Triton kernels; see the module docstring. The gate parameters reach the kernels zero-padded to
+    ``HID_PAD`` units (``pad_gate_params``, a few hundred KiB), which fixes their specialisation."""
 
     @staticmethod
     def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
-        from ..kernels import attention_pool as k
+        from ..kernels import gated_attention_pool as k
 
         n, dim = h.shape
         hidden = v_weight.shape[0]
-        hid_pad = k.pow2_at_least(hidden)
-        cfg = k.gated_fwd_config(hid_pad, h.dtype == torch.float32)
         dev = h.device
-        h = h if h.stride(1) == 1 else h.contiguous()
-        params = [p.contiguous() for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
-        v_score, u_score = _score_weights(h, params[0], params[2])
+        h = canonical(h)
+        mask = None if mask is None else canonical(mask)
+        params = k.pad_gate_params(v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, h.dtype)
+        cfg = k.gated_config(hidden, h.dtype)
         tiles = build_tiles(offsets, n, cfg.block_n, dev)
-        n_tiles, n_bags = tiles.n_tiles, offsets.numel() - 1
+        n_bags = offsets.numel() - 1
         pooled = torch.zeros(n_bags, dim, dtype=torch.float32, device=dev)
         lse = torch.full((n_bags,), float("inf"), dtype=torch.float32, device=dev)
         weights = torch.zeros(n, dtype=torch.float32, device=dev)  # raw scores first, then weights in place
-        if n_tiles > 0:
-            mask_arg = mask if mask is not None else tiles.tile_start  # never read when HAS_MASK is False
-            tile_max = torch.empty(n_tiles, dtype=torch.float32, device=dev)
+        if tiles.n_tiles > 0:
+            tile_max = torch.empty(tiles.n_tiles, dtype=torch.float32, device=dev)
             tile_sum = torch.empty_like(tile_max)
-            partial = torch.empty(n_tiles, dim, dtype=torch.float32, device=dev)
-            k.gated_fwd_tile_kernel[(n_tiles,)](
-                h, v_score, params[1], u_score, *params[3:], mask_arg, tiles.tile_start, tiles.tile_end,
-                weights, tile_max, tile_sum, partial,
-                dim, hidden, h.stride(0),
-                BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=mask is not None,
-                UPCAST=upcast_dots(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-            merge_and_normalize(tile_max, tile_sum, partial[:, None], tiles, weights[:, None], mask,
-                                pooled[:, None], lse[:, None], weights[:, None], block_n=cfg.block_n, h_pad=1)
-        ctx.save_for_backward(
-            h, *params, weights, pooled, lse, offsets, mask if mask is not None else lse,
-            tiles.tile_bag, tiles.tile_start, tiles.tile_end,
-        )
-        ctx.has_mask = mask is not None
+            partial = torch.empty(tiles.n_tiles, dim, dtype=torch.float32, device=dev)
+            k.gated_fwd_launch(h, *params, mask, tiles.tile_start, tiles.tile_end, weights, tile_max, tile_sum,
+                               partial)()
+            finish_tiled_pool(tile_max[:, None], tile_sum[:, None], partial[:, None], tiles, weights[:, None], mask,
+                              pooled[:, None], lse[:, None], weights[:, None], cfg.block_n)
+        ctx.save_for_backward(h, *params, weights, pooled, lse, offsets, mask if mask is not None else lse,
+                              tiles.tile_bag, tiles.tile_start, tiles.tile_end)
+        ctx.has_mask, ctx.hidden = mask is not None, hidden
         ctx.param_dtypes = [p.dtype for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
         return pooled, weights
 
     @staticmethod
     def backward(ctx, grad_pooled, grad_weights):
-        from ..kernels import attention_pool as k
+        from ..kernels import gated_attention_pool as k
 
-        (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, lse, offsets, mask,
-         tile_bag, tile_start, tile_end) = ctx.saved_tensors
+        (h, vu, bias, w, wb, weights, pooled, lse, offsets, mask, tile_bag, tile_start, tile_end) = ctx.saved_tensors
+        mask = mask if ctx.has_mask else None
         need = ctx.needs_input_grad
         n, dim = h.shape
-        hidden = v_weight.shape[0]
-        hid_pad = k.pow2_at_least(hidden)
-        k_dim, block_k = 2 * hid_pad, k.gemm_block_k(hid_pad)
-        fp32 = h.dtype == torch.float32
-        cfg, hcfg, wcfg = k.gated_bwd_config(hid_pad, fp32), k.grad_h_config(hid_pad, fp32), k.weight_grad_config(hid_pad)
+        hidden, hid_pad = ctx.hidden, vu.shape[1]
         dev = h.device
-        precision = dot_precision(h.dtype)
-        g = grad_pooled.float().contiguous()
+        g = canonical(grad_pooled.float())
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         if grad_weights is not None:
-            grad_weights = grad_weights.float().contiguous()
-        n_tiles = tile_bag.numel()
-        dpre = torch.zeros(n, k_dim, dtype=torch.float32, device=dev)  # [dpre_v | dpre_u], padded units 0
+            grad_weights = canonical(grad_weights.float())
+        dpre = torch.zeros(n, 2 * hid_pad, dtype=torch.float32, device=dev)  # [dpre_v | dpre_u]
         grad_s = torch.zeros(n, dtype=torch.float32, device=dev)
-        grad_w_partial = torch.zeros(max(n_tiles, 1), hid_pad, dtype=torch.float32, device=dev)
-        grad_h = torch.zeros_like(h) if need[0] else None
-        grad_w2 = torch.zeros(k_dim, dim, dtype=torch.float32, device=dev)
-        if n_tiles > 0:
-            v_score, u_score = _score_weights(h, v_weight, u_weight)
-            k.gated_bwd_tile_kernel[(n_tiles,)](
-                h, v_score, v_bias, u_score, u_bias, w_weight, w_bias, mask,
-                tile_bag, tile_start, tile_end, lse, g, bag_dot,
-                grad_weights if grad_weights is not None else grad_s,
-                dpre, grad_s, grad_w_partial,
-                dim, hidden, h.stride(0),
-                BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=ctx.has_mask,
-                HAS_GRAD_WEIGHTS=grad_weights is not None, UPCAST=upcast_dots(h.dtype), DOT_PRECISION=precision,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-            if grad_h is not None:
-                w2 = torch.zeros(k_dim, dim, dtype=torch.float32, device=dev)
-                w2[:hidden] = v_weight
-                w2[hid_pad : hid_pad + hidden] = u_weight
-                k.grad_h_kernel[(n_tiles, cdiv(dim, hcfg.block_d))](
-                    dpre, w2, weights, g, tile_bag, tile_start, tile_end, grad_h, dim, h.stride(0),
-                    BLOCK_N=hcfg.block_n, BLOCK_D=hcfg.block_d, BLOCK_K=block_k, K=k_dim, DOT_PRECISION=precision,
-                    num_warps=hcfg.num_warps, num_stages=hcfg.num_stages,
-                )
-            if need[1] or need[3]:
-                rows_per_split = _rows_per_split(n, wcfg.block_n)
-                n_splits = cdiv(n, rows_per_split)
-                partial = torch.empty(n_splits, k_dim, dim, dtype=torch.float32, device=dev)
-                k.weight_grad_kernel[(cdiv(dim, wcfg.block_d), k_dim // block_k, n_splits)](
-                    dpre, h, partial, n, dim, rows_per_split, h.stride(0),
-                    BLOCK_N=wcfg.block_n, BLOCK_D=wcfg.block_d, BLOCK_K=block_k, K=k_dim, DOT_PRECISION=precision,
-                    num_warps=wcfg.num_warps, num_stages=wcfg.num_stages,
-                )
-                grad_w2 = partial.sum(0)  # fixed-order reduction over splits: deterministic
+        grad_w_partial = torch.zeros(max(tile_bag.numel(), 1), hid_pad, dtype=torch.float32, device=dev)
+        k.gated_bwd_launch(h, vu, bias, w, wb, mask, tile_bag, tile_start, tile_end, lse, g, bag_dot, grad_weights,
+                           dpre, grad_s, grad_w_partial)()
+        grad_h = None
+        if need[0]:
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=dev)  # every row belongs to a tile
+            w2 = vu.reshape(2 * hid_pad, dim).float()  # [V; U] padded, fp32 (a view for fp32 inputs)
+            k.grad_h_launch(dpre, w2, weights, g, tile_bag, tile_start, tile_end, grad_h)()
+        grad_w2 = None
+        if need[1] or need[3]:
+            n_splits = max(1, -(-n // k.rows_per_split(n)))
+            partial = torch.zeros(n_splits, 2 * hid_pad, dim, dtype=torch.float32, device=dev)
+            k.weight_grad_launch(dpre, h, partial)()
+            grad_w2 = partial.sum(0)  # fixed-order reduction over splits: deterministic
         dt = ctx.param_dtypes
         return (
             grad_h,
@@ -329,7 +287,7 @@ def gated_attention_pool(
     _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
     args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
     if resolve_backend(backend, "gated_attention_pool", h.device, has_triton=HAS_TRITON) == "triton":
-        check_triton_inputs("gated_attention_pool", h.dtype, *args)
+        check_triton_inputs("gated_attention_pool", h.dtype, h.shape[1], *args)
         if v_weight.shape[0] > MAX_HIDDEN:
             raise ValueError(
                 f"gated_attention_pool: the Triton kernels support hidden_dim <= {MAX_HIDDEN}, "

@@ -1,0 +1,69 @@
+"""Per-bag (segment) primitives shared by the torch paths of every pooling op.
+
+A packed batch stores bag ``b`` in rows ``offsets[b]:offsets[b+1]``; these helpers reduce over those row
+ranges without padding and without atomics (fp64 prefix sums), so they are deterministic on every device.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bag_grad_dot", "bag_index", "pool_per_bag", "segment_softmax", "segment_sum"]
+
+
+def bag_index(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """``int64 [n]``: the bag each of the ``n`` rows belongs to."""
+    sizes = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(sizes.numel(), device=offsets.device), sizes, output_size=n)
+
+
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-bag sums of ``values [N, ...]`` -> ``[B, ...]`` in fp32 (fp64 for fp64 input), from fp64 prefix
+    sums instead of atomics: deterministic on every device, and no drift from adding thousands of small terms
+    to a running fp32 total."""
+    prefix = torch.zeros((values.shape[0] + 1, *values.shape[1:]), dtype=torch.float64, device=values.device)
+    torch.cumsum(values.double(), 0, out=prefix[1:])
+    sums = prefix[offsets[1:]] - prefix[offsets[:-1]]
+    return sums if values.dtype == torch.float64 else sums.float()
+
+
+def segment_softmax(scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-bag softmax of ``scores [N, H]`` over unmasked rows, in fp32 (fp64 for fp64 scores); 0 on masked
+    rows and in all-masked or empty bags."""
+    s = scores.double() if scores.dtype == torch.float64 else scores.float()
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))
+    n, heads = s.shape
+    n_bags = offsets.numel() - 1
+    bag = bag_index(offsets, n)
+    bag_h = bag[:, None].expand(n, heads)
+    bag_max = s.new_full((n_bags, heads), float("-inf")).scatter_reduce(0, bag_h, s, reduce="amax", include_self=True)
+    bag_max = torch.where(torch.isfinite(bag_max), bag_max, torch.zeros_like(bag_max))
+    e = torch.exp(s - bag_max[bag])  # exp(-inf) = 0 on masked rows
+    denom = segment_sum(e, offsets)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return e / safe[bag]
+
+
+def pool_per_bag(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """``pooled[b] = weights[bag b].T @ values[bag b]`` -> ``[B, H, D]`` in the dtype of ``weights``, one GEMM
+    per bag. ``bounds`` is ``offsets`` as a host list (the batch carries it: no device sync here)."""
+    n_bags, heads, dim = offsets.numel() - 1, weights.shape[1], values.shape[1]
+    pooled = weights.new_zeros(n_bags, heads, dim)
+    for b in range(n_bags):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi > lo:
+            torch.matmul(weights[lo:hi].T, values[lo:hi].to(weights.dtype), out=pooled[b])
+    return pooled
+
+
+def bag_grad_dot(
+    g: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, grad_weights: torch.Tensor | None,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """``c_b = sum_i a_i u_i`` of the softmax backward ``grad_s_i = a_i (u_i - c_b)``, where
+    ``u_i = g_b . v_i (+ grad_weights_i)``: ``g_b . pooled_b (+ sum_i a_i grad_weights_i)``, ``[B]`` or
+    ``[B, H]`` for ``g``/``pooled`` ``[B, (H,) D]`` and ``weights [N, (H)]``, in the dtype of ``pooled``."""
+    c = (g.to(pooled.dtype) * pooled).sum(-1)
+    if grad_weights is not None:
+        c = c + segment_sum(weights * grad_weights.to(weights.dtype), offsets)
+    return c

@@ -1,0 +1,145 @@
+"""Kernel launches as values, and the precision policy every launcher shares.
+
+A :class:`Launch` is one kernel call: the ``@triton.jit`` function, its grid, every argument by name
+(runtime values and constexprs alike) and the launch options. Each kernels module builds its launches with
+one function per kernel (``*_launch``) from the real tensors; ``fastmil.ops`` calls that function and runs
+the result, and ``make aot`` (``fastmil.aot``) calls the same function with representative tensors and
+compiles the result with Triton's own argument binder. So the specialisation that is checked for register
+spills (dtypes, divisibility-by-16 and equal-to-1 integer specialisation, pointer alignment, constexprs,
+warps, stages) is, by construction, the one the GPU runs.
+
+This module does not import triton: ``fastmil.ops`` uses the policy functions on every device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+__all__ = [
+    "AOT_DIMS", "DEFAULT_NUM_STAGES", "KernelConfig", "Launch", "aot_views", "canonical", "dot_precision",
+    "interpreting", "is_canonical", "pow2_at_least", "upcast_dots",
+]
+
+DEFAULT_NUM_STAGES = 3
+"""Triton's default software-pipelining depth; every launch states its stages explicitly anyway."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes (constexprs) and launch options of one kernel specialisation."""
+
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int = DEFAULT_NUM_STAGES
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel call. ``args`` maps every kernel parameter name to its value (tensors, ints, constexprs)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: Mapping[str, Any]
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        names = list(self.kernel.arg_names)
+        if set(names) != set(self.args):
+            missing, extra = sorted(set(names) - set(self.args)), sorted(set(self.args) - set(names))
+            raise TypeError(f"{self.name}: launch arguments do not match the kernel (missing {missing}, extra {extra})")
+        for name, value in self.args.items():
+            if isinstance(value, torch.Tensor) and not is_canonical(value):
+                raise ValueError(
+                    f"{self.name}: argument {name} has a layout outside the checked specialisations "
+                    f"(shape {tuple(value.shape)}, strides {value.stride()}, address mod 16 = {value.data_ptr() % 16}); "
+                    "pass it through fastmil.kernels._launch.canonical() first"
+                )
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def __call__(self) -> None:
+        """Run the kernel (on a GPU, or through the interpreter on CPU tensors)."""
+        if min(self.grid, default=0) <= 0:
+            return
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def is_canonical(t: torch.Tensor) -> bool:
+    """The tensor layouts the kernels are compiled for (and ``make aot`` checks): a 16-byte-aligned base
+    address; 2-D tensors with unit column stride and either contiguous rows or, when the width is a multiple
+    of 16, a row stride that is a multiple of 16 (a column slice of a wider matrix); other ranks contiguous.
+    Together with the argument values this fixes Triton's specialisation of every pointer and stride."""
+    if t.data_ptr() % 16 != 0:
+        return False
+    if t.dim() == 2:
+        rows, cols = t.stride()
+        width = t.shape[1]
+        return (cols == 1 or width == 1) and (rows == width or (width % 16 == 0 and rows % 16 == 0))
+    return t.is_contiguous()
+
+
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when :func:`is_canonical`, else a fresh contiguous copy (a misaligned view such as
+    ``x[:, 1:]``, a row stride that breaks the width's divisibility, a transposed matrix). The copy costs one
+    pass over ``t`` and only happens for unusual views; what the kernels see is always a checked layout."""
+    if is_canonical(t):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set (it must be set before triton is first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """Smallest power of two ``>= max(n, floor)`` (``tl.dot`` needs every dimension >= 16)."""
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Cast the score GEMM's ``tl.dot`` operands to fp32: for fp32 inputs, and for bf16 under the interpreter
+    (whose bf16 arithmetic is wrong). fp16 keeps native fp16 operands under the interpreter too, so the tests run
+    the code path a GPU runs (fp16 weights, fp16 products accumulated in fp32)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Mode of the fp32 ``tl.dot`` products (weighted sums, gradient GEMMs, the fp32 score GEMM).
+
+    fp16/bf16 inputs: ``"tf32"`` (TF32 holds their mantissas exactly; the fp32 operand is rounded to 10 bits).
+    fp32 inputs: ``"tf32"`` where torch itself would use TF32 (``torch.backends.cuda.matmul.allow_tf32``),
+    else ``"tf32x3"`` (three TF32 products, close to fp32 accuracy, still on tensor cores). Under the
+    interpreter: ``"ieee"`` (it computes every dot in full fp32 whatever the mode says)."""
+    if interpreting():
+        return "ieee"
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# representative arguments for the ahead-of-time checks
+# ----------------------------------------------------------------------------------------------------------------
+AOT_DIMS = (384, 512, 768, 1024, 1536, 2048, 36)
+"""Feature widths the AOT checks feed the launchers: the common encoder widths (one specialisation class:
+divisible by 16) and one that is not (the colour features of ``fastmil tile``)."""
+
+
+def aot_views(n: int, dim: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``[n, dim]`` CPU tensors in each canonical row layout (values are irrelevant: only dtype, strides and
+    alignment reach the compiler): contiguous, and, for widths divisible by 16, a column slice ``x[:, :dim]`` of
+    a wider matrix (non-unit row stride)."""
+    yield torch.zeros(n, dim, dtype=dtype)
+    if dim % 16 == 0:
+        yield torch.zeros(n, dim + 16, dtype=dtype)[:, :dim]

@@ -1,0 +1,295 @@
+"""attention_pool vs an independent fp64 reference, forward and backward, on ragged masked bags.
+
+Both backends run the same cases: ``torch``, and ``triton`` through the Triton interpreter on CPU tensors
+(``TRITON_INTERPRET=1`` is set by conftest.py before triton is imported). The interpreter computes every
+``tl.dot`` in fp32 (it ignores ``input_precision``), so on both backends every fp32 output is expected within a
+few fp32 roundings of the fp64 reference evaluated on the same (dtype-rounded) inputs; outputs in the input
+dtype (grads of fp16/bf16 tensors) within one unit of that dtype's last place. The CUDA-only test at the end
+checks the GPU's TF32 weighted sums against a reference that applies the same rounding.
+
+Tolerances (largest error measured over all cases of a test, then about 3x): pooled 1.2e-6 relative to the
+tensor's largest value; weights 1.7e-6 per element, relative to the element; grad values (fp32) 6.2e-7 per bag,
+relative to the bag's largest value; grad scores 4.9e-7 per bag, relative to the magnitude of the two terms that
+cancel in ``a (u - c)``. Rounding the weights to fp16 before pooling gives ~1e-4 and fails.
+"""
+import inspect
+import re
+
+import pytest
+import torch
+
+from fastmil.ops import attention_pool, attention_pool_reference, resolve_backend
+from tests.ragged import (
+    LAYOUTS, SIZES, SMALL_SIZES, STRIDED_DIM, WIDE_DIM, elementwise_error, make_mask, offsets_of, per_bag_error,
+    relative_error, strided,
+)
+
+TOL_POOLED = 4e-6
+TOL_WEIGHTS = 5e-6
+TOL_GRAD_VALUES = 2e-6
+TOL_GRAD_SCORES = 2e-6
+# an output stored in the input dtype is the fp32 result rounded once: within one unit in the last place of the
+# bag's largest value (the interpreter truncates fp32 -> bf16 instead of rounding to nearest, hence a full ulp)
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _case(sizes, dim, heads, dtype, mask_kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    scores = (torch.randn((n,) if heads is None else (n, heads), generator=g) * 3).to(dtype)
+    values = torch.randn(n, dim, generator=g).to(dtype)
+    return scores, values, offsets_of(sizes), make_mask(sizes, mask_kind, g)
+
+
+def _run(scores, values, offsets, mask, backend, grads):
+    """Forward + backward of ``sum(pooled * gp) + sum(weights * gw)``; returns outputs and input grads."""
+    s = scores.detach().requires_grad_()  # detach keeps the view's strides (clone would not)
+    v = values.detach().requires_grad_()
+    pooled, weights = attention_pool(s, v, offsets, mask, backend=backend)
+    gp, gw = grads
+    ((pooled.double() * gp).sum() + (weights.double() * gw).sum()).backward()
+    return pooled, weights, s.grad, v.grad
+
+
+def _reference(scores, values, offsets, mask, grads):
+    s = scores.detach().double().requires_grad_()
+    v = values.detach().double().requires_grad_()
+    pooled, weights = attention_pool_reference(s, v, offsets, mask)
+    gp, gw = grads
+    ((pooled * gp).sum() + (weights * gw).sum()).backward()
+    return pooled, weights, s.grad, v.grad
+
+
+def _upstream(n_bags, n, heads, dim, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape_p = (n_bags, dim) if heads is None else (n_bags, heads, dim)
+    shape_w = (n,) if heads is None else (n, heads)
+    return torch.randn(shape_p, generator=g, dtype=torch.float64), torch.randn(shape_w, generator=g, dtype=torch.float64)
+
+
+def _cancellation_scale(weights, values, offsets, grads):
+    """Per row, ``a_i (|u_i| + |c_b|)``: the size of the terms whose difference is ``grad_s_i = a_i (u_i - c_b)``
+    (``u_i = g_b . v_i + gw_i``, ``c_b = sum_j a_j u_j``). A bag of one has an exact gradient of 0 that fp32
+    reaches only up to this scale."""
+    gp, gw = grads
+    w = weights.detach().double()
+    squeeze = w.dim() == 1
+    w2, gw2 = (w[:, None], gw[:, None]) if squeeze else (w, gw)
+    gp3 = gp[:, None] if squeeze else gp
+    bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
+    u = torch.einsum("nd,nhd->nh", values.double(), gp3[bag]) + gw2
+    c = torch.zeros(offsets.numel() - 1, w2.shape[1], dtype=torch.float64).index_add_(0, bag, w2 * u)
+    scale = w2 * (u.abs() + c[bag].abs())
+    return scale[:, 0] if squeeze else scale
+
+
+def _check(actual, expected, offsets, values, mask, dtype, grads):
+    pooled, weights, grad_s, grad_v = actual
+    r_pooled, r_weights, r_grad_s, r_grad_v = expected
+    assert pooled.dtype == weights.dtype == torch.float32
+    assert grad_s.dtype == dtype and grad_v.dtype == dtype
+    assert relative_error(pooled, r_pooled) <= TOL_POOLED
+    assert elementwise_error(weights, r_weights, floor=1e-30) <= TOL_WEIGHTS
+    tol_v = ULP.get(dtype, TOL_GRAD_VALUES)
+    assert per_bag_error(grad_v, r_grad_v, offsets) <= tol_v
+    scale = _cancellation_scale(r_weights, values, offsets, grads)
+    err = (grad_s.double() - r_grad_s).abs()
+    bounds = offsets.tolist()
+    tol_s = ULP.get(dtype, TOL_GRAD_SCORES)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            assert float(err[lo:hi].max()) <= tol_s * max(float(scale[lo:hi].max()), 1e-300), (lo, hi)
+    if mask is not None:
+        assert torch.all(weights[~mask] == 0) and torch.all(grad_s[~mask] == 0) and torch.all(grad_v[~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked-bag"])
+@pytest.mark.parametrize("heads", [None, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_fp64_reference(dtype, mask_kind, heads, backend):
+    scores, values, offsets, mask = _case(SIZES, 40, heads, dtype, mask_kind)
+    grads = _upstream(len(SIZES), sum(SIZES), heads, 40)
+    actual = _run(scores, values, offsets, mask, backend, grads)
+    _check(actual, _reference(scores, values, offsets, mask, grads), offsets, values, mask, dtype, grads)
+    if mask_kind == "all-masked-bag":
+        pooled, weights = actual[0], actual[1]
+        assert torch.all(pooled[2] == 0) and torch.all(weights[offsets[2] : offsets[3]] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [None, 17])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_wide_features_span_several_blocks(dtype, heads, backend):
+    """D = 259: several D blocks in every kernel, 2 merge blocks and a 3-column tail; 17 heads use H_PAD 32."""
+    scores, values, offsets, mask = _case(SMALL_SIZES, WIDE_DIM, heads, dtype, "random", seed=4)
+    grads = _upstream(len(SMALL_SIZES), sum(SMALL_SIZES), heads, WIDE_DIM, seed=5)
+    actual = _run(scores, values, offsets, mask, backend, grads)
+    _check(actual, _reference(scores, values, offsets, mask, grads), offsets, values, mask, dtype, grads)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_inputs_and_outputs(layout, backend):
+    """Values as column slices, misaligned views, row-strided and transposed matrices; scores and mask as
+    non-contiguous views: the same numbers as contiguous inputs, and every gradient in its own buffer."""
+    sizes, dim, heads = [1, 70, 129], STRIDED_DIM[layout], 3
+    scores, values, offsets, mask = _case(sizes, dim, heads, torch.float32, "random", seed=6)
+    grads = _upstream(len(sizes), sum(sizes), heads, dim, seed=7)
+    score_view = torch.zeros(sum(sizes), 2 * heads)
+    score_view[:, ::2] = scores
+    mask_view = torch.zeros(2 * sum(sizes), dtype=torch.bool)
+    mask_view[::2] = mask
+    v = strided(values, layout)
+    assert not v.is_contiguous()
+    actual = _run(score_view[:, ::2], v, offsets, mask_view[::2], backend, grads)
+    assert actual[3].shape == values.shape and torch.isfinite(actual[3]).all()
+    _check(actual, _reference(scores, values, offsets, mask, grads), offsets, values, mask, torch.float32, grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weights_sum_to_one_per_bag_and_zero_on_masked(backend):
+    scores, values, offsets, mask = _case([5, 1, 33], 16, None, torch.float32, "random", seed=3)
+    mask[5] = True  # the bag of one participates
+    _, w = attention_pool(scores, values, offsets, mask, backend=backend)
+    for b in range(3):
+        seg = w[offsets[b] : offsets[b + 1]]
+        m = mask[offsets[b] : offsets[b + 1]]
+        assert torch.all(seg[~m] == 0)
+        assert abs(float(seg.sum()) - 1.0) < 1e-6
+    assert float(w[5]) == 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_bags_pool_to_zero(backend):
+    scores = torch.randn(4)
+    values = torch.randn(4, 3)
+    pooled, w = attention_pool(scores, values, torch.tensor([0, 4, 4, 4]), backend=backend)
+    assert torch.all(pooled[1:] == 0) and torch.isfinite(pooled).all()
+    assert abs(float(w.sum()) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_extreme_scores_stay_finite(backend):
+    scores = torch.tensor([1e4, -1e4, 3e4, 0.0])
+    values = torch.randn(4, 2)
+    pooled, w = attention_pool(scores, values, torch.tensor([0, 2, 4]), backend=backend)
+    assert torch.isfinite(pooled).all() and torch.allclose(w, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(pooled, values[[0, 2]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_of_scores_only(backend):
+    """Values that do not require grad (the kernel skips grad_values): the scores' gradient still matches."""
+    scores, values, offsets, mask = _case([3, 70], 16, None, torch.float32, "random", seed=5)
+    s = scores.clone().requires_grad_()
+    pooled, _ = attention_pool(s, values, offsets, mask, backend=backend)
+    pooled.sum().backward()
+    s64 = scores.double().requires_grad_()
+    attention_pool_reference(s64, values.double(), offsets, mask)[0].sum().backward()
+    assert per_bag_error(s.grad, s64.grad, offsets) <= TOL_GRAD_SCORES
+
+
+def test_float64_torch_path_passes_gradcheck():
+    scores, values, offsets, mask = _case([1, 5, 9], 4, 2, torch.float64, "random", seed=9)
+    s, v = scores.requires_grad_(), values.requires_grad_()
+    pooled, weights = attention_pool(s, v, offsets, mask, backend="torch")
+    assert pooled.dtype == weights.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: attention_pool(a, b, offsets, mask, backend="torch"), (s, v))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="3 scores for 4 values"):
+        attention_pool(torch.randn(3), torch.randn(4, 2), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        attention_pool(torch.randn(4), torch.randn(4, 2), torch.tensor([0, 4]), torch.ones(4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention_pool(torch.randn(4), torch.randn(4, 2), torch.tensor([0, 4]), backend="cuda")
+    with pytest.raises(ValueError, match="at most 32 heads"):
+        attention_pool(torch.randn(4, 33), torch.randn(4, 2), torch.tensor([0, 4]), backend="triton")
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        attention_pool(torch.randn(4).double(), torch.randn(4, 2).double(), torch.tensor([0, 4]), backend="triton")
+    with pytest.raises(ValueError, match="D >= 2"):
+        attention_pool(torch.randn(4), torch.randn(4, 1), torch.tensor([0, 4]), backend="triton")
+    for bad in ([0, 5], [1, 4], [0, 3, 2, 4]):  # past the end, not starting at 0, decreasing
+        with pytest.raises(ValueError, match="offsets must start at 0"):
+            attention_pool(torch.randn(4), torch.randn(4, 2), torch.tensor(bad), backend="triton")
+
+
+def test_backend_resolution(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FASTMIL_BACKEND", raising=False)
+    assert resolve_backend("auto", "op", cpu, has_triton=True) == "torch"
+    assert resolve_backend("auto", "op", cuda, has_triton=True) == "triton"
+    assert resolve_backend("auto", "op", cuda, has_triton=False) == "torch"
+    monkeypatch.setenv("FASTMIL_BACKEND", "torch")
+    assert resolve_backend("auto", "op", cuda, has_triton=True) == "torch"
+    monkeypatch.setenv("FASTMIL_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="no Triton kernel"):
+        resolve_backend("auto", "op", cuda, has_triton=False)
+    monkeypatch.setenv("FASTMIL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTMIL_BACKEND"):
+        resolve_backend("auto", "op", cpu, has_triton=True)
+    monkeypatch.delenv("FASTMIL_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", "op", cpu, has_triton=True)
+
+
+def test_kernels_are_deterministic_by_construction():
+    """No atomics anywhere in the kernels (the interpreter runs programs one at a time, so a race or an
+    order-dependent float reduction could never show in a test): every reduction has a fixed order."""
+    from fastmil.aot import kernel_modules
+
+    for module in kernel_modules():
+        source = inspect.getsource(module)
+        assert not re.search(r"\btl\.atomic_\w+", source), f"{module.__name__} uses atomics"
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> TF32 (10 mantissa bits), rounding to nearest with ties away from zero (``cvt.rna.tf32.f32``)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32_tile_reference(scores, values, offsets, mask, block_n):
+    """What the GPU computes for fp16/bf16 values: per tile of ``block_n`` rows, ``p = exp(s - m_tile)`` in fp32
+    rounded to TF32 for the weighted sum (exact products, fp64 sums here), then the exact merge of the tiles."""
+    s = scores.float()
+    pooled = []
+    bounds = offsets.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        parts, stats = [], []
+        for t0 in range(lo, hi, block_n):
+            t1 = min(t0 + block_n, hi)
+            valid = mask[t0:t1]
+            if not bool(valid.any()):
+                continue
+            m = float(s[t0:t1][valid].max())
+            p = torch.where(valid, torch.exp(s[t0:t1] - m), torch.zeros(()))
+            parts.append(round_to_tf32(p).double() @ values[t0:t1].double())
+            stats.append((m, float(p.double().sum())))
+        if not parts:
+            pooled.append(torch.zeros(values.shape[1], dtype=torch.float64))
+            continue
+        big_m = max(m for m, _ in stats)
+        scale = [torch.exp(torch.tensor(m - big_m, dtype=torch.float64)) for m, _ in stats]
+        total = sum(c * ell for c, (_, ell) in zip(scale, stats))
+        pooled.append(sum(c * part for c, part in zip(scale, parts)) / total)
+    return torch.stack(pooled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter computes dots in fp32)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tf32_weighted_sum_matches_a_reference_with_the_same_rounding(dtype):
+    """fp16/bf16 values: the tile kernel's weighted sum runs in TF32, which rounds the fp32 tile weights to 10
+    bits (relative error up to 2^-11). Against a reference that rounds the same way the pooled vector agrees to
+    fp32 accumulation error, an order of magnitude inside that rounding."""
+    from fastmil.kernels.attention_pool import pool_config
+
+    scores, values, offsets, mask = _case(SIZES, WIDE_DIM, None, dtype, "random", seed=11)
+    pooled, weights = attention_pool(scores.cuda(), values.cuda(), offsets.cuda(), mask.cuda(), backend="triton")
+    _, ref_w = attention_pool_reference(scores.double(), values.double(), offsets, mask)
+    ref = _tf32_tile_reference(scores, values, offsets, mask, pool_config(1, dtype).block_n)
+    assert elementwise_error(weights.cpu(), ref_w, floor=1e-30) <= TOL_WEIGHTS
+    assert relative_error(pooled.cpu(), ref) <= 5e-5

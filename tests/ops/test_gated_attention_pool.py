@@ -1,0 +1,226 @@
+"""gated_attention_pool (the fused op behind GatedAttentionPool) vs an independent fp64 reference.
+
+Forward and every gradient (h, V, U, w and their biases), on ragged bags, with no mask, a random mask and an
+all-masked bag, for fp32/fp16/bf16 inputs, on both backends: ``torch`` and ``triton`` through the interpreter
+on CPU tensors. The reference sees the same rounded inputs as the path under test: for fp16 inputs the Triton
+path runs the score GEMM with V and U rounded to fp16 (``score_weight_dtype``), so its reference rounds them
+too; everything else is fp32 arithmetic in both paths (the interpreter computes dots in fp32, and under it the
+bf16 score GEMM is upcast). Hence fp32-level tolerances for every fp32 output whatever the input dtype.
+
+Tolerances (largest error measured over all cases, then about 3x): pooled 2.3e-6 relative to the tensor's
+largest value; weights 1.0e-5 per element, relative to the element (an fp32 error in a score of size ~20 is a
+relative error of the weight); grad h (fp32) 4.7e-6 per bag, relative to the bag's largest value, and one unit
+in the last place for fp16/bf16 grads; parameter grads 6.8e-6 relative to each tensor's largest value. Rounding
+the weights to fp16 before pooling gives ~2e-4 and fails.
+"""
+import pytest
+import torch
+
+from fastmil.kernels._launch import upcast_dots
+from fastmil.nn import GatedAttentionPool
+from fastmil.ops import attention_pool, gated_attention_pool, gated_attention_pool_reference
+from tests.ragged import (
+    LAYOUTS, SIZES, SMALL_SIZES, STRIDED_DIM, WIDE_DIM, elementwise_error, make_mask, offsets_of, per_bag_error,
+    relative_error, strided,
+)
+
+DIM, HIDDEN = 40, 24  # neither a power of two: exercises the padded tails of every block
+PARAM_NAMES = ["v_weight", "v_bias", "u_weight", "u_bias", "w_weight", "w_bias"]
+TOL_POOLED = 7e-6
+TOL_WEIGHTS = 3e-5
+TOL_GRAD_H = 1.4e-5
+TOL_PARAMS = 2e-5
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # see tests/ops/test_attention_pool.py
+
+
+def _case(sizes, dtype, mask_kind, seed=0, dim=DIM, hidden=HIDDEN):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    h = torch.randn(n, dim, generator=g).to(dtype)
+    params = [
+        torch.randn(hidden, dim, generator=g) / dim**0.5,
+        torch.randn(hidden, generator=g) * 0.1,
+        torch.randn(hidden, dim, generator=g) / dim**0.5,
+        torch.randn(hidden, generator=g) * 0.1,
+        torch.randn(1, hidden, generator=g) * 2,  # large enough for peaked (not uniform) attention
+        torch.randn(1, generator=g),
+    ]
+    return h, params, offsets_of(sizes), make_mask(sizes, mask_kind, g)
+
+
+def _score_rounding(backend: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype V and U are rounded to for the score GEMM on this path (None: kept in fp32)."""
+    if backend == "triton" and not upcast_dots(dtype):
+        return dtype
+    return None
+
+
+def _run(h, params, offsets, mask, backend, grads):
+    h1 = h.detach().requires_grad_()  # detach keeps the view's strides (clone would not)
+    p1 = [p.clone().requires_grad_() for p in params]
+    pooled, weights = gated_attention_pool(h1, *p1, offsets, mask, backend=backend)
+    gp, gw = grads
+    ((pooled.double() * gp).sum() + (weights.double() * gw).sum()).backward()
+    return pooled, weights, h1.grad, [p.grad for p in p1]
+
+
+def _reference(h, params, offsets, mask, grads, rounding):
+    h64 = h.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    used = list(p64)
+    if rounding is not None:  # round V and U as the kernel's score GEMM does; gradients flow through
+        used[0] = p64[0] + (p64[0].to(rounding).double() - p64[0]).detach()
+        used[2] = p64[2] + (p64[2].to(rounding).double() - p64[2]).detach()
+    pooled, weights = gated_attention_pool_reference(h64, *used, offsets, mask)
+    gp, gw = grads
+    ((pooled * gp).sum() + (weights * gw).sum()).backward()
+    return pooled, weights, h64.grad, [p.grad for p in p64]
+
+
+def _upstream(n_bags, n, dim, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_bags, dim, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _check(actual, expected, offsets, mask, dtype):
+    pooled, weights, grad_h, grad_p = actual
+    r_pooled, r_weights, r_grad_h, r_grad_p = expected
+    assert pooled.dtype == weights.dtype == torch.float32 and grad_h.dtype == dtype
+    assert relative_error(pooled, r_pooled) <= TOL_POOLED
+    assert elementwise_error(weights, r_weights, floor=1e-30) <= TOL_WEIGHTS
+    assert per_bag_error(grad_h, r_grad_h, offsets) <= ULP.get(dtype, TOL_GRAD_H)
+    for name, got, ref in zip(PARAM_NAMES[:-1], grad_p, r_grad_p):
+        assert got.dtype == torch.float32
+        assert relative_error(got, ref) <= TOL_PARAMS, name
+    # softmax ignores a shift of every score, so the exact gradient of w_bias is 0: compare on the scale of w
+    assert abs(float(grad_p[5])) <= TOL_PARAMS * float(r_grad_p[4].abs().max())
+    if mask is not None:
+        assert torch.all(weights[~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked-bag"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backend):
+    h, params, offsets, mask = _case(SIZES, dtype, mask_kind)
+    grads = _upstream(len(SIZES), sum(SIZES), DIM)
+    actual = _run(h, params, offsets, mask, backend, grads)
+    _check(actual, _reference(h, params, offsets, mask, grads, _score_rounding(backend, dtype)), offsets, mask, dtype)
+    if mask_kind == "all-masked-bag":
+        rows = slice(int(offsets[2]), int(offsets[3]))
+        assert torch.all(actual[0][2] == 0) and torch.all(actual[1][rows] == 0)
+        assert torch.all(actual[2][rows] == 0)
+    assert torch.isfinite(actual[2]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [24, 64, 128, 256])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_wide_features_and_every_hidden_pad(hidden, dtype, backend):
+    """D = 259 spans several D blocks with a ragged tail in every kernel (and 2 merge blocks); hidden 24/64/128/
+    256 select every tile config (HID_PAD 32..256)."""
+    h, params, offsets, mask = _case(SMALL_SIZES, dtype, "random", seed=7, dim=WIDE_DIM, hidden=hidden)
+    grads = _upstream(len(SMALL_SIZES), sum(SMALL_SIZES), WIDE_DIM, seed=8)
+    actual = _run(h, params, offsets, mask, backend, grads)
+    _check(actual, _reference(h, params, offsets, mask, grads, _score_rounding(backend, dtype)), offsets, mask, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_inputs_and_outputs(layout, backend):
+    """h as a column slice, a misaligned view, a row-strided or a transposed matrix, and a non-contiguous mask:
+    the same numbers as contiguous inputs, and grad_h in a buffer of its own (the old Triton backward stored it
+    with the input's row stride, past the end of a contiguous buffer)."""
+    sizes = [1, 70, 129]
+    h, params, offsets, mask = _case(sizes, torch.float32, "random", seed=9, dim=STRIDED_DIM[layout], hidden=40)
+    mask_view = torch.zeros(2 * sum(sizes), dtype=torch.bool)
+    mask_view[1::2] = mask
+    grads = _upstream(len(sizes), sum(sizes), STRIDED_DIM[layout], seed=10)
+    view = strided(h, layout)
+    assert not view.is_contiguous()
+    actual = _run(view, params, offsets, mask_view[1::2], backend, grads)
+    assert actual[2].shape == h.shape
+    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_edge_bags_and_grad_of_params_only(backend):
+    """Empty bags, a bag of one, an all-masked bag of one; h without grad (features straight from the store)."""
+    h, params, offsets, _ = _case([0, 1, 3, 0, 65, 1], torch.float32, "none", seed=4)
+    mask = torch.ones(h.shape[0], dtype=torch.bool)
+    mask[-1] = False
+    p1 = [p.clone().requires_grad_() for p in params]
+    pooled, weights = gated_attention_pool(h, *p1, offsets, mask, backend=backend)
+    assert torch.all(pooled[[0, 3, 5]] == 0)
+    torch.testing.assert_close(pooled[1], h[0])  # a bag of one pools to itself with weight 1
+    weights = weights.detach()
+    assert float(weights[0]) == pytest.approx(1.0) and float(weights[-1]) == 0.0
+    pooled.square().sum().backward()
+    p64 = [p.double().requires_grad_() for p in params]
+    gated_attention_pool_reference(h.double(), *p64, offsets, mask)[0].square().sum().backward()
+    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
+        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_n_by_hidden_tensor_is_saved_for_backward(backend):
+    """The recompute strategy: nothing with N x hidden elements (or larger, except h itself) is kept."""
+    n, dim, hidden = 300, 16, 64  # hidden > dim, so an N x hidden activation would be the largest tensor
+    h, params, offsets, _ = _case([100, 200], torch.float32, "none", dim=dim, hidden=hidden)
+    h = h.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pooled, _ = gated_attention_pool(h, *params, offsets, backend=backend)
+    assert saved, "expected the Function to save tensors through the hooks"
+    for shape, ptr in saved:
+        numel = int(torch.Size(shape).numel())
+        assert numel < n * hidden or ptr == h.data_ptr(), f"saved a {shape} tensor"
+    pooled.sum().backward()
+
+
+def test_module_matches_unfused_chain():
+    """GatedAttentionPool (fused op) equals its own scores() followed by attention_pool, values and grads."""
+    torch.manual_seed(0)
+    pool = GatedAttentionPool(DIM, HIDDEN)
+    h, _, offsets, mask = _case([5, 77, 1], torch.float32, "random", seed=6)
+    fused = pool(h, offsets, mask)
+    fused[0].sum().backward()
+    fused_grads = [p.grad.clone() for p in pool.parameters()]
+    pool.zero_grad()
+    chain = attention_pool(pool.scores(h), h, offsets, mask)
+    chain[0].sum().backward()
+    torch.testing.assert_close(fused[0], chain[0])
+    torch.testing.assert_close(fused[1], chain[1])
+    for a, p in zip(fused_grads, pool.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_float64_torch_path_passes_gradcheck():
+    h, params, offsets, mask = _case([1, 4, 7], torch.float64, "random", seed=12, dim=5, hidden=3)
+    args = [h.requires_grad_(), *[p.double().requires_grad_() for p in params]]
+    pooled, weights = gated_attention_pool(*args, offsets, mask, backend="torch")
+    assert pooled.dtype == weights.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda *a: gated_attention_pool(*a, offsets, mask, backend="torch"), args)
+
+
+def test_bad_inputs():
+    h, params, offsets, _ = _case([4], torch.float32, "none")
+    with pytest.raises(ValueError, match="v_weight must have shape"):
+        gated_attention_pool(h, params[0][:, :3], *params[1:], offsets)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        gated_attention_pool(h, *params, offsets, torch.ones(4))
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        gated_attention_pool(h.double(), *params, offsets, backend="triton")
+    for bad in ([0, 5], [1, 4], [0, 3, 2, 4]):  # past the end, not starting at 0, decreasing
+        with pytest.raises(ValueError, match="offsets must start at 0"):
+            gated_attention_pool(h, *params, torch.tensor(bad), backend="triton")
+    big = [torch.zeros(257, DIM), torch.zeros(257), torch.zeros(257, DIM), torch.zeros(257), torch.zeros(1, 257),
+           torch.zeros(1)]
+    with pytest.raises(ValueError, match="hidden_dim <= 256"):
+        gated_attention_pool(h, *big, offsets, backend="triton")
+    assert torch.isfinite(gated_attention_pool(h, *big, offsets, backend="torch")[0]).all()
