@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gated_pool_cases import STEPS, make_case
 
 HIDDEN = 128

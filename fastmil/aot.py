@@ -34,10 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["SHARED_LIMIT", "CompileResult", "Specialisation", "collect_specialisations", "compile_specialisation",
            "kernel_modules", "main", "specialise"]
@@ -67,7 +68,8 @@ class Specialisation:
     def label(self) -> str:
         """A compact description: main dtype, the runtime-specialised arguments, the constexprs, warps/stages."""
         sig = dict(self.signature)
-        main_ptr = next((n for n in ("h_ptr", "values_ptr", "scores_ptr", "dpre_ptr", "tile_max_ptr") if n in sig), None)
+        main = ("h_ptr", "values_ptr", "scores_ptr", "dpre_ptr", "tile_max_ptr")
+        main_ptr = next((n for n in main if n in sig), None)
         dtype = sig[main_ptr].lstrip("*") if main_ptr else "-"
         ints = [n for n, t in self.signature if t[0] in "iu" and not n.endswith("_ptr")]
         consts = dict(self.constants)
@@ -114,7 +116,8 @@ def jit_kernels(module: Any) -> set[str]:
     """Names of the ``@triton.jit`` kernels (``*_kernel``) defined in ``module`` itself."""
     return {
         name for name, obj in vars(module).items()
-        if name.endswith("_kernel") and hasattr(obj, "arg_names") and getattr(obj, "__module__", None) == module.__name__
+        if name.endswith("_kernel") and hasattr(obj, "arg_names")
+        and getattr(obj, "__module__", None) == module.__name__
     }
 
 
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max registers {worst}; {len(bad)} with problems")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in ordered]}, indent=1))
+        report = {"triton": triton.__version__, "results": [asdict(r) for r in ordered]}
+        args.json.write_text(json.dumps(report, indent=1))
     return 1 if bad else 0
 
 

@@ -8,7 +8,7 @@ Validation happens once, here, at construction; every error names the offending 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ class Bags:
     Attributes:
         features: ``[N_total, D]`` float tensor (fp32, fp16, bf16; fp64 accepted for references).
         offsets: ``int64 [B + 1]``; ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == N_total``.
+        offsets_cpu: the same offsets on the host (``offsets`` itself for CPU batches). It travels with the batch
+            through :meth:`to`, so the ops that size launch grids or loop over bags never copy offsets back from
+            a GPU (no device-to-host synchronisation per op call).
         coords: optional ``[N_total, 2]`` integer patch coordinates (level-0 pixels, top-left, x then y).
         labels: optional ``int64 [B]`` slide labels.
         ids: list of B slide ids (strings, unique within the batch).
@@ -38,7 +41,7 @@ class Bags:
         ValueError: with the slide id and the problem, on any inconsistent input.
     """
 
-    __slots__ = ("features", "offsets", "coords", "labels", "ids")
+    __slots__ = ("features", "offsets", "offsets_cpu", "coords", "labels", "ids")
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class Bags:
         n_classes: int | None = None,
         allow_empty: bool = False,
         validate: bool = True,
+        offsets_cpu: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(features, torch.Tensor) or not isinstance(offsets, torch.Tensor):
             raise TypeError("Bags: features and offsets must be torch tensors")
@@ -58,6 +62,9 @@ class Bags:
         self.ids = [f"bag{i}" for i in range(max(n_bags, 0))] if ids is None else [str(s) for s in ids]
         self.features = features
         self.offsets = offsets
+        if offsets_cpu is None:
+            offsets_cpu = offsets if offsets.device.type == "cpu" else offsets.detach().cpu()
+        self.offsets_cpu = offsets_cpu
         self.coords = coords
         self.labels = labels
         if validate:
@@ -84,7 +91,9 @@ class Bags:
             if sid in seen:
                 raise ValueError(f"Bags: duplicate slide id {sid!r} in one batch")
             seen.add(sid)
-        off_cpu = off.detach().cpu()
+        off_cpu = self.offsets_cpu
+        if off_cpu.shape != off.shape or (off.device.type == "cpu" and not torch.equal(off_cpu, off)):
+            raise ValueError("Bags: offsets_cpu must be the host copy of offsets")
         if int(off_cpu[0]) != 0:
             raise ValueError(f"Bags: offsets[0] must be 0, got {int(off_cpu[0])}")
         sizes = off_cpu[1:] - off_cpu[:-1]
@@ -142,7 +151,7 @@ class Bags:
         labels: Sequence[int] | torch.Tensor | None = None,
         ids: Sequence[str] | None = None,
         **kwargs,
-    ) -> "Bags":
+    ) -> Bags:
         """Pack a list of ``[n_b, D]`` tensors (and optional ``[n_b, 2]`` coords) into one batch."""
         if len(features_list) == 0:
             raise ValueError("Bags.from_list: no bags given")
@@ -174,7 +183,7 @@ class Bags:
         label_tensor = None
         if labels is not None:
             label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(device).reshape(-1)
-        return cls(features, offsets.to(device), packed_coords, label_tensor, names, **kwargs)
+        return cls(features, offsets.to(device), packed_coords, label_tensor, names, offsets_cpu=offsets, **kwargs)
 
     @classmethod
     def from_padded(
@@ -185,7 +194,7 @@ class Bags:
         ids: Sequence[str] | None = None,
         coords: torch.Tensor | None = None,
         **kwargs,
-    ) -> "Bags":
+    ) -> Bags:
         """Pack a padded batch ``X [B, Nmax, D]`` with ``mask [B, Nmax]`` (True = real instance).
 
         Instances keep their order within a bag; padded rows (mask False) are dropped wherever they sit.
@@ -193,7 +202,9 @@ class Bags:
         if X.dim() != 3:
             raise ValueError(f"Bags.from_padded: X must be [B, Nmax, D], got {tuple(X.shape)}")
         if mask.shape != X.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"Bags.from_padded: mask must be bool {tuple(X.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"Bags.from_padded: mask must be bool {tuple(X.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+            )
         sizes = mask.sum(dim=1).to(torch.int64)
         offsets = torch.zeros(X.shape[0] + 1, dtype=torch.int64, device=X.device)
         torch.cumsum(sizes, 0, out=offsets[1:])
@@ -203,8 +214,8 @@ class Bags:
     # ------------------------------------------------------------------ views and conversions
     @property
     def sizes(self) -> torch.Tensor:
-        """``int64 [B]``: instances per bag."""
-        return self.offsets[1:] - self.offsets[:-1]
+        """``int64 [B]``: instances per bag (on the host)."""
+        return self.offsets_cpu[1:] - self.offsets_cpu[:-1]
 
     @property
     def n_instances(self) -> int:
@@ -222,27 +233,30 @@ class Bags:
         return self.offsets.numel() - 1
 
     def bag_index(self) -> torch.Tensor:
-        """``int64 [N_total]``: the bag each instance belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self), device=self.offsets.device), self.sizes)
+        """``int64 [N_total]``: the bag each instance belongs to (on the batch's device)."""
+        sizes = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(len(self), device=self.offsets.device), sizes,
+                                       output_size=self.n_instances)
 
-    def __getitem__(self, i: int) -> "Bags":
+    def __getitem__(self, i: int) -> Bags:
         """Bag ``i`` as a batch of one (views, no copies)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"bag index {i} out of range for {n} bags")
         i %= n
-        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        offsets = torch.tensor([0, hi - lo], dtype=torch.int64, device=self.offsets.device)
+        lo, hi = int(self.offsets_cpu[i]), int(self.offsets_cpu[i + 1])
+        offsets_cpu = torch.tensor([0, hi - lo], dtype=torch.int64)
         return Bags(
             self.features[lo:hi],
-            offsets,
+            offsets_cpu.to(self.offsets.device),
             None if self.coords is None else self.coords[lo:hi],
             None if self.labels is None else self.labels[i : i + 1],
             [self.ids[i]],
             validate=False,
+            offsets_cpu=offsets_cpu,
         )
 
-    def __iter__(self) -> Iterable["Bags"]:
+    def __iter__(self) -> Iterable[Bags]:
         return (self[i] for i in range(len(self)))
 
     def to_padded(self, pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,18 +272,24 @@ class Bags:
         mask[bag, pos] = True
         return X, mask
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Bags":
-        """Move every tensor to ``device`` (features keep their dtype)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+    def to(self, target: torch.device | str | torch.dtype, non_blocking: bool = False) -> Bags:
+        """Move every tensor to a device (features keep their dtype), or, given a dtype, cast the features only
+        (offsets, coords and labels keep their integer dtypes). The host copy of the offsets travels along."""
+        if isinstance(target, torch.dtype):
+            if not target.is_floating_point:
+                raise ValueError(f"Bags.to: features must stay floating point, got {target}")
+            return Bags(self.features.to(target), self.offsets, self.coords, self.labels, list(self.ids),
+                        validate=False, offsets_cpu=self.offsets_cpu)
+        move = lambda t: None if t is None else t.to(target, non_blocking=non_blocking)  # noqa: E731
         return Bags(
             move(self.features), move(self.offsets), move(self.coords), move(self.labels), list(self.ids),
-            validate=False,
+            validate=False, offsets_cpu=self.offsets_cpu,
         )
 
-    def pin_memory(self) -> "Bags":
+    def pin_memory(self) -> Bags:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Bags(pin(self.features), pin(self.offsets), pin(self.coords), pin(self.labels), list(self.ids),
-                    validate=False)
+                    validate=False, offsets_cpu=self.offsets_cpu)
 
     def __repr__(self) -> str:
         return (

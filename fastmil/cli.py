@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -79,13 +79,25 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides of ``fastmil train``: the shortcut flags first, then ``section.key=value`` items."""
+    flags = {"model.name": args.model, "method.name": args.method, "optim.epochs": args.epochs,
+             "run.seed": args.seed, "run.device": args.device}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+    from .nn import MODELS
     from .train import fit, load_config
 
-    cfg = load_config(args.config, method=args.method, epochs=args.epochs, seed=args.seed, device=args.device)
+    if args.method in MODELS and args.method not in METHODS:
+        raise ValueError(f"{args.method!r} is a model, not a training method: use --model {args.method} "
+                         f"(methods: {', '.join(sorted(METHODS))})")
+    cfg = load_config(args.config, _train_overrides(args))
     result = fit(args.store, args.out, cfg, split_csv=args.split_csv, resume=args.resume, progress=not args.quiet)
     _print_metrics(result.metrics)
-    print(f"best epoch {result.best_epoch}; run folder {result.run_dir}")
+    print(f"best epoch {result.best_epoch + 1} (1-based); run folder {result.run_dir}")
     return 0
 
 
@@ -176,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored feature dtype (default %(default)s)")
 
     p = add("ingest", _cmd_ingest, "Import TRIDENT/CLAM .h5 or CLAM/MHIM .pt feature files into a store.")
-    p.add_argument("src_dir", metavar="SRC_DIR", help="folder of <slide_id>.h5 / <slide_id>.pt (or h5_files/, pt_files/)")
+    p.add_argument("src_dir", metavar="SRC_DIR",
+                   help="folder of <slide_id>.h5 / <slide_id>.pt (or h5_files/, pt_files/)")
     p.add_argument("out_store", metavar="OUT_STORE", help="store path (created if needed; re-running resumes)")
     p.add_argument("--format", choices=["auto", "h5", "pt"], default="auto", help="source format (default %(default)s)")
     p.add_argument("--coords-dir", default=None, help="folder of <slide_id>.h5 coordinate files for .pt features")
@@ -194,12 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _cmd_train, "Train a MIL model on the labelled slides of a store.")
     p.add_argument("--store", required=True, help="feature store")
     p.add_argument("--out", required=True, help="run folder (checkpoints, config, metrics)")
-    p.add_argument("--method", default=None, help="training method: abmil (default) or meanmil")
-    p.add_argument("--config", default=None, metavar="YAML", help="TrainConfig keys (see fastmil.train.TrainConfig)")
-    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--split-csv", default=None, metavar="CSV", help="CLAM-style splits_k.csv (default: stratified random)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="config with sections model/method/optim/data/run (see fastmil.train.config)")
+    p.add_argument("--model", default=None, help="model.name: abmil (default) or meanmil")
+    p.add_argument("--method", default=None, help="method.name: the training method, plain (default)")
+    p.add_argument("--epochs", type=int, default=None, help="optim.epochs")
+    p.add_argument("--seed", type=int, default=None, help="run.seed")
+    p.add_argument("--device", default=None, help="run.device: auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. optim.lr=1e-4 run.amp=bf16 (applied after --config)")
+    p.add_argument("--split-csv", default=None, metavar="CSV",
+                   help="CLAM-style splits_k.csv (default: stratified random)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
     p = add("eval", _cmd_eval, "Evaluate a run's best model on its splits; writes RUN/metrics.json.")

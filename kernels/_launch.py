@@ -13,8 +13,9 @@ This module does not import triton: ``fastmil.ops`` uses the policy functions on
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -56,7 +57,8 @@ class Launch:
             if isinstance(value, torch.Tensor) and not is_canonical(value):
                 raise ValueError(
                     f"{self.name}: argument {name} has a layout outside the checked specialisations "
-                    f"(shape {tuple(value.shape)}, strides {value.stride()}, address mod 16 = {value.data_ptr() % 16}); "
+                    f"(shape {tuple(value.shape)}, strides {value.stride()}, "
+                    f"address mod 16 = {value.data_ptr() % 16}); "
                     "pass it through fastmil.kernels._launch.canonical() first"
                 )
 

@@ -1,17 +1,12 @@
-"""Tiled per-bag softmax pooling, the part every attention-pooling op shares (flash-decoding pattern).
-
-Every bag is cut into *tiles* of at most ``BLOCK_N`` rows that never cross a bag boundary (the tile table
-``tile_bag``, ``tile_start``, ``tile_end``, one entry per tile, built by ``fastmil.ops._tiles``). One program
-handles one tile, so a 100k-row bag and a few hundred small bags fill the GPU in one launch. The op's own tile
-kernel produces each tile's softmax statistics (max ``m`` and sum ``l`` of ``exp(s - m)``) and its
-unnormalised partial pooled vector; then, here:
+"""Tiled per-bag softmax pooling, the part every attention-pooling op shares (the scheme is explained once, in
+``docs/architecture.md``, "Kernels").
 
 - ``merge_tiles_kernel``        per (bag, head, D block): pooled ``[B, H, D]`` and the per-bag log-sum-exp
                                 ``[B, H]`` (``+inf`` for a bag with no unmasked instance, so its weights are 0).
 - ``normalize_weights_kernel``  weights ``exp(s - lse)`` on unmasked rows, 0 elsewhere.
+- ``tile_rows`` / ``tile_softmax_stats``  ``@triton.jit`` helpers of the ops' tile kernels.
 
-The ``@triton.jit`` helpers ``tile_rows`` and ``tile_softmax_stats`` are used by the ops' tile kernels.
-Precision: loads are cast to fp32; statistics and accumulators are fp32.
+Loads are cast to fp32; statistics and accumulators are fp32.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ the mode of the fp32 ``tl.dot`` products (see ``_launch.dot_precision``). No ato
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -72,7 +72,8 @@ def pool_fwd_tile_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        x = tl.load(v_base + local[:, None] * stride_v + cols[None, :], mask=in_bag[:, None] & col_ok[None, :], other=0.0)
+        x_ok = in_bag[:, None] & col_ok[None, :]
+        x = tl.load(v_base + local[:, None] * stride_v + cols[None, :], mask=x_ok, other=0.0)
         acc = tl.dot(p_t, x.to(tl.float32), input_precision=DOT_PRECISION)  # [H_PAD, BLOCK_D]
         tl.store(out_base + heads[:, None] * D + cols[None, :], acc, mask=head_ok[:, None] & col_ok[None, :])
 
@@ -181,7 +182,8 @@ def aot_launches() -> Iterator[Launch]:
     kernels as fp32 (the op converts them: the kernels read them once, in fp32)."""
     n, n_tiles, n_bags = 64, 3, 2
     i64 = dict(dtype=torch.int64)
-    tile_bag, tile_start, tile_end = torch.zeros(n_tiles, dtype=torch.int32), torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
+    tile_bag = torch.zeros(n_tiles, dtype=torch.int32)
+    tile_start, tile_end = torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
     bag_tiles = torch.zeros(n_bags + 1, **i64)
     f32 = lambda *shape: torch.zeros(*shape)  # noqa: E731
     for vdt in (torch.float32, torch.float16, torch.bfloat16):

@@ -12,10 +12,9 @@
 - ``weight_grad_kernel``     ``[dV; dU] = dpre^T h`` as a split-N GEMM whose per-split partials are summed by the
                              caller in a fixed order: deterministic, no atomics.
 
-Why the backward writes ``dpre``: the V/U weight gradients are a reduction over all N rows of ``dpre^T h``
-(``[2 HID, D]`` per row block), which no register file holds for D = 1024; the standard answer is a GEMM over a
-materialised ``dpre`` (``8 * HID`` bytes per row, vs ``2 * D`` bytes per row of ``h``). The forward never
-writes an ``N x HID`` tensor.
+The backward writes ``dpre`` because the V/U weight gradients are a reduction of ``dpre^T h`` over all N rows,
+which no register file holds for D = 1024 (a GEMM over ``dpre``: ``8 * HID`` bytes per row). The scheme is
+explained in ``docs/architecture.md`` ("Kernels").
 
 Precision: every load is cast to fp32 before elementwise arithmetic; reductions and accumulators are fp32.
 ``UPCAST`` (constexpr) also casts the score GEMM's ``tl.dot`` operands to fp32 (``_launch.upcast_dots``);
@@ -25,7 +24,7 @@ the fp32 ``tl.dot`` products. ``h`` and ``grad_h`` are addressed with their own 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -127,7 +126,8 @@ def _gated_scores(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        x = tl.load(h_ptr + local[:, None] * stride_h + cols[None, :], mask=in_bag[:, None] & col_ok[None, :], other=0.0)
+        x_ok = in_bag[:, None] & col_ok[None, :]
+        x = tl.load(h_ptr + local[:, None] * stride_h + cols[None, :], mask=x_ok, other=0.0)
         # nn.Linear weights are [HIDDEN, D]; load the transposed tiles [BLOCK_D, HID_PAD]
         w_off = hid[None, :] * D + cols[:, None]
         vt = tl.load(vu_ptr + w_off, mask=col_ok[:, None], other=0.0)
@@ -187,7 +187,8 @@ def gated_fwd_tile_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         # second read of the tile: it was just streamed by the score GEMM, so it comes from L1/L2
-        x = tl.load(h_base + local[:, None] * stride_h + cols[None, :], mask=in_bag[:, None] & col_ok[None, :], other=0.0)
+        x_ok = in_bag[:, None] & col_ok[None, :]
+        x = tl.load(h_base + local[:, None] * stride_h + cols[None, :], mask=x_ok, other=0.0)
         acc = tl.sum(p[:, None] * x.to(tl.float32), axis=0)
         tl.store(out_base + cols, acc, mask=col_ok)
 
@@ -292,7 +293,8 @@ def weight_grad_kernel(
         rows = r0 + local
         row_ok = rows < n_rows
         dp = tl.load(dp_base + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
-        x = tl.load(h_base + rows[:, None] * stride_h + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(h_base + rows[:, None] * stride_h + cols[None, :], mask=x_ok, other=0.0)
         acc = tl.dot(tl.trans(dp), x.to(tl.float32), acc, input_precision=DOT_PRECISION)
     out = partial_ptr + (split.to(tl.int64) * K + ks[:, None]) * D + cols[None, :]
     tl.store(out, acc, mask=col_ok[None, :])
@@ -414,7 +416,8 @@ def aot_launches() -> Iterator[Launch]:
     weight-grad GEMM's specialisation."""
     n, n_tiles, n_bags = 64, 3, 2
     i64 = dict(dtype=torch.int64)
-    tile_bag, tile_start, tile_end = torch.zeros(n_tiles, dtype=torch.int32), torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
+    tile_bag = torch.zeros(n_tiles, dtype=torch.int32)
+    tile_start, tile_end = torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
     bag_tiles = torch.zeros(n_bags + 1, **i64)
     f32 = lambda *shape: torch.zeros(*shape)  # noqa: E731
     for dt in (torch.float32, torch.float16, torch.bfloat16):

@@ -9,8 +9,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,21 +31,3 @@ def clam_coords_dir() -> Path:
 @pytest.fixture
 def cmu_slide() -> Path:
     return require(CMU_SLIDE)
-
-
-def write_trident_h5(path: Path, features: np.ndarray, coords: np.ndarray, patch_size_level0: int = 512,
-                     chunks: tuple | None = None) -> None:
-    """A TRIDENT-style feature file: (1, D) chunked features, coords with patch geometry attrs."""
-    with h5py.File(path, "w") as fh:
-        fh.create_dataset("features", data=features, chunks=chunks or (1, features.shape[1]))
-        c = fh.create_dataset("coords", data=coords)
-        c.attrs["patch_size_level0"] = patch_size_level0
-        c.attrs["patch_size"] = 256
-        c.attrs["target_magnification"] = 20
-        c.attrs["level0_magnification"] = 40
-        c.attrs["name"] = path.stem
-
-
-def grid_coords(n: int, step: int = 512, width: int = 50) -> np.ndarray:
-    idx = np.arange(n)
-    return np.stack([(idx % width) * step, (idx // width) * step], axis=1).astype(np.int64)

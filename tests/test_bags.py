@@ -111,3 +111,16 @@ def test_offsets_validation():
         Bags(x, torch.tensor([0, 2, 5]), ids=["a", "a"])
     with pytest.raises(ValueError, match="float tensor"):
         Bags(torch.zeros(5, 2, dtype=torch.int64), torch.tensor([0, 5]))
+
+
+def test_to_dtype_casts_features_only_and_keeps_the_host_offsets():
+    feats, coords = _ragged([2, 3])
+    bags = Bags.from_list(feats, coords=coords, labels=[0, 1])
+    half = bags.to(torch.float16)
+    assert half.features.dtype == torch.float16 and torch.equal(half.features.float(), bags.features.half().float())
+    assert half.offsets.dtype == half.coords.dtype == half.labels.dtype == torch.int64
+    assert half.offsets_cpu is bags.offsets_cpu
+    with pytest.raises(ValueError, match="floating point"):
+        bags.to(torch.int32)
+    one = bags[1]
+    assert one.offsets_cpu.tolist() == [0, 3] and one.offsets_cpu.device.type == "cpu"

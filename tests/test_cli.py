@@ -5,8 +5,7 @@ import pytest
 
 from fastmil.cli import main
 from fastmil.data import open_store
-
-from .conftest import grid_coords, write_trident_h5
+from tests.files import grid_coords, write_trident_h5
 
 
 def test_synth_then_info(tmp_path, capsys):

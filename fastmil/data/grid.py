@@ -31,6 +31,7 @@ def patch_stride(coords: np.ndarray, patch_size_level0: int | None = None) -> in
 
 
 def lattice_cells(coords: np.ndarray, step: int) -> np.ndarray:
-    """Snap level-0 coordinates to the nearest cell of one lattice: ``round((coords - min) / step)``, ``int64 [N, 2]`` (x, y)."""
+    """Snap level-0 coordinates to the nearest cell of one lattice: ``round((coords - min) / step)``,
+    ``int64 [N, 2]`` (x, y)."""
     c = np.asarray(coords, dtype=np.int64)
     return np.rint((c - c.min(axis=0)) / float(step)).astype(np.int64)

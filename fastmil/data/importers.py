@@ -106,7 +106,9 @@ def _read_coords_h5(sid: str, path: Path) -> tuple[np.ndarray, dict]:
             ds = fh["coords"]
             return ds[:], patch_attrs_from_h5(ds.attrs)
     except OSError as exc:
-        raise ValueError(f"slide {sid!r}: cannot read coordinates file {path} (truncated or corrupt h5?): {exc}") from exc
+        raise ValueError(
+            f"slide {sid!r}: cannot read coordinates file {path} (truncated or corrupt h5?): {exc}"
+        ) from exc
 
 
 def _write_h5_slide(store: FeatureStore, src: SlideSource, encoder: str | None, write_kw: dict) -> bool:
@@ -139,7 +141,9 @@ def _load_pt_tensor(sid: str, path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged or unsafe files
-        raise ValueError(f"slide {sid!r}: cannot load {path} as a tensor file (corrupt, or not weights-only): {exc}") from exc
+        raise ValueError(
+            f"slide {sid!r}: cannot load {path} as a tensor file (corrupt, or not weights-only): {exc}"
+        ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("features"), torch.Tensor):
         obj = obj["features"]
     if not isinstance(obj, torch.Tensor):
@@ -203,7 +207,7 @@ def ingest(
 
     report = IngestReport()
     write_kw = {"chunk_rows": chunk_rows, "dtype": dtype, "compression": compression}
-    for src in tqdm(sources, desc="ingest", unit="slide", disable=not progress):
+    for src in tqdm(sources, desc="ingest", unit="slide", disable=None if progress else True):
         if src.slide_id in store:
             existing = store.slide_attrs(src.slide_id).get("source")
             if existing != src.path.name:

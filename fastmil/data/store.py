@@ -28,8 +28,9 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def validate_slide_id(slide_id: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -281,7 +282,9 @@ class FeatureStore:
         sdir = self._slide_dir(slide_id)
         feats = self._read_array(slide_id, sdir / "features")
         if feats.shape != (meta["n"], meta["dim"]):
-            raise StoreError(f"slide {slide_id!r}: features have shape {feats.shape}, metadata says {(meta['n'], meta['dim'])}")
+            raise StoreError(
+                f"slide {slide_id!r}: features have shape {feats.shape}, metadata says {(meta['n'], meta['dim'])}"
+            )
         coords = self._read_array(slide_id, sdir / "coords") if meta["has_coords"] else None
         if dtype is not None:
             feats = feats.astype(dtype, copy=False)
@@ -664,7 +667,9 @@ def _check_coords(slide_id: str, coords: Any, n_rows: int) -> np.ndarray:
     if c.ndim != 2 or c.shape[1] != 2:
         raise ValueError(f"slide {slide_id!r}: coords must be [N, 2], got shape {c.shape}")
     if c.shape[0] != n_rows:
-        raise ValueError(f"slide {slide_id!r}: coords/features length mismatch ({c.shape[0]} coords, {n_rows} features)")
+        raise ValueError(
+            f"slide {slide_id!r}: coords/features length mismatch ({c.shape[0]} coords, {n_rows} features)"
+        )
     if c.dtype.kind == "f":
         if not np.isfinite(c).all() or not np.array_equal(c, np.round(c)):
             raise ValueError(f"slide {slide_id!r}: coords must be integer pixel positions")

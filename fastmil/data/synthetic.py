@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
@@ -174,7 +174,8 @@ def _load_clam_layouts(folder: str) -> list[tuple[str, np.ndarray, int]]:
         try:
             with h5py.File(path, "r") as fh:
                 ds = fh["coords"]
-                size = int(ds.attrs.get("patch_size", 512)) * int(round(float(np.ravel(ds.attrs.get("downsample", [1]))[0])))
+                downsample = float(np.ravel(ds.attrs.get("downsample", [1]))[0])
+                size = int(ds.attrs.get("patch_size", 512)) * int(round(downsample))
                 layouts.append((path.stem, ds[:].astype(np.int64), size))
         except (OSError, KeyError) as exc:
             raise ValueError(f"{path}: not a readable CLAM coordinate file: {exc}") from exc
@@ -265,7 +266,7 @@ def synthesize_store(cfg: SynthConfig, store_path: str | os.PathLike, *, progres
     params = _CohortParams(cfg)
     layouts = _load_clam_layouts(cfg.clam_coords_dir) if cfg.layout != "procedural" else None
     existing = set(store.slide_ids)
-    for i in tqdm(range(cfg.n_slides), desc="synth", unit="slide", disable=not progress):
+    for i in tqdm(range(cfg.n_slides), desc="synth", unit="slide", disable=None if progress else True):
         slide_id = f"synth-{i:05d}"
         if slide_id in existing:
             continue

@@ -88,7 +88,7 @@ def tile_slide_to_h5(
     feats, coords = [], []
     rows = range(0, height - patch_size + 1, patch_size)
     with slide:
-        for y in tqdm(rows, desc=f"tile {path.name}", unit="row", disable=not progress):
+        for y in tqdm(rows, desc=f"tile {path.name}", unit="row", disable=None if progress else True):
             strip = np.asarray(slide.read_region((0, y), 0, (width, patch_size), as_array=True))[..., :3]
             for x in range(0, width - patch_size + 1, patch_size):
                 tile = strip[:, x : x + patch_size]

@@ -1,14 +1,7 @@
-"""fastmil.methods: training objectives (plain MIL now; MHIM-MIL and SRMIL build on the same interface)."""
+"""fastmil.methods: training objectives as objects (plain MIL now; MHIM-MIL and SRMIL build on the same API)."""
+from .base import METHODS, Method, StepContext, StepOutput, build_method, get_method, method_config, register_method
+from .ema import ema_update_
 from .plain import PlainMIL
 
-METHODS = {"abmil": lambda: PlainMIL("abmil"), "meanmil": lambda: PlainMIL("meanmil")}
-
-
-def get_method(name: str):
-    """Instantiate the training objective called ``name``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]()
-
-
-__all__ = ["METHODS", "PlainMIL", "get_method"]
+__all__ = ["METHODS", "Method", "PlainMIL", "StepContext", "StepOutput", "build_method", "ema_update_", "get_method",
+           "method_config", "register_method"]

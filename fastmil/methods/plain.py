@@ -1,36 +1,29 @@
-"""Plain MIL training objective: a bag classifier trained with (class-weighted) cross-entropy."""
+"""Plain MIL: the model trained with (class-weighted) cross-entropy on its bag logits."""
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 import torch.nn.functional as F
-from torch import nn
 
 from ..bags import Bags
-from ..nn import ABMIL, MeanPoolMIL
+from .base import Method, StepContext, StepOutput, register_method
 
 __all__ = ["PlainMIL"]
 
 
-class PlainMIL:
-    """``loss = CE(model(bags).logits, bags.labels)``. ``model`` is ``"abmil"`` or ``"meanmil"``."""
+@register_method("plain")
+class PlainMIL(Method):
+    """``loss = CE(model(bags).logits, bags.labels)``; logged term ``ce``."""
 
-    MODELS = {"abmil": ABMIL, "meanmil": MeanPoolMIL}
+    @dataclass
+    class Config:
+        """The ``method:`` config section of plain MIL (no options)."""
 
-    def __init__(self, model: str = "abmil") -> None:
-        if model not in self.MODELS:
-            raise ValueError(f"unknown model {model!r}; choose one of {sorted(self.MODELS)}")
-        self.model_name = model
+        name: str = "plain"
 
-    def build_model(self, in_dim: int, n_classes: int, *, embed_dim: int, attn_dim: int, dropout: float,
-                    gated: bool) -> nn.Module:
-        if self.model_name == "abmil":
-            return ABMIL(in_dim, embed_dim=embed_dim, attn_dim=attn_dim, n_classes=n_classes, gated=gated,
-                         dropout=dropout)
-        return MeanPoolMIL(in_dim, embed_dim=embed_dim, n_classes=n_classes, dropout=dropout)
-
-    def loss(self, model: nn.Module, bags: Bags, class_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scalar loss, logits [B, C])`` for one training step."""
+    def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
         if bags.labels is None:
             raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
-        logits, _ = model(bags)
-        return F.cross_entropy(logits.float(), bags.labels, weight=class_weight), logits
+        out = self.model.forward_all(bags)
+        ce = F.cross_entropy(out.logits.float(), bags.labels, weight=ctx.class_weight)
+        return StepOutput(ce, {"ce": ce.detach()})

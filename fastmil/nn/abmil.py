@@ -1,50 +1,85 @@
 """Bag classifiers: ABMIL (attention-based MIL) and a mean-pooling baseline."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..bags import Bags
 from .attention import AttentionPool, GatedAttentionPool, MeanPool
+from .output import MILOutput
+from .registry import register_model
 
-__all__ = ["ABMIL", "MeanPoolMIL"]
+__all__ = ["ABMIL", "MeanPoolMIL", "unpack_batch"]
 
 
-def _unpack(
+def unpack_batch(
     x: Bags | torch.Tensor, offsets: torch.Tensor | None, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(features [N, D], offsets [B+1], mask [N] | None, offsets_cpu | None)`` from either calling form of a
+    model: ``(bags, mask=None)`` or ``(features, offsets, mask=None)``."""
     if isinstance(x, Bags):
         if offsets is not None:
             raise TypeError("pass either Bags or (features, offsets), not both")
-        return x.features, x.offsets, mask
+        return x.features, x.offsets, mask, x.offsets_cpu
     if offsets is None:
         raise TypeError("forward(features, offsets, mask=None) needs offsets")
-    return x, offsets, mask
+    return x, offsets, mask, None
 
 
 class _BagClassifier(nn.Module):
-    """``embed -> pool -> classifier``; subclasses set ``embed``, ``pool`` and ``classifier``."""
+    """``embed -> pool -> classifier``; subclasses set ``embed``, ``pool`` and ``classifier``.
+
+    ``forward_all`` returns everything a training method needs from one pass (:class:`MILOutput`);
+    ``forward`` returns ``(logits [B, C], attention [N])`` for users.
+    """
 
     embed: nn.Module
     pool: nn.Module
     classifier: nn.Linear
 
+    def forward_all(
+        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> MILOutput:
+        features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
+        h = self.embed(features.to(self.classifier.weight.dtype))
+        pooled, weights = self.pool(h, offsets, mask, offsets_cpu=offsets_cpu)
+        pooled = pooled.to(h.dtype)
+        return MILOutput(self.classifier(pooled), weights, pooled, h)
+
     def forward(
         self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, offsets, mask = _unpack(x, offsets, mask)
-        h = self.embed(features.to(self.classifier.weight.dtype))
-        pooled, weights = self.pool(h, offsets, mask)
-        return self.classifier(pooled.to(h.dtype)), weights
+        out = self.forward_all(x, offsets, mask)
+        return out.logits, out.attention
 
 
+@register_model("abmil")
 class ABMIL(_BagClassifier):
     """Attention-based MIL: ``Linear(D -> embed) + ReLU + Dropout -> (gated) attention pooling -> Linear(embed -> C)``.
 
     ``forward(bags)`` or ``forward(features [N, D], offsets [B+1], mask [N] | None)`` returns
     ``(logits [B, n_classes], weights [N])``; weights are the per-bag attention (0 on masked instances).
-    Features of any float dtype are cast to the parameters' dtype.
+    ``forward_all`` returns a :class:`MILOutput` (also the embedded instances ``[N, embed_dim]`` and the bag
+    embedding ``[B, embed_dim]``). Features of any float dtype are cast to the parameters' dtype.
     """
+
+    @dataclass
+    class Config:
+        """The ``model:`` config section of ABMIL."""
+
+        name: str = "abmil"
+        embed_dim: int = 512
+        attn_dim: int = 128
+        gated: bool = True
+        dropout: float = 0.25
+
+        def __post_init__(self) -> None:
+            if self.embed_dim < 1 or self.attn_dim < 1:
+                raise ValueError(f"embed_dim and attn_dim must be >= 1, got {self.embed_dim}, {self.attn_dim}")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def __init__(
         self,
@@ -67,12 +102,32 @@ class ABMIL(_BagClassifier):
         self.pool = pool_cls(embed_dim, attn_dim, backend=backend)
         self.classifier = nn.Linear(embed_dim, n_classes)
 
+    @classmethod
+    def from_config(cls, config: Config, in_dim: int, n_classes: int) -> ABMIL:
+        return cls(in_dim, embed_dim=config.embed_dim, attn_dim=config.attn_dim, n_classes=n_classes,
+                   gated=config.gated, dropout=config.dropout)
 
+
+@register_model("meanmil")
 class MeanPoolMIL(_BagClassifier):
     """Baseline: ``Linear + ReLU + Dropout``, mean over the bag's (unmasked) instances, ``Linear``.
 
     Same interface as :class:`ABMIL`; the returned weights are uniform (1/n per bag, 0 where masked).
     """
+
+    @dataclass
+    class Config:
+        """The ``model:`` config section of the mean-pooling baseline."""
+
+        name: str = "meanmil"
+        embed_dim: int = 512
+        dropout: float = 0.25
+
+        def __post_init__(self) -> None:
+            if self.embed_dim < 1:
+                raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, dropout: float = 0.25) -> None:
         super().__init__()
@@ -82,3 +137,7 @@ class MeanPoolMIL(_BagClassifier):
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         self.pool = MeanPool()
         self.classifier = nn.Linear(embed_dim, n_classes)
+
+    @classmethod
+    def from_config(cls, config: Config, in_dim: int, n_classes: int) -> MeanPoolMIL:
+        return cls(in_dim, embed_dim=config.embed_dim, n_classes=n_classes, dropout=config.dropout)

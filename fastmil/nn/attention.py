@@ -16,7 +16,9 @@ class GatedAttentionPool(nn.Module):
     ``forward`` runs the fused op :func:`fastmil.ops.gated_attention_pool`: on CUDA one fused Triton kernel per
     direction, on CPU a chunked torch path; neither keeps the ``N x hidden_dim`` activations for backward.
 
-    ``forward(h [N, in_dim], offsets int64 [B+1], mask bool [N] | None) -> (pooled [B, in_dim] fp32, weights [N] fp32)``.
+    ``forward(h [N, in_dim], offsets int64 [B+1], mask bool [N] | None, offsets_cpu=None)
+    -> (pooled [B, in_dim] fp32, weights [N] fp32)`` (fp64 for fp64 inputs on the torch path); ``offsets_cpu`` is
+    the host copy of ``offsets`` when the caller has it (``Bags.offsets_cpu``).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, *, backend: str = "auto") -> None:
@@ -31,11 +33,12 @@ class GatedAttentionPool(nn.Module):
         return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
 
     def forward(
-        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
+        offsets_cpu: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return gated_attention_pool(
             h, self.V.weight, self.V.bias, self.U.weight, self.U.bias, self.w.weight, self.w.bias,
-            offsets, mask, backend=self.backend,
+            offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
         )
 
 
@@ -52,15 +55,17 @@ class AttentionPool(nn.Module):
         return self.w(torch.tanh(self.V(h))).squeeze(-1)
 
     def forward(
-        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
+        offsets_cpu: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend)
+        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu)
 
 
 class MeanPool(nn.Module):
     """Mean over each bag's unmasked instances (equal scores through :func:`attention_pool`); no parameters."""
 
     def forward(
-        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
+        offsets_cpu: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_pool(h.new_zeros(h.shape[0]), h, offsets, mask)
+        return attention_pool(h.new_zeros(h.shape[0]), h, offsets, mask, offsets_cpu=offsets_cpu)

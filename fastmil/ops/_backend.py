@@ -40,6 +40,7 @@ def resolve_backend(backend: str, op: str, device: torch.device, has_triton: boo
             raise RuntimeError(f"{op}: no Triton kernel is available for this op; use backend='torch'")
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
-                f"{op}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is imported"
+                f"{op}: backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is "
+                "imported"
             )
     return backend

@@ -2,8 +2,8 @@
 two launches that finish every tile-based pooling forward (merge the tiles of each bag, normalise weights).
 
 The Triton kernels run one program per tile (``fastmil/kernels/_tiled_softmax.py`` explains the scheme). The
-table is built with a handful of vectorised torch ops on the host copy of ``offsets``, which is also what sizes
-the launch grid.
+table is built with a handful of vectorised torch ops on the host copy of ``offsets`` (``Bags.offsets_cpu``, so no
+device-to-host copy), which is also what sizes the launch grid.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TileTable", "build_tiles", "finish_tiled_pool"]
+__all__ = ["TileTable", "build_tiles", "finish_tiled_pool", "host_offsets"]
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,21 @@ class TileTable:
         return int(self.tile_bag.numel())
 
 
-def build_tiles(offsets: torch.Tensor, n_rows: int, block_n: int, device: torch.device) -> TileTable:
-    """Tile table for ``offsets`` (int64 ``[B+1]``) over ``n_rows`` rows; an empty bag gets no tile.
+def host_offsets(offsets: torch.Tensor, offsets_cpu: torch.Tensor | None) -> torch.Tensor:
+    """The host copy of ``offsets``: ``offsets_cpu`` when the caller has it (``Bags`` carries it), else one
+    device-to-host copy."""
+    if offsets_cpu is not None:
+        if offsets_cpu.device.type != "cpu" or offsets_cpu.shape != offsets.shape:
+            raise ValueError("offsets_cpu must be the host copy of offsets (a CPU tensor of the same shape)")
+        return offsets_cpu
+    return offsets.detach().to("cpu", torch.int64)
 
-    Raises ValueError unless ``offsets`` starts at 0, never decreases and ends at ``n_rows``: the kernels
-    address memory through these row ranges, so bad offsets must never reach them."""
-    off = offsets.detach().to("cpu", torch.int64)
+
+def build_tiles(off: torch.Tensor, n_rows: int, block_n: int, device: torch.device) -> TileTable:
+    """Tile table for the host offsets ``off`` (int64 ``[B+1]``) over ``n_rows`` rows; an empty bag gets no tile.
+
+    Raises ValueError unless ``off`` starts at 0, never decreases and ends at ``n_rows``: the kernels address
+    memory through these row ranges, so bad offsets must never reach them (an O(B) check on the host)."""
     sizes = off[1:] - off[:-1]
     if int(off[0]) != 0 or int(off[-1]) != n_rows or bool((sizes < 0).any()):
         raise ValueError(

@@ -25,7 +25,7 @@ from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HEADS
 from ._backend import resolve_backend
 from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax, segment_sum
-from ._tiles import build_tiles, finish_tiled_pool
+from ._tiles import build_tiles, finish_tiled_pool, host_offsets
 from ._triton import HAS_TRITON, check_triton_inputs
 
 __all__ = ["MAX_HEADS", "attention_pool", "attention_pool_reference"]
@@ -41,7 +41,9 @@ def _check_inputs(scores: torch.Tensor, values: torch.Tensor, offsets: torch.Ten
     if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 2:
         raise ValueError("attention_pool: offsets must be int64 [B+1] with B >= 1")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (values.shape[0],)):
-        raise ValueError(f"attention_pool: mask must be bool [N] = [{values.shape[0]}], got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"attention_pool: mask must be bool [N] = [{values.shape[0]}], got {mask.dtype} {tuple(mask.shape)}"
+        )
 
 
 def attention_pool_reference(
@@ -73,8 +75,9 @@ class _AttentionPoolTorch(torch.autograd.Function):
     """Torch path. Saves ``weights [N, H]`` and the inputs; per-bag GEMMs, no ``N x D`` temporaries."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None):
-        bounds = offsets.tolist()
+    def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
+                offsets_cpu: torch.Tensor):
+        bounds = offsets_cpu.tolist()
         weights = segment_softmax(scores, offsets, mask)  # [N, H] fp32 (fp64 for fp64 scores)
         pooled = pool_per_bag(weights, values, offsets, bounds)
         ctx.save_for_backward(weights, values, offsets)
@@ -105,7 +108,7 @@ class _AttentionPoolTorch(torch.autograd.Function):
             wg = weights * grad_w
             per_bag = segment_sum(wg, offsets)
             grad_scores = (wg - weights * per_bag[bag]).to(ctx.scores_dtype)
-        return grad_scores, grad_values, None, None
+        return grad_scores, grad_values, None, None, None
 
 
 class _AttentionPoolTriton(torch.autograd.Function):
@@ -114,7 +117,8 @@ class _AttentionPoolTriton(torch.autograd.Function):
     Saves ``weights [N, H]`` fp32, ``pooled [B, H, D]`` fp32, the values and the tile table."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None):
+    def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
+                offsets_cpu: torch.Tensor):
         from ..kernels import attention_pool as k
 
         n, heads = scores.shape
@@ -125,7 +129,7 @@ class _AttentionPoolTriton(torch.autograd.Function):
         values = canonical(values)
         mask = None if mask is None else canonical(mask)
         cfg = k.pool_config(heads, values.dtype)
-        tiles = build_tiles(offsets, n, cfg.block_n, dev)
+        tiles = build_tiles(offsets_cpu, n, cfg.block_n, dev)
         pooled = torch.zeros(n_bags, heads, dim, dtype=torch.float32, device=dev)
         lse = torch.full((n_bags, heads), float("inf"), dtype=torch.float32, device=dev)
         weights = torch.zeros(n, heads, dtype=torch.float32, device=dev)
@@ -153,7 +157,7 @@ class _AttentionPoolTriton(torch.autograd.Function):
                        if ctx.needs_input_grad[1] else None)
         k.pool_bwd_launch(values, weights, g, bag_dot, grad_weights, tile_bag, tile_start, tile_end, grad_scores,
                           grad_values)()
-        return grad_scores.to(ctx.scores_dtype), grad_values, None, None
+        return grad_scores.to(ctx.scores_dtype), grad_values, None, None, None
 
 
 def attention_pool(
@@ -163,23 +167,27 @@ def attention_pool(
     mask: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    offsets_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention pooling over packed ragged bags (see the module docstring for the contract).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND``
     overrides ``"auto"``. The Triton path supports up to ``MAX_HEADS`` = 32 heads and ``D >= 2``.
+    ``offsets_cpu``: the host copy of ``offsets`` when the caller has one (``Bags.offsets_cpu``); without it the
+    op copies ``offsets`` to the host once (a synchronisation on a GPU).
     """
     _check_inputs(scores, values, offsets, mask)
     chosen = resolve_backend(backend, "attention_pool", values.device, has_triton=HAS_TRITON)
     squeeze = scores.dim() == 1
     s = scores[:, None] if squeeze else scores
+    host = host_offsets(offsets, offsets_cpu)
     if chosen == "triton":
         check_triton_inputs("attention_pool", values.dtype, values.shape[1], scores, values, offsets, mask)
         if s.shape[1] > MAX_HEADS:
             raise ValueError(f"attention_pool: the Triton kernels support at most {MAX_HEADS} heads, got {s.shape[1]}")
-        pooled, weights = _AttentionPoolTriton.apply(s, values, offsets, mask)
+        pooled, weights = _AttentionPoolTriton.apply(s, values, offsets, mask, host)
     else:
-        pooled, weights = _AttentionPoolTorch.apply(s, values, offsets, mask)
+        pooled, weights = _AttentionPoolTorch.apply(s, values, offsets, mask, host)
     if squeeze:
         return pooled[:, 0], weights[:, 0]
     return pooled, weights

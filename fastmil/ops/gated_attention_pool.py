@@ -33,7 +33,7 @@ from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HIDDEN
 from ._backend import resolve_backend
 from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax
-from ._tiles import build_tiles, finish_tiled_pool
+from ._tiles import build_tiles, finish_tiled_pool, host_offsets
 from ._triton import HAS_TRITON, check_triton_inputs
 
 __all__ = ["CHUNK_ROWS", "MAX_HIDDEN", "gated_attention_pool", "gated_attention_pool_reference"]
@@ -92,7 +92,7 @@ class _GatedPoolTorch(torch.autograd.Function):
     """Chunked recompute on the torch side; see the module docstring. Computes in fp32 (fp64 for fp64 ``h``)."""
 
     @staticmethod
-    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu):
         hidden = v_weight.shape[0]
         acc = _accumulation_dtype(h)
         w2 = torch.cat([v_weight, u_weight]).to(acc)  # [2 HID, D]
@@ -104,7 +104,7 @@ class _GatedPoolTorch(torch.autograd.Function):
             gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
             torch.addmv(bw, gate, w_vec, out=scores[lo : lo + CHUNK_ROWS])
         weights = segment_softmax(scores[:, None], offsets, mask)  # [N, 1]
-        pooled = pool_per_bag(weights, h, offsets, offsets.tolist())[:, 0]  # [B, D]
+        pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
         weights = weights[:, 0]
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
         return pooled, weights
@@ -177,6 +177,7 @@ class _GatedPoolTorch(torch.autograd.Function):
             grad_bw.to(w_bias.dtype) if need[6] else None,
             None,
             None,
+            None,
         )
 
 
@@ -193,7 +194,7 @@ class _GatedPoolTriton(torch.autograd.Function):
     ``HID_PAD`` units (``pad_gate_params``, a few hundred KiB), which fixes their specialisation."""
 
     @staticmethod
-    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask):
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu):
         from ..kernels import gated_attention_pool as k
 
         n, dim = h.shape
@@ -203,7 +204,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         mask = None if mask is None else canonical(mask)
         params = k.pad_gate_params(v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, h.dtype)
         cfg = k.gated_config(hidden, h.dtype)
-        tiles = build_tiles(offsets, n, cfg.block_n, dev)
+        tiles = build_tiles(offsets_cpu, n, cfg.block_n, dev)
         n_bags = offsets.numel() - 1
         pooled = torch.zeros(n_bags, dim, dtype=torch.float32, device=dev)
         lse = torch.full((n_bags,), float("inf"), dtype=torch.float32, device=dev)
@@ -263,6 +264,7 @@ class _GatedPoolTriton(torch.autograd.Function):
             grad_s.sum().reshape(1).to(dt[5]) if need[6] else None,
             None,
             None,
+            None,
         )
 
 
@@ -278,16 +280,18 @@ def gated_attention_pool(
     mask: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    offsets_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused gated attention pooling over packed ragged bags (contract in the module docstring).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND``
-    overrides ``"auto"``. The Triton path supports ``hidden_dim <= MAX_HIDDEN``.
+    overrides ``"auto"``. The Triton path supports ``hidden_dim <= MAX_HIDDEN`` and ``D >= 2``.
+    ``offsets_cpu``: the host copy of ``offsets`` (``Bags.offsets_cpu``), which saves a device-to-host copy.
     """
     _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
-    args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
+    args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, host_offsets(offsets, offsets_cpu))
     if resolve_backend(backend, "gated_attention_pool", h.device, has_triton=HAS_TRITON) == "triton":
-        check_triton_inputs("gated_attention_pool", h.dtype, h.shape[1], *args)
+        check_triton_inputs("gated_attention_pool", h.dtype, h.shape[1], *args[:-1])  # offsets_cpu is on the host
         if v_weight.shape[0] > MAX_HIDDEN:
             raise ValueError(
                 f"gated_attention_pool: the Triton kernels support hidden_dim <= {MAX_HIDDEN}, "

@@ -26,12 +26,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"{p}: cannot load checkpoint (truncated, corrupt or not a fastmil checkpoint): {exc}") from exc
+        raise ValueError(
+            f"{p}: cannot load checkpoint (truncated, corrupt or not a fastmil checkpoint): {exc}"
+        ) from exc
 
 
 def check_model_config(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raise ``ValueError`` listing every difference between a checkpoint's model config and the current one."""
     keys = sorted(set(saved) | set(current))
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(f"{where}: checkpoint is from another model config ({'; '.join(diffs)})")

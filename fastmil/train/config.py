@@ -1,84 +1,197 @@
-"""Training configuration: a dataclass, loadable from YAML, validated on construction."""
+"""Training configuration: sections ``model``, ``method``, ``optim``, ``data``, ``run`` (YAML, CLI overrides).
+
+```yaml
+model:  {name: abmil, embed_dim: 512, attn_dim: 128, gated: true, dropout: 0.25}   # the model's own section
+method: {name: plain}                                                               # the method's own section
+optim:  {lr: 2.0e-4, weight_decay: 1.0e-4, warmup_epochs: 0, epochs: 20, grad_clip: 1.0}
+data:   {bags_per_step: 1, max_instances_per_step: null, val_fraction: 0.2, test_fraction: 0.2, prefetch: 2,
+         class_weighting: true}
+run:    {seed: 0, device: auto, amp: none, monitor: auc, patience: 10}
+```
+
+The chosen model and method validate their own sections (their ``Config`` dataclasses). Values are converted to
+the declared types (``lr: 2e-4`` is a string to PyYAML), unknown keys are an error with a "did you mean", and
+``section.key=value`` overrides (``fastmil train ... optim.lr=1e-4 run.amp=bf16``) apply on top of the file. The
+resolved config is saved as ``RUN/config.yaml``.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import yaml
 
-__all__ = ["TrainConfig", "load_config"]
+from .._config import ConfigError, build, closest, suggest, to_dict
+from ..methods import method_config
+from ..nn import model_config
 
-MONITORS = ("auc", "balanced_accuracy", "macro_f1", "loss")
-AMP_MODES = ("none", "bf16", "fp16")
+__all__ = ["DataConfig", "OptimConfig", "RunConfig", "SECTIONS", "TrainConfig", "load_config", "parse_overrides"]
+
+Monitor = Literal["auc", "balanced_accuracy", "macro_f1", "loss"]
+Amp = Literal["none", "bf16", "fp16"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up and a cosine decay to 0 at the end of the last epoch."""
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    epochs: int = 20
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("weight_decay and warmup_epochs must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class DataConfig:
+    """Steps (bags per step and/or an instance budget), the random split, loading, class weighting."""
+
+    bags_per_step: int | None = 1
+    max_instances_per_step: int | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    prefetch: int = 2
+    class_weighting: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bags_per_step is None and self.max_instances_per_step is None:
+            raise ValueError("set bags_per_step and/or max_instances_per_step")
+        fractions = (self.val_fraction, self.test_fraction)
+        if not (all(0 <= f < 1 for f in fractions) and sum(fractions) < 1):
+            raise ValueError("need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+
+
+@dataclass
+class RunConfig:
+    """Seed, device, mixed precision (CUDA), and early stopping on a validation metric."""
+
+    seed: int = 0
+    device: str = "auto"
+    amp: Amp = "none"
+    monitor: Monitor = "auc"
+    patience: int = 10
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+
+SECTIONS = ("model", "method", "optim", "data", "run")
+_FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+
+RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience"}
+"""Keys that may differ between an interrupted run and its resumption (they do not change the numbers on CPU
+up to the old last epoch; a larger ``optim.epochs`` continues a finished run)."""
+
+
+def _default_model() -> Any:
+    return model_config(None)
+
+
+def _default_method() -> Any:
+    return method_config(None)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved as ``config.yaml`` in the run folder)."""
+    """Everything that defines a training run. Build it with :meth:`from_dict` / :func:`load_config`."""
 
-    method: str = "abmil"
-    epochs: int = 20
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 0
-    embed_dim: int = 512
-    attn_dim: int = 128
-    gated: bool = True
-    dropout: float = 0.25
-    bags_per_step: int | None = 1
-    max_instances_per_step: int | None = None
-    seed: int = 0
-    monitor: str = "auc"
-    patience: int = 10
-    grad_clip: float | None = 1.0
-    amp: str = "none"  # CUDA only: "bf16" or "fp16" autocast; softmax and accumulations stay fp32
-    class_weighting: bool = True
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    device: str = "auto"
-    prefetch: int = 2
-
-    def __post_init__(self) -> None:
-        from ..methods import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"config: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.epochs < 1:
-            raise ValueError(f"config: epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"config: lr must be > 0, got {self.lr}")
-        if self.monitor not in MONITORS:
-            raise ValueError(f"config: monitor must be one of {MONITORS}, got {self.monitor!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"config: amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ValueError("config: need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1")
-        if self.bags_per_step is None and self.max_instances_per_step is None:
-            raise ValueError("config: set bags_per_step and/or max_instances_per_step")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"config: dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    model: Any = field(default_factory=_default_model)
+    method: Any = field(default_factory=_default_method)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, mapping: Mapping[str, Any] | None = None, /, **sections: Mapping[str, Any]) -> TrainConfig:
+        """From nested mappings (``{"optim": {"lr": 1e-3}, ...}``, or the sections as keyword arguments)."""
+        merged = {**dict(mapping or {}), **sections}
+        for key, value in merged.items():
+            if key not in SECTIONS:
+                raise ConfigError(
+                    f"config: unknown section {key!r}{_section_hint(str(key))}; sections: {list(SECTIONS)}"
+                )
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"config: section {key!r} must be a mapping of key: value, got {value!r}")
+        return cls(
+            model=model_config(merged.get("model")),
+            method=method_config(merged.get("method")),
+            **{name: build(kind, merged.get(name), name) for name, kind in _FIXED.items()},
+        )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: to_dict(getattr(self, name)) for name in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for every key (comparisons, logs)."""
+        return {f"{s}.{k}": v for s, values in self.to_dict().items() for k, v in values.items()}
+
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> TrainConfig:
+        """A copy with ``section.key=value`` overrides applied (strings from a command line, or a mapping)."""
+        data = self.to_dict()
+        for key, value in (parse_overrides(overrides) if not isinstance(overrides, Mapping) else overrides).items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                raise ConfigError(f"override {key!r}: expected section.key with a section in {list(SECTIONS)}"
+                                  f"{_section_hint(name or section)}")
+            if section in ("model", "method") and name == "name" and value != data[section].get("name"):
+                data[section] = {}  # another model/method: its own defaults, not the old one's keys
+            data[section][name] = value
+        return TrainConfig.from_dict(data)
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
-    """Read a YAML config (or the defaults) and apply ``overrides`` (None values are ignored)."""
+def _all_keys() -> list[str]:
+    defaults = TrainConfig().to_dict()
+    return [f"{s}.{k}" for s, values in defaults.items() for k in values]
+
+
+def _section_hint(key: str) -> str:
+    """A suggestion for a key given at the wrong level (``lr`` -> ``optim.lr``)."""
+    full = _all_keys()
+    leaf = {k.split(".", 1)[1]: k for k in full}
+    match = key if key in leaf else closest(key, leaf)
+    return f" (did you mean {leaf[match]!r}?)" if match else suggest(key, full)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "run.amp=bf16"]`` -> ``{"optim.lr": "1e-4", "run.amp": "bf16"}`` (values parsed as
+    YAML scalars: ``true``, ``null``, numbers; the config converts them to the declared types)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> TrainConfig:
+    """Read a YAML config (or the defaults) and apply ``section.key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: config must be a mapping of key: value")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(data)
+            raise ConfigError(f"{path}: config must be a mapping of section: {{key: value}}")
+        data = loaded
+    try:
+        cfg = TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+    return cfg.with_overrides(overrides) if overrides else cfg

@@ -18,7 +18,11 @@ DEMO_DATA = SynthConfig(
     n_slides=200, dim=128, seed=0, median_instances=1000, size_sigma=0.5, tumour_fraction_min=0.02,
     tumour_fraction_max=0.05,
 )
-DEMO_TRAIN = TrainConfig(epochs=20, lr=1e-3, embed_dim=128, attn_dim=64, dropout=0.1, patience=6, seed=0)
+DEMO_TRAIN = TrainConfig.from_dict(
+    model={"name": "abmil", "embed_dim": 128, "attn_dim": 64, "dropout": 0.1},
+    optim={"epochs": 20, "lr": 1e-3},
+    run={"patience": 6, "seed": 0},
+)
 
 
 def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> dict:
@@ -32,13 +36,13 @@ def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> d
     lines = [
         "",
         f"fastmil demo: {len(store)} synthetic slides (tumour {DEMO_DATA.tumour_fraction_min:.0%}-"
-        f"{DEMO_DATA.tumour_fraction_max:.0%} of a positive slide), ABMIL, {DEMO_TRAIN.epochs} epochs max",
+        f"{DEMO_DATA.tumour_fraction_max:.0%} of a positive slide), ABMIL, {DEMO_TRAIN.optim.epochs} epochs max",
         format_metrics_table(result.metrics),
     ]
     lines += [
-        f"best epoch {result.best_epoch}; wall time {elapsed:.0f} s",
+        f"best epoch {result.best_epoch + 1} (1-based); wall time {elapsed:.0f} s",
         f"store        {out / 'store'}",
-        f"run          {result.run_dir}  (config.yaml, best.pt, last.pt, metrics.json, history.json)",
+        f"run          {result.run_dir}  (config.yaml, best.pt, last.pt, metrics.json, history.json, metrics.csv)",
         f"predictions  {pred_dir}  (predictions.csv, attention/, heatmaps/, roc.png)",
     ]
     print("\n".join(lines))

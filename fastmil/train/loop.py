@@ -1,54 +1,59 @@
-"""The training loop: ``fit`` (train with early stopping, checkpoint every epoch, exact resume) and ``evaluate``.
+"""``fit``: train any registered method on a store (early stopping, a checkpoint every epoch, exact resume), and
+``evaluate``: the metrics of a run's best model on its splits.
 
-Run folder layout::
+``fit`` is a composition of parts with one job each: the run folder (:mod:`.run_folder`), one optimisation
+step (:mod:`.step`), the epoch loop (:mod:`.epoch`), validation and early stopping (:mod:`.validate`), per-epoch
+records (:mod:`.logging`). Nothing in it is method-specific: the method (:mod:`fastmil.methods`) owns its
+model, teacher and buffers, and all of them travel in its ``state_dict``.
 
-    RUN/config.yaml     the TrainConfig used            RUN/splits.csv   train/val/test slide ids (CLAM layout)
-    RUN/last.pt         full state after each epoch     RUN/best.pt      best model by the monitored val metric
-    RUN/history.json    per-epoch train loss + val      RUN/metrics.json per-split metrics of the best model
-
-Determinism: the model is initialised from ``seed``; each epoch reseeds torch from ``(seed, epoch)`` and the
-sampler shuffles from ``(seed, epoch)``; the learning rate is a pure function of (epoch, step). Resuming
-from ``last.pt`` after a kill therefore replays the interrupted epoch exactly: on CPU the final weights equal
-those of an uninterrupted run.
+Determinism: the method is initialised from ``run.seed``; each epoch reseeds torch from ``(seed, epoch)`` and the
+sampler shuffles from ``(seed, epoch)``; the learning rate is a pure function of (epoch, step). Resuming from
+``last.pt`` after a kill replays the interrupted epoch exactly: on CPU the final weights (student and teacher
+alike) equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
-from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._atomic import write_text_atomic
+from .._config import ConfigError, to_dict
 from ..data.batching import BagBatchSampler, BagLoader
 from ..data.store import FeatureStore, open_store
-from ..methods import get_method
-from .checkpoint import check_model_config, load_checkpoint, save_checkpoint, write_text_atomic
-from .config import TrainConfig
-from .metrics import compute_metrics
-from .splits import labelled_slides, load_splits, make_splits, write_splits
+from ..methods import Method, build_method
+from .checkpoint import check_model_config, load_checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .epoch import train_epoch
+from .logging import EpochLogger
+from .run_folder import RunFolder, TrainState
+from .splits import labelled_slides, load_splits, make_splits
+from .step import Stepper
+from .validate import EarlyStopping, split_metrics
 
-__all__ = ["RunResult", "fit", "evaluate", "load_model", "predict_slides", "select_device"]
+__all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "RunResult", "evaluate", "fit", "load_method", "load_model",
+           "select_device"]
 
-EVAL_INSTANCES_PER_STEP = 262_144
-# Keys that may change between an interrupted run and its resumption (they do not change the numbers on CPU).
-_RESUMABLE_CHANGES = {"epochs", "device", "prefetch", "patience"}
+CHECKPOINT_FORMAT = 2
+"""Version of ``last.pt``/``best.pt``: a method's full ``state_dict`` (model, teacher, buffers)."""
+
+EpochCallback = Callable[[dict, RunFolder], None]
+"""Called after every epoch with the epoch's record and the run folder (its checkpoints are written)."""
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     metrics: dict  # split -> metrics of the best model
-    history: list  # one dict per epoch
+    history: list  # one record per epoch
     best_epoch: int
 
 
@@ -65,90 +70,72 @@ def _as_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
     return store if isinstance(store, FeatureStore) else open_store(store)
 
 
-def _lr_factor(cfg: TrainConfig, epoch: int, step: int, steps_in_epoch: int) -> float:
-    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0 at the end of the last epoch."""
-    t = epoch + step / max(1, steps_in_epoch)
-    if t < cfg.warmup_epochs:
-        return (t + 1e-3) / cfg.warmup_epochs
-    span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - cfg.warmup_epochs) / span)))
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([seed, epoch, 31]).integers(0, 2**62))
-
-
 def _class_weight(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
     weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weight, dtype=torch.float32)
 
 
-def _autocast(amp: str, device: torch.device):
-    """bf16/fp16 autocast on CUDA; a no-op for ``amp="none"`` or on the CPU."""
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+def _signature(cfg: TrainConfig, in_dim: int, classes: list[str]) -> dict:
+    """What a checkpoint must match to be loaded into a freshly built method."""
+    return {"model": to_dict(cfg.model), "method": to_dict(cfg.method), "in_dim": in_dim, "n_classes": len(classes),
+            "classes": list(classes)}
 
 
-def _better(monitor: str, value: float | None, best: float | None) -> bool:
-    if value is None:
-        return False
-    if best is None:
-        return True
-    return value < best if monitor == "loss" else value > best
+# ----------------------------------------------------------------------------------------------------------------
+# the parts of fit
+# ----------------------------------------------------------------------------------------------------------------
+def _open_run(run: RunFolder, cfg: TrainConfig, resume: bool, split_csv, labels: dict, store: FeatureStore):
+    """Start a new run folder, or read the state of the run to resume. Returns ``(splits, state, checkpoint)``."""
+    if not resume:
+        if run.holds_run():
+            raise ValueError(f"{run.path}: holds a run already; pass --resume to continue it or choose another --out")
+        splits = (load_splits(split_csv, labels, store) if split_csv
+                  else make_splits(labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.run.seed))
+        return splits, TrainState(), None
+    saved = run.load_last()
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{run.last}: written by an older fastmil (checkpoint format {saved.get('format', 1)}); "
+                         "start a new run")
+    old = TrainConfig.from_dict(saved["config"]).flat()
+    changed = sorted(k for k, v in cfg.flat().items() if k not in RESUMABLE_CHANGES and old.get(k) != v)
+    if changed:
+        raise ValueError(f"{run.path}: cannot resume with a different config ({', '.join(changed)} changed)")
+    state = TrainState.from_dict(saved["train_state"])
+    if state.stop_reason == "epochs" and cfg.optim.epochs > state.epochs_done:
+        state.stop_reason = ""  # a larger optim.epochs continues a finished run
+    elif state.stop_reason == "patience" and state.bad_epochs < cfg.run.patience:
+        state.stop_reason = ""  # a larger run.patience continues an early-stopped run
+    return saved["splits"], state, saved
 
 
-@torch.no_grad()
-def predict_slides(
-    model: nn.Module,
-    store: FeatureStore,
-    slide_ids: Sequence[str],
-    device: torch.device,
-    *,
-    keep_attention: bool = False,
-    progress: bool = False,
-    amp: str = "none",
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities ``[S, C]`` (in ``slide_ids`` order) and, optionally, per-slide attention ``{id: [N]}``."""
-    model.eval()
-    sampler = BagBatchSampler(store.sizes(slide_ids), max_instances_per_step=EVAL_INSTANCES_PER_STEP, shuffle=False)
-    loader = BagLoader(store, slide_ids, sampler)
-    probs: dict[str, np.ndarray] = {}
-    attention: dict[str, np.ndarray] = {}
-    for bags in tqdm(loader, desc="predict", unit="step", disable=not progress, leave=False):
-        bags = bags.to(device)
-        with _autocast(amp, device):
-            logits, weights = model(bags)
-        p = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        w = weights.float().cpu().numpy()
-        off = bags.offsets.cpu().numpy()
-        for b, sid in enumerate(bags.ids):
-            probs[sid] = p[b]
-            if keep_attention:
-                attention[sid] = w[off[b] : off[b + 1]]
-    return np.stack([probs[s] for s in slide_ids]) if slide_ids else np.zeros((0, 0)), attention
+def _check_splits(splits: dict, labels: dict, classes: list[str]) -> None:
+    if not splits["train"]:
+        raise ValueError("the train split is empty")
+    train_classes = {labels[s] for s in splits["train"]}
+    if len(train_classes) < 2:
+        raise ValueError(f"the train split holds one class only ({classes[next(iter(train_classes))]!r})")
 
 
-def _split_metrics(model, store, ids, labels, device, class_weight, amp) -> dict:
-    if not ids:
-        return {"n": 0}
-    probs, _ = predict_slides(model, store, ids, device, amp=amp)
-    y = np.array([labels[s] for s in ids])
-    metrics = compute_metrics(y, probs)
-    logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
-    metrics["loss"] = float(F.nll_loss(logp.float(), torch.from_numpy(y), weight=class_weight))
-    return metrics
+def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device) -> BagLoader:
+    sampler = BagBatchSampler(store.sizes(ids), bags_per_step=cfg.data.bags_per_step,
+                              max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed)
+    return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda")
 
 
-def _model_signature(cfg: TrainConfig, model: nn.Module, classes: list[str]) -> dict:
-    return {"method": cfg.method, "classes": list(classes), **getattr(model, "config", {})}
+def _last_state(method: Method, stepper: Stepper, state: TrainState, cfg: TrainConfig, signature: dict,
+                splits: dict) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "method_state": method.state_dict(), "stepper_state": stepper.state_dict(),
+            "train_state": state.to_dict(), "config": cfg.to_dict(), "signature": signature, "splits": splits,
+            "fastmil_version": __version__}
 
 
-def _build_model(cfg: TrainConfig, in_dim: int, n_classes: int) -> nn.Module:
-    return get_method(cfg.method).build_model(
-        in_dim, n_classes, embed_dim=cfg.embed_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout, gated=cfg.gated
-    )
+def _nothing_left(state: TrainState, cfg: TrainConfig) -> str:
+    if state.stop_reason == "patience":
+        return (f"run stopped early after epoch {state.epochs_done} (no improvement for {state.bad_epochs} epochs, "
+                f"patience {cfg.run.patience}); raise run.patience (and optim.epochs) to continue it")
+    return (f"run finished all {state.epochs_done} epochs; pass a larger optim.epochs (now {cfg.optim.epochs}) "
+            "with --resume to continue it")
 
 
 def fit(
@@ -160,162 +147,113 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     step_callback: Callable[[int, int, float], None] | None = None,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> RunResult:
-    """Train ``config.method`` on the labelled slides of ``store``; write the run folder ``out``.
+    """Train ``config.method`` (around ``config.model``) on the labelled slides of ``store`` into the run folder
+    ``out``; returns the best model's metrics on every split.
 
     Args:
-        split_csv: CLAM-style splits file; default: a stratified random split from ``config.seed``.
-        resume: continue from ``out/last.pt`` (the config must match, except epochs/device/prefetch/patience).
-        step_callback: called as ``step_callback(epoch, step, loss)`` after every optimiser step.
+        split_csv: CLAM-style splits file; default: a stratified random split from ``run.seed``.
+        resume: continue from ``out/last.pt`` (the config must match, except ``optim.epochs``, ``run.device``,
+            ``data.prefetch``, ``run.patience``; larger epochs/patience continue a finished run).
+        step_callback: ``step_callback(epoch, step, loss)`` after every optimiser step.
+        callbacks: ``callback(record, run_folder)`` after every epoch (its checkpoints written): Ray Tune reports.
     """
-    store = _as_store(store)
-    cfg = config or TrainConfig()
-    run = Path(out)
+    store, cfg, run = _as_store(store), config or TrainConfig(), RunFolder(out)
     labels = labelled_slides(store)
     classes = store.classes or [str(c) for c in range(max(labels.values()) + 1)]
-    n_classes = len(classes)
-    device = select_device(cfg.device)
-    if cfg.amp != "none" and device.type != "cuda":
-        raise ValueError(f"config: amp={cfg.amp!r} needs a CUDA device (got {device})")
+    device = select_device(cfg.run.device)
+    if cfg.run.amp != "none" and device.type != "cuda":
+        raise ValueError(f"config: run.amp={cfg.run.amp!r} needs a CUDA device (got {device})")
+    splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store)
+    _check_splits(splits, labels, classes)
+    run.start(cfg.to_dict(), splits)
 
-    state = None
-    if resume:
-        state = load_checkpoint(run / "last.pt")
-        saved_cfg = state["config"]
-        diffs = sorted(k for k in saved_cfg if k not in _RESUMABLE_CHANGES and saved_cfg[k] != cfg.to_dict().get(k))
-        if diffs:
-            raise ValueError(f"{run}: cannot resume with a different config ({', '.join(diffs)} changed)")
-        splits = state["splits"]
-    else:
-        if (run / "last.pt").exists():
-            raise ValueError(f"{run}: holds a run already; pass --resume to continue it or choose another --out")
-        splits = load_splits(split_csv, labels, store) if split_csv else make_splits(
-            labels, cfg.val_fraction, cfg.test_fraction, cfg.seed
-        )
-    if not splits["train"]:
-        raise ValueError("the train split is empty")
-    train_classes = {labels[s] for s in splits["train"]}
-    if len(train_classes) < 2:
-        raise ValueError(f"the train split holds one class only ({classes[next(iter(train_classes))]!r})")
-    run.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_splits(run / "splits.csv", splits)
-
-    torch.manual_seed(cfg.seed)
-    model = _build_model(cfg, store.dim, n_classes).to(device)
-    signature = _model_signature(cfg, model, classes)
-    method = get_method(cfg.method)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    class_weight = _class_weight([labels[s] for s in splits["train"]], n_classes) if cfg.class_weighting else None
-    cw_device = None if class_weight is None else class_weight.to(device)
-
-    start_epoch, history, best, best_epoch, bad_epochs = 0, [], None, -1, 0
-    if state is not None:
-        check_model_config(state["model_config"], signature, str(run / "last.pt"))
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        start_epoch = int(state["epoch"]) + 1
-        history, best, best_epoch, bad_epochs = state["history"], state["best"], state["best_epoch"], state["bad_epochs"]
-        if state.get("finished"):
-            start_epoch = cfg.epochs
-
-    sampler = BagBatchSampler(
-        store.sizes(splits["train"]),
-        bags_per_step=cfg.bags_per_step,
-        max_instances_per_step=cfg.max_instances_per_step,
-        shuffle=True,
-        seed=cfg.seed,
-    )
-    loader = BagLoader(store, splits["train"], sampler, prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
-    labels_of = {s: labels[s] for ids in splits.values() for s in ids}
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
+    stepper = Stepper(method, cfg.optim, cfg.run.amp, device)
+    signature = _signature(cfg, store.dim, classes)
+    if saved is not None:
+        check_model_config(saved["signature"], signature, str(run.last))
+        method.load_state_dict(saved["method_state"])
+        stepper.load_state_dict(saved["stepper_state"])
+    class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
+                    if cfg.data.class_weighting else None)
+    loader = _train_loader(store, splits["train"], cfg, device)
     monitor_split = "val" if splits["val"] else "train"
+    early = EarlyStopping(cfg.run.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
+    logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,
+                         progress=progress, monitor=cfg.run.monitor)
+    trained = False
+    try:
+        if state.stop_reason:
+            logger.note(_nothing_left(state, cfg))
+        while not state.stop_reason and state.epochs_done < cfg.optim.epochs:
+            trained = True
+            epoch = state.epochs_done
+            stats = train_epoch(stepper, loader, epoch, epochs=cfg.optim.epochs, seed=cfg.run.seed, device=device,
+                                class_weight=class_weight, progress=logger.interactive, step_callback=step_callback)
+            started = time.perf_counter()
+            val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp)
+            record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
+            if early.update(epoch, val):
+                run.save("best.pt", {"format": CHECKPOINT_FORMAT, "method_state": method.state_dict(),
+                                     "signature": signature, "epoch": epoch, "fastmil_version": __version__})
+            stop = "patience" if early.exhausted else "epochs" if epoch + 1 == cfg.optim.epochs else ""
+            state = TrainState(epoch + 1, logger.history, early.best, early.best_epoch, early.bad_epochs, stop)
+            run.save("last.pt", _last_state(method, stepper, state, cfg, signature, splits))
+            for callback in callbacks:
+                callback(record, run)
+        if trained and state.stop_reason == "patience":
+            logger.note(f"early stop after epoch {state.epochs_done}: best val {cfg.run.monitor} at epoch "
+                        f"{state.best_epoch + 1}")
+    finally:
+        logger.close()
+    metrics = evaluate(run.path, store, progress=progress)
+    return RunResult(run.path, metrics, state.history, state.best_epoch)
 
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc="train", unit="epoch", disable=not progress,
-                  initial=start_epoch, total=cfg.epochs)
-    finished = False
-    for epoch in epochs:
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-        loader.set_epoch(epoch)
-        n_steps = len(sampler)
-        model.train()
-        losses = []
-        for step, bags in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="step", disable=not progress,
-                                         leave=False, total=n_steps)):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(cfg, epoch, step, n_steps)
-            bags = bags.to(device, non_blocking=True)
-            with _autocast(cfg.amp, device):
-                loss, _ = method.loss(model, bags, cw_device)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            losses.append(float(loss.detach()))
-            if step_callback is not None:
-                step_callback(epoch, step, losses[-1])
-        monitored = _split_metrics(model, store, splits[monitor_split], labels_of, device, class_weight, cfg.amp)
-        value = monitored.get(cfg.monitor)
-        if cfg.monitor == "auc" and value is None:  # AUC undefined (one class in val): fall back to loss
-            value = -monitored["loss"]
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), monitor_split: monitored})
-        if _better(cfg.monitor, value, best):
-            best, best_epoch, bad_epochs = value, epoch, 0
-            save_checkpoint(run / "best.pt", {"model_state": model.state_dict(), "model_config": signature,
-                                              "epoch": epoch, "fastmil_version": __version__})
-        else:
-            bad_epochs += 1
-        finished = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
-        save_checkpoint(run / "last.pt", {
-            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(), "epoch": epoch,
-            "config": cfg.to_dict(), "model_config": signature, "splits": splits, "history": history,
-            "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "finished": finished,
-            "fastmil_version": __version__,
-        })
-        write_text_atomic(run / "history.json", json.dumps(history, indent=2))
-        shown = "-" if value is None else f"{value:.4f}"
-        epochs.set_postfix(loss=f"{np.mean(losses):.4f}", **{f"{monitor_split}_{cfg.monitor}": shown})
-        if finished:
-            break
 
-    metrics = evaluate(run, store, progress=progress)
-    return RunResult(run, metrics, history, best_epoch)
+# ----------------------------------------------------------------------------------------------------------------
+# loading and evaluating a finished run
+# ----------------------------------------------------------------------------------------------------------------
+def load_method(
+    run: str | os.PathLike, store: FeatureStore | None = None, device: torch.device | None = None
+) -> tuple[Method, TrainConfig, dict]:
+    """The best method of a run folder (in eval mode); returns ``(method, config, signature)``.
+
+    With ``store``, checks that the store's feature dim and classes match the checkpoint."""
+    folder = RunFolder(run)
+    try:
+        cfg = TrainConfig.from_dict(folder.read_config())
+    except ConfigError as exc:
+        raise ValueError(f"{folder.path / 'config.yaml'}: {exc} (a run folder of an older fastmil? retrain)") from exc
+    best = load_checkpoint(folder.best)
+    if best.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{folder.best}: written by an older fastmil (checkpoint format {best.get('format', 1)}); retrain"
+        )
+    sig = best["signature"]
+    method = build_method(cfg.method, cfg.model, sig["in_dim"], sig["n_classes"])
+    check_model_config(sig, _signature(cfg, sig["in_dim"], sig["classes"]), str(folder.best))
+    try:
+        method.load_state_dict(best["method_state"])
+    except RuntimeError as exc:
+        raise ValueError(f"{folder.best}: checkpoint is from another model config: {exc}") from exc
+    if store is not None:
+        if store.dim != sig["in_dim"]:
+            raise ValueError(
+                f"{folder.path}: model expects {sig['in_dim']}-dim features, store {store.path} has {store.dim}"
+            )
+        if store.classes and list(store.classes) != list(sig["classes"]):
+            raise ValueError(f"{folder.path}: model classes {sig['classes']} differ from store classes {store.classes}")
+    method.to(device or select_device(cfg.run.device)).eval()
+    return method, cfg, sig
 
 
 def load_model(run: str | os.PathLike, store: FeatureStore | None = None, device: torch.device | None = None):
-    """Rebuild the best model of a run folder; returns ``(model, cfg, signature)``.
-
-    With ``store``, checks that the store's feature dim and classes match the checkpoint.
-    """
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ValueError(f"{run}: not a fastmil run folder (no config.yaml)")
-    with open(run / "config.yaml", encoding="utf-8") as fh:
-        cfg = TrainConfig.from_dict(yaml.safe_load(fh))
-    best = load_checkpoint(run / "best.pt")
-    sig = best["model_config"]
-    model = _build_model(cfg, sig["in_dim"], sig["n_classes"])
-    check_model_config(sig, _model_signature(cfg, model, sig["classes"]), str(run / "best.pt"))
-    try:
-        model.load_state_dict(best["model_state"])
-    except RuntimeError as exc:
-        raise ValueError(f"{run / 'best.pt'}: checkpoint is from another model config: {exc}") from exc
-    if store is not None:
-        if store.dim != sig["in_dim"]:
-            raise ValueError(f"{run}: model expects {sig['in_dim']}-dim features, store {store.path} has {store.dim}")
-        if store.classes and list(store.classes) != list(sig["classes"]):
-            raise ValueError(f"{run}: model classes {sig['classes']} differ from store classes {store.classes}")
-    model.to(device or select_device(cfg.device))
-    return model, cfg, sig
+    """The model the run's best method predicts with; returns ``(model, config, signature)``."""
+    method, cfg, sig = load_method(run, store, device)
+    return method.model, cfg, sig
 
 
 def evaluate(
@@ -326,15 +264,18 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Metrics of the run's best model on each split; written to ``RUN/metrics.json`` and returned."""
+    import json
+
     run = Path(run)
     store = _as_store(store)
-    model, cfg, sig = load_model(run, store)
-    device = next(model.parameters()).device
+    method, cfg, sig = load_method(run, store)
+    device = next(method.parameters()).device
     labels = labelled_slides(store)
     split_ids = load_splits(run / "splits.csv", labels, store)
-    class_weight = _class_weight([labels[s] for s in split_ids["train"]], sig["n_classes"]) if cfg.class_weighting else None
+    class_weight = (_class_weight([labels[s] for s in split_ids["train"]], sig["n_classes"])
+                    if cfg.data.class_weighting else None)
     out = {}
-    for name in tqdm(splits, desc="evaluate", unit="split", disable=not progress, leave=False):
-        out[name] = _split_metrics(model, store, split_ids[name], labels, device, class_weight, cfg.amp)
+    for name in tqdm(splits, desc="evaluate", unit="split", disable=None if progress else True, leave=False):
+        out[name] = split_metrics(method, store, split_ids[name], labels, device, class_weight, cfg.run.amp)
     write_text_atomic(run / "metrics.json", json.dumps(out, indent=2))
     return out

@@ -11,22 +11,30 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import matplotlib
+import numpy as np
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from ..data.grid import lattice_cells, patch_stride  # noqa: E402
-from ..data.store import FeatureStore, open_store  # noqa: E402
-from .loop import load_model, predict_slides  # noqa: E402
-from .metrics import binary_auc, roc_curve  # noqa: E402
+from ..data.grid import lattice_cells, patch_stride
+from ..data.store import FeatureStore, open_store
+from .loop import load_method
+from .metrics import binary_auc, roc_curve
+from .validate import predict_slides
 
 __all__ = ["predict", "attention_grid", "save_heatmap", "save_roc"]
+
+
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure that only writes files: no pyplot, no global backend switch, imported on first use
+    (importing fastmil never imports matplotlib)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def attention_grid(coords: np.ndarray, values: np.ndarray, stride: int) -> np.ndarray:
@@ -46,7 +54,8 @@ def save_heatmap(
     Linear scale on purpose: a rank scale would stretch the many near-zero weights into a misleading gradient.
     """
     panels = 2 if truth is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 5), squeeze=False)
+    fig = _figure((5.5 * panels, 5))
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0, 0]
     peak = float(attention.max()) if attention.size and attention.max() > 0 else 1.0
     img = ax.imshow(attention_grid(coords, attention / peak, stride), cmap="inferno", vmin=0, vmax=1,
@@ -64,11 +73,11 @@ def save_heatmap(
     fig.suptitle(f"{slide_id} {title}".strip())
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = _figure((5, 5))
+    ax = fig.subplots()
     targets = [1] if len(classes) == 2 else range(len(classes))
     for c in targets:
         positive = y == c
@@ -83,7 +92,6 @@ def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def predict(
@@ -97,13 +105,14 @@ def predict(
 ) -> Path:
     """Predict every slide of ``store`` (or ``slide_ids``) with the run's best model; write ``out``."""
     store = store if isinstance(store, FeatureStore) else open_store(store)
-    model, cfg, sig = load_model(run, store)
-    device = next(model.parameters()).device
+    method, cfg, sig = load_method(run, store)
+    device = next(method.parameters()).device
     ids = list(slide_ids) if slide_ids is not None else store.slide_ids
     missing = [s for s in ids if s not in store]
     if missing:
         raise ValueError(f"slides not in store {store.path}: {', '.join(map(repr, missing[:5]))}")
-    probs, attention = predict_slides(model, store, ids, device, keep_attention=True, progress=progress, amp=cfg.amp)
+    probs, attention = predict_slides(method, store, ids, device, keep_attention=True, progress=progress,
+                                      amp=cfg.run.amp)
     classes = sig["classes"]
     out = Path(out)
     (out / "attention").mkdir(parents=True, exist_ok=True)
@@ -118,7 +127,9 @@ def predict(
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
     if heatmaps:
         (out / "heatmaps").mkdir(exist_ok=True)
-        for sid, p in tqdm(list(zip(ids, probs)), desc="heatmaps", unit="slide", disable=not progress, leave=False):
+        bar = tqdm(list(zip(ids, probs)), desc="heatmaps", unit="slide", disable=None if progress else True,
+                   leave=False)
+        for sid, p in bar:
             coords = store.read_coords(sid)
             if coords is None:
                 continue

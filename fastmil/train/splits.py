@@ -25,7 +25,10 @@ def labelled_slides(store: FeatureStore) -> dict[str, int]:
     present = sorted(set(labels.values()))
     if len(present) < 2:
         name = classes[present[0]] if present[0] < len(classes) else str(present[0])
-        raise ValueError(f"{store.path}: all {len(labels)} labelled slides are of one class ({name!r}); need at least two classes to train")
+        raise ValueError(
+            f"{store.path}: all {len(labels)} labelled slides are of one class ({name!r}); "
+            "need at least two classes to train"
+        )
     return labels
 
 

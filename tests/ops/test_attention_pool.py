@@ -20,8 +20,17 @@ import torch
 
 from fastmil.ops import attention_pool, attention_pool_reference, resolve_backend
 from tests.ragged import (
-    LAYOUTS, SIZES, SMALL_SIZES, STRIDED_DIM, WIDE_DIM, elementwise_error, make_mask, offsets_of, per_bag_error,
-    relative_error, strided,
+    LAYOUTS,
+    SIZES,
+    SMALL_SIZES,
+    STRIDED_DIM,
+    WIDE_DIM,
+    elementwise_error,
+    make_mask,
+    offsets_of,
+    per_bag_error,
+    relative_error,
+    strided,
 )
 
 TOL_POOLED = 4e-6
@@ -64,7 +73,8 @@ def _upstream(n_bags, n, heads, dim, seed=1):
     g = torch.Generator().manual_seed(seed)
     shape_p = (n_bags, dim) if heads is None else (n_bags, heads, dim)
     shape_w = (n,) if heads is None else (n, heads)
-    return torch.randn(shape_p, generator=g, dtype=torch.float64), torch.randn(shape_w, generator=g, dtype=torch.float64)
+    f64 = dict(generator=g, dtype=torch.float64)
+    return torch.randn(shape_p, **f64), torch.randn(shape_w, **f64)
 
 
 def _cancellation_scale(weights, values, offsets, grads):

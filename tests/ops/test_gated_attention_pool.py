@@ -20,8 +20,17 @@ from fastmil.kernels._launch import upcast_dots
 from fastmil.nn import GatedAttentionPool
 from fastmil.ops import attention_pool, gated_attention_pool, gated_attention_pool_reference
 from tests.ragged import (
-    LAYOUTS, SIZES, SMALL_SIZES, STRIDED_DIM, WIDE_DIM, elementwise_error, make_mask, offsets_of, per_bag_error,
-    relative_error, strided,
+    LAYOUTS,
+    SIZES,
+    SMALL_SIZES,
+    STRIDED_DIM,
+    WIDE_DIM,
+    elementwise_error,
+    make_mask,
+    offsets_of,
+    per_bag_error,
+    relative_error,
+    strided,
 )
 
 DIM, HIDDEN = 40, 24  # neither a power of two: exercises the padded tails of every block

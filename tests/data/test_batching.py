@@ -2,9 +2,7 @@ import numpy as np
 import pytest
 
 from fastmil.data import BagBatchSampler, BagLoader, create_store
-
-from .conftest import grid_coords
-
+from tests.files import grid_coords
 
 SIZES = np.array([100, 5, 4000, 20, 700, 1, 90_000, 33, 250, 12])
 

@@ -99,3 +99,35 @@ def test_forward_argument_errors():
         model(torch.randn(3, 4))
     with pytest.raises(ValueError, match="n_classes"):
         ABMIL(4, n_classes=1)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_float64_abmil_passes_gradcheck(gated):
+    torch.manual_seed(3)
+    model = ABMIL(5, embed_dim=6, attn_dim=3, n_classes=3, gated=gated, dropout=0.0).double()
+    bags = Bags.from_list([torch.randn(n, 5, dtype=torch.float64) for n in (1, 4, 6)])
+    x = bags.features.clone().requires_grad_()
+    logits, weights = model(x, bags.offsets)
+    assert logits.dtype == weights.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda f: model(f, bags.offsets)[0], (x,))
+    params = list(model.parameters())
+    assert torch.autograd.gradcheck(
+        lambda *p: torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], p)),
+                                              (bags.features, bags.offsets))[0], tuple(params))
+
+
+def test_forward_all_is_one_pass_that_forward_reuses():
+    torch.manual_seed(4)
+    model = ABMIL(5, embed_dim=6, attn_dim=3, dropout=0.0)
+    bags = _bags(d=5)
+    out = model.forward_all(bags)
+    logits, weights = model(bags)
+    torch.testing.assert_close(out.logits, logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.attention, weights, atol=0, rtol=0)
+    torch.testing.assert_close(out.instance_embedding, model.embed(bags.features), atol=0, rtol=0)
+    torch.testing.assert_close(out.logits, model.classifier(out.bag_embedding), atol=0, rtol=0)
+    calls = []
+    handle = model.embed.register_forward_hook(lambda *a: calls.append(1))
+    model.forward_all(bags)
+    handle.remove()
+    assert calls == [1]  # the instances are embedded once per forward

@@ -48,9 +48,10 @@ def test_abmil_beats_mean_pooling_on_digits_bags(tmp_path):
         for i in range(rows)))
 
     aucs = {}
-    for method in ("abmil", "meanmil"):
-        cfg = TrainConfig(method=method, epochs=15, lr=1e-3, embed_dim=64, attn_dim=32, dropout=0.0, patience=15, seed=0)
-        result = fit(store, tmp_path / method, cfg, split_csv=split_csv, progress=False)
-        aucs[method] = result.metrics["test"]["auc"]
+    for model in ({"name": "abmil", "embed_dim": 64, "attn_dim": 32, "dropout": 0.0},
+                  {"name": "meanmil", "embed_dim": 64, "dropout": 0.0}):
+        cfg = TrainConfig.from_dict(model=model, optim={"epochs": 15, "lr": 1e-3}, run={"patience": 15, "seed": 0})
+        result = fit(store, tmp_path / model["name"], cfg, split_csv=split_csv, progress=False)
+        aucs[model["name"]] = result.metrics["test"]["auc"]
     assert aucs["abmil"] > aucs["meanmil"], aucs
     assert aucs["abmil"] >= 0.85, aucs

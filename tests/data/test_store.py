@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastmil.data import StoreError, create_store, open_store
 from fastmil import _atomic as atomic_mod
-
-from .conftest import grid_coords
+from fastmil.data import StoreError, create_store, open_store
+from tests.files import grid_coords
 
 
 def _slide(n=5000, d=16, seed=0, dtype=np.float16):
@@ -56,7 +55,8 @@ def test_existing_slide_needs_overwrite(tmp_path):
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda f, c: (np.where(np.arange(len(f))[:, None] == 4100, np.nan, f).astype(f.dtype), c), r"'bad'.*NaN/Inf.*instance 4100"),
+        (lambda f, c: (np.where(np.arange(len(f))[:, None] == 4100, np.nan, f).astype(f.dtype), c),
+         r"'bad'.*NaN/Inf.*instance 4100"),
         (lambda f, c: (f, c[:-1]), r"'bad'.*length mismatch"),
         (lambda f, c: (f, np.concatenate([c[:-1], c[:1]])), r"'bad'.*duplicate coordinates"),
         (lambda f, c: (f[:0], c[:0]), r"'bad'.*empty bag"),
@@ -255,7 +255,7 @@ def wrap(real):
                 os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     return op
-for name in %r:
+for name in FS_OPS:
     setattr(os, name, wrap(getattr(os, name)))
 shutil.rmtree = wrap(shutil.rmtree)
 commit = FeatureStore._commit
@@ -265,7 +265,7 @@ def counted(self, *args):
 FeatureStore._commit = counted
 open_store(root, mode="a").write_slide("a", new["f"], new["c"], overwrite=True)
 print("completed")
-""" % (FS_OPS,)
+""".replace("FS_OPS", repr(FS_OPS))
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5, 6, 7, 9, 15])
@@ -313,7 +313,8 @@ def test_interrupted_label_update_is_all_old_or_all_new(tmp_path, monkeypatch):
         for mode in ("r", "a", "r"):
             reopened = open_store(root, mode=mode)
             labels, classes = [reopened.label(s) for s in ids], reopened.classes
-            assert (labels, classes) in (([0, 0, 0, 0], ["neg", "pos"]), ([1, 1, 1, 0], ["benign", "malignant"])), (step, mode)
+            old, new = ([0, 0, 0, 0], ["neg", "pos"]), ([1, 1, 1, 0], ["benign", "malignant"])
+            assert (labels, classes) in (old, new), (step, mode)
         seen.add(tuple(labels))
         assert not (root / "labels.pending.json").exists()
         if done:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fastmil.data import StoreError, ingest, open_store, read_splits_csv
-
-from .conftest import grid_coords, write_trident_h5
+from tests.files import grid_coords, write_trident_h5
 
 
 def _features(n, d=24, seed=0, dtype=np.float32):

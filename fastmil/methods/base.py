@@ -1,0 +1,141 @@
+"""The method interface the trainer runs, and the method registry.
+
+A *method* (MIL training objective) is an ``nn.Module`` that owns everything it trains and keeps: the model it
+predicts with and any teacher, tokens, queries or buffers. All of it is in ``state_dict()``, so checkpoints and
+``--resume`` restore it exactly. The trainer (:func:`fastmil.train.fit`) knows nothing method-specific; it calls
+
+- :meth:`Method.training_step` once per optimiser step -> the loss and its named terms,
+- :meth:`Method.after_optimizer_step` after every optimiser step (EMA teachers, query updates),
+- :meth:`Method.predict` for validation, evaluation and prediction -> :class:`fastmil.nn.MILOutput`,
+- :meth:`Method.trainable_parameters` once, to build the optimiser.
+
+A method registers itself with :func:`register_method` and declares its ``method:`` config section as a
+``Config`` dataclass (with a ``name`` field); ``docs/architecture.md`` has a worked example.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from .._config import ConfigError, build, suggest
+from ..bags import Bags
+from ..nn import MILOutput, build_model
+
+__all__ = ["METHODS", "Method", "StepContext", "StepOutput", "build_method", "get_method", "method_config",
+           "register_method"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a training step is: ``epoch``, ``step`` within it, the totals, and the loss's class weights
+    (``[C]`` on the step's device, or None)."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+    class_weight: torch.Tensor | None = None
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the whole run done before this step, in [0, 1)."""
+        return self.global_step / max(1, self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class StepOutput:
+    """A training step's scalar ``loss`` (what is differentiated) and its named ``terms`` (logged per epoch as
+    ``train_<name>``: e.g. ``ce``, ``consistency``, ``recon``; scalars, detached by the trainer)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of training methods; subclasses set ``Config`` and implement :meth:`training_step`.
+
+    Args:
+        model: the model this method trains and predicts with (``forward_all`` -> :class:`MILOutput`).
+        config: this method's ``Config`` instance.
+    """
+
+    Config: ClassVar[type]
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: Any, model_config: Any, in_dim: int, n_classes: int) -> Method:
+        """Build the method and its model from their config sections (override to build teachers etc.)."""
+        return cls(build_model(model_config, in_dim, n_classes), config)
+
+    def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
+        """Loss of one optimiser step on a packed batch with labels."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        """Called after every optimiser step (default: nothing)."""
+
+    def predict(self, bags: Bags) -> MILOutput:
+        """Inference outputs (logits, attention, bag embedding) of the model this method predicts with."""
+        return self.model.forward_all(bags)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates (default: the model's)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+METHODS: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound=type)
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: make a :class:`Method` subclass available as ``method.name: <name>`` in configs."""
+
+    def wrap(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"{cls!r} is not a fastmil.methods.Method")
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__qualname__})")
+        if not hasattr(cls, "Config"):
+            raise TypeError(f"method {cls.__qualname__} must define a Config dataclass")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    if name not in METHODS:
+        raise ConfigError(
+            f"method.name: unknown method {name!r}{suggest(name, METHODS)}; registered: {sorted(METHODS)}"
+        )
+    return METHODS[name]
+
+
+def method_config(data: Mapping[str, Any] | None) -> Any:
+    """The ``method:`` config section as the chosen method's ``Config`` (default method: ``plain``)."""
+    data = dict(data or {})
+    name = str(data.get("name", "plain"))
+    data["name"] = name
+    return build(get_method(name).Config, data, "method")
+
+
+def build_method(method_cfg: Any, model_cfg: Any, in_dim: int, n_classes: int) -> Method:
+    """Instantiate the method described by ``method_cfg`` around the model described by ``model_cfg``."""
+    return get_method(method_cfg.name).from_config(method_cfg, model_cfg, in_dim, n_classes)

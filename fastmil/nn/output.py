@@ -1,0 +1,27 @@
+"""What a MIL model computes in one forward pass, for users, methods and teachers alike."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MILOutput"]
+
+
+@dataclass
+class MILOutput:
+    """One forward pass of a bag classifier over a packed batch of B bags and N instances.
+
+    Attributes:
+        logits: ``[B, C]``.
+        attention: ``[N]`` (or ``[N, H]`` for multi-head pooling): the per-bag attention the model pools with,
+            0 on masked instances; what heatmaps draw.
+        bag_embedding: ``[B, E]``: the pooled vector the classifier reads.
+        instance_embedding: ``[N, E]``: the instance features after the embedding layer (what a teacher's
+            instance scores and a recycle network read), or None for models without one.
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+    bag_embedding: torch.Tensor
+    instance_embedding: torch.Tensor | None = None

@@ -1,0 +1,62 @@
+"""The sectioned training config: typed values, did-you-mean errors, overrides, the saved resolved config."""
+import pytest
+import yaml
+
+from fastmil._config import ConfigError
+from fastmil.cli import main
+from fastmil.data import SynthConfig, synthesize_store
+from fastmil.train import TrainConfig, load_config
+
+
+def test_yaml_scientific_notation_and_strings_become_the_declared_types(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 2e-4\n  epochs: '3'\n  grad_clip: null\nmodel:\n  gated: 'false'\n")
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == "2e-4"  # what PyYAML alone gives
+    cfg = load_config(path)
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.epochs == 3 and cfg.optim.grad_clip is None and cfg.model.gated is False
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"optim": {"lrr": 1e-3}}, r"optim: unknown key 'lrr' \(did you mean 'lr'\?\)"),
+    ({"lr": 1e-3}, r"unknown section 'lr' \(did you mean 'optim.lr'\?\)"),
+    ({"embed_dim": 64}, r"unknown section 'embed_dim' \(did you mean 'model.embed_dim'\?\)"),
+    ({"optim": {"lr": "fast"}}, r"optim.lr: expected a number, got 'fast'"),
+    ({"optim": {"epochs": 2.5}}, r"optim.epochs: expected an integer"),
+    ({"run": {"amp": "bf15"}}, r"run.amp: must be one of .* \(did you mean 'bf16'\?\)"),
+    ({"model": {"name": "abmill"}}, r"unknown model 'abmill' \(did you mean 'abmil'\?\)"),
+    ({"model": {"name": "meanmil", "attn_dim": 8}}, r"model: unknown key 'attn_dim'"),
+    ({"optim": {"epochs": 0}}, r"optim: epochs must be >= 1"),
+    ({"data": {"bags_per_step": None}}, r"data: set bags_per_step and/or max_instances_per_step"),
+    ({"optim": 3}, r"section 'optim' must be a mapping"),
+])
+def test_bad_configs_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(data)
+
+
+def test_overrides_apply_on_top_of_the_file_and_switch_sections_cleanly(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  name: abmil\n  attn_dim: 32\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(path, ["optim.lr=1e-4", "run.amp=bf16", "data.prefetch=4"])
+    assert (cfg.optim.lr, cfg.run.amp, cfg.data.prefetch, cfg.model.attn_dim) == (1e-4, "bf16", 4, 32)
+    other = cfg.with_overrides(["model.name=meanmil"])  # another model starts from its own defaults
+    assert other.model.name == "meanmil" and not hasattr(other.model, "attn_dim")
+    with pytest.raises(ConfigError, match=r"override 'lr': expected section.key .* \(did you mean 'optim.lr'\?\)"):
+        cfg.with_overrides(["lr=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        cfg.with_overrides(["optim.lr"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the saved form reads back to the same config
+
+
+def test_cli_overrides_land_in_the_saved_config(tmp_path, capsys):
+    store = synthesize_store(SynthConfig(n_slides=12, dim=8, median_instances=40, min_instances=16, seed=2),
+                             tmp_path / "store", progress=False)
+    assert main(["train", "--store", str(store.path), "--out", str(tmp_path / "run"), "--epochs", "1", "-q",
+                 "optim.lr=1e-4", "model.embed_dim=8", "model.attn_dim=4", "data.test_fraction=0.0"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 1e-4 and saved["optim"]["epochs"] == 1 and saved["model"]["embed_dim"] == 8
+    assert main(["train", "--store", str(store.path), "--out", str(tmp_path / "r2"), "-q", "optim.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    assert main(["train", "--store", str(store.path), "--out", str(tmp_path / "r3"), "--method", "abmil", "-q"]) == 2
+    assert "is a model, not a training method: use --model abmil" in capsys.readouterr().err
