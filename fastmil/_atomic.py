@@ -28,6 +28,12 @@ def atomic_target(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:  # the rename itself: durable before anything that depends on it (a journal's commit point)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

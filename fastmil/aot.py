@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._atomic import write_text_atomic
+
 __all__ = ["SHARED_LIMIT", "CompileResult", "Specialisation", "collect_specialisations", "compile_specialisation",
            "kernel_modules", "main", "specialise"]
 
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             if not r.error:  # errors are retried next time
                 cache[keys[(spec, cap)]] = {k: v for k, v in asdict(r).items() if k != "cached"}
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps(cache))
+        write_text_atomic(cache_path, json.dumps(cache))
     bad = [r for r in ordered if r.problems]
     print(_summary(ordered))
     if args.verbose or bad:
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"triton": triton.__version__, "results": [asdict(r) for r in ordered]}
-        args.json.write_text(json.dumps(report, indent=1))
+        write_text_atomic(args.json, json.dumps(report, indent=1))
     return 1 if bad else 0
 
 

@@ -86,15 +86,32 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
 
 
+def _import_plugins(modules: list[str]) -> None:
+    """Import user modules that register their own methods or models (``--import my_lab.methods``)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"--import {name}: {exc}") from exc
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .methods import METHODS
     from .nn import MODELS
     from .train import fit, load_config
 
+    _import_plugins(args.imports)
     if args.method in MODELS and args.method not in METHODS:
         raise ValueError(f"{args.method!r} is a model, not a training method: use --model {args.method} "
                          f"(methods: {', '.join(sorted(METHODS))})")
-    cfg = load_config(args.config, _train_overrides(args))
+    if args.resume and args.config is None:  # continue with the run's own config, plus what is given here
+        from .train import RunFolder, TrainConfig
+
+        cfg = TrainConfig.from_dict(RunFolder(args.out).read_config()).with_overrides(_train_overrides(args))
+    else:
+        cfg = load_config(args.config, _train_overrides(args))
     result = fit(args.store, args.out, cfg, split_csv=args.split_csv, resume=args.resume, progress=not args.quiet)
     _print_metrics(result.metrics)
     print(f"best epoch {result.best_epoch + 1} (1-based); run folder {result.run_dir}")
@@ -214,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="optim.epochs")
     p.add_argument("--seed", type=int, default=None, help="run.seed")
     p.add_argument("--device", default=None, help="run.device: auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers your own methods/models (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="config overrides, e.g. optim.lr=1e-4 run.amp=bf16 (applied after --config)")
     p.add_argument("--split-csv", default=None, metavar="CSV",

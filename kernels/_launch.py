@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 __all__ = [
-    "AOT_DIMS", "DEFAULT_NUM_STAGES", "KernelConfig", "Launch", "aot_views", "canonical", "dot_precision",
+    "AOT_DIMS", "AotTiles", "DEFAULT_NUM_STAGES", "KernelConfig", "Launch", "aot_views", "canonical", "dot_precision",
     "interpreting", "is_canonical", "pow2_at_least", "upcast_dots",
 ]
 
@@ -47,6 +47,9 @@ class Launch:
     args: Mapping[str, Any]
     num_warps: int
     num_stages: int
+    strided: tuple[str, ...] = ()
+    """Arguments the kernel addresses with a row-stride argument of their own; every other tensor must be
+    contiguous."""
 
     def __post_init__(self) -> None:
         names = list(self.kernel.arg_names)
@@ -54,12 +57,12 @@ class Launch:
             missing, extra = sorted(set(names) - set(self.args)), sorted(set(self.args) - set(names))
             raise TypeError(f"{self.name}: launch arguments do not match the kernel (missing {missing}, extra {extra})")
         for name, value in self.args.items():
-            if isinstance(value, torch.Tensor) and not is_canonical(value):
+            if isinstance(value, torch.Tensor) and not is_canonical(value, strided=name in self.strided):
                 raise ValueError(
-                    f"{self.name}: argument {name} has a layout outside the checked specialisations "
-                    f"(shape {tuple(value.shape)}, strides {value.stride()}, "
-                    f"address mod 16 = {value.data_ptr() % 16}); "
-                    "pass it through fastmil.kernels._launch.canonical() first"
+                    f"{self.name}: argument {name} has a layout the kernel does not address or that is outside "
+                    f"the checked specialisations (shape {tuple(value.shape)}, strides {value.stride()}, "
+                    f"address mod 16 = {value.data_ptr() % 16}); pass it through "
+                    "fastmil.kernels._launch.canonical() first"
                 )
 
     @property
@@ -73,25 +76,26 @@ class Launch:
         self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def is_canonical(t: torch.Tensor) -> bool:
-    """The tensor layouts the kernels are compiled for (and ``make aot`` checks): a 16-byte-aligned base
-    address; 2-D tensors with unit column stride and either contiguous rows or, when the width is a multiple
-    of 16, a row stride that is a multiple of 16 (a column slice of a wider matrix); other ranks contiguous.
+def is_canonical(t: torch.Tensor, strided: bool = False) -> bool:
+    """The tensor layouts the kernels are compiled for (and ``make aot`` checks): a 16-byte-aligned base address
+    and contiguous elements; or, for an argument the kernel addresses with its own row stride (``strided``), a
+    2-D tensor with unit column stride and either contiguous rows or, when the width is a multiple of 16, a row
+    stride that is a multiple of 16 (a column slice of a wider matrix, or a broadcast row with stride 0).
     Together with the argument values this fixes Triton's specialisation of every pointer and stride."""
     if t.data_ptr() % 16 != 0:
         return False
-    if t.dim() == 2:
+    if strided and t.dim() == 2:
         rows, cols = t.stride()
         width = t.shape[1]
         return (cols == 1 or width == 1) and (rows == width or (width % 16 == 0 and rows % 16 == 0))
     return t.is_contiguous()
 
 
-def canonical(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when :func:`is_canonical`, else a fresh contiguous copy (a misaligned view such as
-    ``x[:, 1:]``, a row stride that breaks the width's divisibility, a transposed matrix). The copy costs one
-    pass over ``t`` and only happens for unusual views; what the kernels see is always a checked layout."""
-    if is_canonical(t):
+def canonical(t: torch.Tensor, strided: bool = False) -> torch.Tensor:
+    """``t`` itself when :func:`is_canonical` (with the same ``strided``), else a fresh contiguous copy (a
+    misaligned view such as ``x[:, 1:]``, a transposed matrix, a sliced or broadcast gradient). The copy costs
+    one pass over ``t`` and happens only for such views; what the kernels see is always a checked layout."""
+    if is_canonical(t, strided):
         return t
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
@@ -136,6 +140,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 AOT_DIMS = (384, 512, 768, 1024, 1536, 2048, 36)
 """Feature widths the AOT checks feed the launchers: the common encoder widths (one specialisation class:
 divisible by 16) and one that is not (the colour features of ``fastmil tile``)."""
+
+
+@dataclass(frozen=True)
+class AotTiles:
+    """A small tile table (3 tiles, 2 bags) for representative launches: only dtypes reach the compiler."""
+
+    tile_bag: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int32))
+    tile_start: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))
+    tile_end: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))
+    bag_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))
+    n: int = 64
+    n_tiles: int = 3
+    n_bags: int = 2
 
 
 def aot_views(n: int, dim: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:

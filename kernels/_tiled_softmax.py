@@ -157,5 +157,5 @@ def normalize_launch(
              tile_start_ptr=tile_start, tile_end_ptr=tile_end, lse_ptr=lse, weights_ptr=weights,
              H=heads, stride_s=scores.stride(0), stride_w=weights.stride(0),
              BLOCK_N=block_n, H_PAD=1 if heads == 1 else pow2_at_least(heads), HAS_MASK=mask is not None),
-        NORMALIZE_WARPS, DEFAULT_NUM_STAGES,
+        NORMALIZE_WARPS, DEFAULT_NUM_STAGES, strided=("scores_ptr", "weights_ptr"),
     )

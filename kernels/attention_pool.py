@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AOT_DIMS, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least
+from ._launch import AOT_DIMS, AotTiles, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least
 from ._tiled_softmax import merge_launch, normalize_launch, tile_rows, tile_softmax_stats
 from .limits import MAX_HEADS
 
@@ -141,7 +141,7 @@ def pool_fwd_launch(
              partial_ptr=partial, D=dim, H=heads, stride_s=scores.stride(0), stride_v=values.stride(0),
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, H_PAD=pow2_at_least(heads), HAS_MASK=mask is not None,
              DOT_PRECISION=dot_precision(values.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("scores_ptr", "values_ptr"),
     )
 
 
@@ -164,7 +164,7 @@ def pool_bwd_launch(
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, H_PAD=pow2_at_least(heads),
              HAS_GRAD_WEIGHTS=grad_weights is not None, NEED_GRAD_VALUES=grad_values is not None,
              DOT_PRECISION=dot_precision(values.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("values_ptr", "grad_values_ptr"),
     )
 
 
@@ -180,11 +180,9 @@ def aot_launches() -> Iterator[Launch]:
     """Every launch of this op over representative arguments: value dtypes (and both fp32 dot precisions, via
     ``fastmil.aot``), heads, masks, gradient flags, feature widths and canonical row layouts. Scores reach the
     kernels as fp32 (the op converts them: the kernels read them once, in fp32)."""
-    n, n_tiles, n_bags = 64, 3, 2
-    i64 = dict(dtype=torch.int64)
-    tile_bag = torch.zeros(n_tiles, dtype=torch.int32)
-    tile_start, tile_end = torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
-    bag_tiles = torch.zeros(n_bags + 1, **i64)
+    t = AotTiles()
+    n, n_tiles, n_bags = t.n, t.n_tiles, t.n_bags
+    tile_bag, tile_start, tile_end, bag_tiles = t.tile_bag, t.tile_start, t.tile_end, t.bag_tiles
     f32 = lambda *shape: torch.zeros(*shape)  # noqa: E731
     for vdt in (torch.float32, torch.float16, torch.bfloat16):
         for dim in AOT_DIMS:

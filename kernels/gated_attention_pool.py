@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AOT_DIMS, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least, upcast_dots
+from ._launch import AOT_DIMS, AotTiles, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least, upcast_dots
 from ._tiled_softmax import merge_launch, normalize_launch, tile_rows, tile_softmax_stats
 from .limits import MAX_HIDDEN
 
@@ -339,7 +339,7 @@ def gated_fwd_launch(
              tile_sum_ptr=tile_sum, partial_ptr=partial, D=dim, stride_h=h.stride(0),
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=mask is not None,
              UPCAST=upcast_dots(h.dtype), DOT_PRECISION=dot_precision(h.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("h_ptr",),
     )
 
 
@@ -364,7 +364,7 @@ def gated_bwd_launch(
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HID_PAD=hid_pad, HAS_MASK=mask is not None,
              HAS_GRAD_WEIGHTS=grad_weights is not None, UPCAST=upcast_dots(h.dtype),
              DOT_PRECISION=dot_precision(h.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("h_ptr",),
     )
 
 
@@ -383,7 +383,7 @@ def grad_h_launch(
              tile_start_ptr=tile_start, tile_end_ptr=tile_end, grad_h_ptr=grad_h, D=dim, stride_gh=grad_h.stride(0),
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=gemm_block_k(k_dim // 2), K=k_dim,
              DOT_PRECISION=dot_precision(grad_h.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("grad_h_ptr",),
     )
 
 
@@ -399,7 +399,7 @@ def weight_grad_launch(dpre: torch.Tensor, h: torch.Tensor, partial: torch.Tenso
         dict(dpre_ptr=dpre, h_ptr=h, partial_ptr=partial, N=n, D=dim, rows_in_split=rows_per_split(n),
              stride_h=h.stride(0), BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=block_k, K=k_dim,
              DOT_PRECISION=dot_precision(h.dtype)),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, strided=("h_ptr",),
     )
 
 
@@ -414,11 +414,9 @@ def aot_launches() -> Iterator[Launch]:
     """Every launch of this op over representative arguments: input dtypes, padded hidden sizes, masks,
     gradient flags, feature widths and canonical row layouts of ``h``, and the row counts that change the
     weight-grad GEMM's specialisation."""
-    n, n_tiles, n_bags = 64, 3, 2
-    i64 = dict(dtype=torch.int64)
-    tile_bag = torch.zeros(n_tiles, dtype=torch.int32)
-    tile_start, tile_end = torch.zeros(n_tiles, **i64), torch.zeros(n_tiles, **i64)
-    bag_tiles = torch.zeros(n_bags + 1, **i64)
+    t = AotTiles()
+    n, n_tiles, n_bags = t.n, t.n_tiles, t.n_bags
+    tile_bag, tile_start, tile_end, bag_tiles = t.tile_bag, t.tile_start, t.tile_end, t.bag_tiles
     f32 = lambda *shape: torch.zeros(*shape)  # noqa: E731
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for dim in AOT_DIMS:

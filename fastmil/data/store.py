@@ -559,7 +559,7 @@ class FeatureStore:
             dims.add(meta["dim"])
             dtypes.add(meta["dtype"])
             with_coords += int(meta["has_coords"])
-            y = meta["attrs"].get("label")
+            y = self.label(sid)  # the committed labels, whether or not a label update is still being applied
             key = "unlabelled" if y is None else (classes[int(y)] if classes and int(y) < len(classes) else str(y))
             label_counts[key] = label_counts.get(key, 0) + 1
         return {

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .._config import ConfigError, build, suggest
+from .._registry import Registry
 from ..bags import Bags
 from ..nn import MILOutput, build_model
 
@@ -97,23 +97,23 @@ class Method(nn.Module):
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-METHODS: dict[str, type[Method]] = {}
+def _check_method(cls: type) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a fastmil.methods.Method")
+
+
+METHODS: Registry = Registry("method", default="plain", required=("from_config", "training_step"))
 
 M = TypeVar("M", bound=type)
 
 
 def register_method(name: str) -> Callable[[M], M]:
     """Class decorator: make a :class:`Method` subclass available as ``method.name: <name>`` in configs."""
+    register = METHODS.register(name, _check_method)
 
     def wrap(cls: M) -> M:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"{cls!r} is not a fastmil.methods.Method")
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__qualname__})")
-        if not hasattr(cls, "Config"):
-            raise TypeError(f"method {cls.__qualname__} must define a Config dataclass")
+        register(cls)
         cls.name = name
-        METHODS[name] = cls
         return cls
 
     return wrap
@@ -121,19 +121,12 @@ def register_method(name: str) -> Callable[[M], M]:
 
 def get_method(name: str) -> type[Method]:
     """The method class registered as ``name``."""
-    if name not in METHODS:
-        raise ConfigError(
-            f"method.name: unknown method {name!r}{suggest(name, METHODS)}; registered: {sorted(METHODS)}"
-        )
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def method_config(data: Mapping[str, Any] | None) -> Any:
     """The ``method:`` config section as the chosen method's ``Config`` (default method: ``plain``)."""
-    data = dict(data or {})
-    name = str(data.get("name", "plain"))
-    data["name"] = name
-    return build(get_method(name).Config, data, "method")
+    return METHODS.config(data)
 
 
 def build_method(method_cfg: Any, model_cfg: Any, in_dim: int, n_classes: int) -> Method:

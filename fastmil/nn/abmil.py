@@ -11,7 +11,7 @@ from .attention import AttentionPool, GatedAttentionPool, MeanPool
 from .output import MILOutput
 from .registry import register_model
 
-__all__ = ["ABMIL", "MeanPoolMIL", "unpack_batch"]
+__all__ = ["ABMIL", "MeanPoolMIL", "check_sizes", "unpack_batch"]
 
 
 def unpack_batch(
@@ -26,6 +26,15 @@ def unpack_batch(
     if offsets is None:
         raise TypeError("forward(features, offsets, mask=None) needs offsets")
     return x, offsets, mask, None
+
+
+def check_sizes(dropout: float | None = None, **sizes: int) -> None:
+    """Validation shared by model configs: every size >= 1, dropout in [0, 1)."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
 class _BagClassifier(nn.Module):
@@ -76,10 +85,7 @@ class ABMIL(_BagClassifier):
         dropout: float = 0.25
 
         def __post_init__(self) -> None:
-            if self.embed_dim < 1 or self.attn_dim < 1:
-                raise ValueError(f"embed_dim and attn_dim must be >= 1, got {self.embed_dim}, {self.attn_dim}")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_sizes(embed_dim=self.embed_dim, attn_dim=self.attn_dim, dropout=self.dropout)
 
     def __init__(
         self,
@@ -95,8 +101,6 @@ class ABMIL(_BagClassifier):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-        self.config = dict(in_dim=in_dim, embed_dim=embed_dim, attn_dim=attn_dim, n_classes=n_classes,
-                           gated=gated, dropout=dropout)
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         pool_cls = GatedAttentionPool if gated else AttentionPool
         self.pool = pool_cls(embed_dim, attn_dim, backend=backend)
@@ -124,16 +128,12 @@ class MeanPoolMIL(_BagClassifier):
         dropout: float = 0.25
 
         def __post_init__(self) -> None:
-            if self.embed_dim < 1:
-                raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_sizes(embed_dim=self.embed_dim, dropout=self.dropout)
 
     def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, dropout: float = 0.25) -> None:
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-        self.config = dict(in_dim=in_dim, embed_dim=embed_dim, n_classes=n_classes, dropout=dropout)
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         self.pool = MeanPool()
         self.classifier = nn.Linear(embed_dim, n_classes)

@@ -2,6 +2,7 @@
 from ._backend import BACKENDS, resolve_backend
 from .attention_pool import attention_pool, attention_pool_reference
 from .gated_attention_pool import gated_attention_pool, gated_attention_pool_reference
+from .saliency_mask import SaliencyMask, saliency_mask
 
 __all__ = [
     "BACKENDS",
@@ -10,4 +11,6 @@ __all__ = [
     "gated_attention_pool",
     "gated_attention_pool_reference",
     "resolve_backend",
+    "SaliencyMask",
+    "saliency_mask",
 ]

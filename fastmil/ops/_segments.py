@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bag_grad_dot", "bag_index", "pool_per_bag", "segment_softmax", "segment_sum"]
+__all__ = ["bag_grad_dot", "bag_index", "lse_grad_rows", "pool_per_bag", "segment_softmax", "segment_sum"]
 
 
 def bag_index(offsets: torch.Tensor, n: int) -> torch.Tensor:
@@ -26,9 +26,12 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return sums if values.dtype == torch.float64 else sums.float()
 
 
-def segment_softmax(scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def segment_softmax(
+    scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bag softmax of ``scores [N, H]`` over unmasked rows, in fp32 (fp64 for fp64 scores); 0 on masked
-    rows and in all-masked or empty bags."""
+    rows and in all-masked or empty bags. Also returns the per-bag log-sum-exp ``[B, H]`` (``-inf`` for a bag
+    with no unmasked row)."""
     s = scores.double() if scores.dtype == torch.float64 else scores.float()
     if mask is not None:
         s = s.masked_fill(~mask[:, None], float("-inf"))
@@ -41,7 +44,8 @@ def segment_softmax(scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Ten
     e = torch.exp(s - bag_max[bag])  # exp(-inf) = 0 on masked rows
     denom = segment_sum(e, offsets)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return e / safe[bag]
+    lse = torch.where(denom > 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
+    return e / safe[bag], lse
 
 
 def pool_per_bag(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bounds: list[int]) -> torch.Tensor:
@@ -54,6 +58,18 @@ def pool_per_bag(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Ten
         if hi > lo:
             torch.matmul(weights[lo:hi].T, values[lo:hi].to(weights.dtype), out=pooled[b])
     return pooled
+
+
+def lse_grad_rows(grad_weights: torch.Tensor | None, grad_lse: torch.Tensor | None, offsets: torch.Tensor,
+                  n: int) -> torch.Tensor | None:
+    """The gradient of the returned log-sum-exp folded into the weights' gradient rows. Since
+    ``d lse_b / d s_i = a_i``, the score gradient ``a_i (u_i - c_b)`` gains ``a_i gl_b``: adding ``gl_b`` to
+    ``grad_weights_i`` does that, provided ``c_b`` (``bag_grad_dot``) is computed from the original
+    ``grad_weights``. ``[N]`` or ``[N, H]``, or None when neither gradient exists."""
+    if grad_lse is None:
+        return grad_weights
+    rows = grad_lse[bag_index(offsets, n)]
+    return rows if grad_weights is None else grad_weights + rows
 
 
 def bag_grad_dot(

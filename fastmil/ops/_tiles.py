@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TileTable", "build_tiles", "finish_tiled_pool", "host_offsets"]
+__all__ = ["TileTable", "build_tiles", "check_offsets", "finish_tiled_pool", "host_offsets"]
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,22 @@ def host_offsets(offsets: torch.Tensor, offsets_cpu: torch.Tensor | None) -> tor
     return offsets.detach().to("cpu", torch.int64)
 
 
-def build_tiles(off: torch.Tensor, n_rows: int, block_n: int, device: torch.device) -> TileTable:
-    """Tile table for the host offsets ``off`` (int64 ``[B+1]``) over ``n_rows`` rows; an empty bag gets no tile.
-
-    Raises ValueError unless ``off`` starts at 0, never decreases and ends at ``n_rows``: the kernels address
-    memory through these row ranges, so bad offsets must never reach them (an O(B) check on the host)."""
+def check_offsets(off: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The bag sizes of the host offsets ``off``; raises ValueError unless ``off`` starts at 0, never decreases
+    and ends at ``n_rows`` (an O(B) check on the host: kernels address memory through these row ranges)."""
     sizes = off[1:] - off[:-1]
     if int(off[0]) != 0 or int(off[-1]) != n_rows or bool((sizes < 0).any()):
         raise ValueError(
             f"offsets must start at 0, be non-decreasing and end at N = {n_rows}; "
             f"got first {int(off[0])}, last {int(off[-1])}, {int((sizes < 0).sum())} decreasing steps"
         )
+    return sizes
+
+
+def build_tiles(off: torch.Tensor, n_rows: int, block_n: int, device: torch.device) -> TileTable:
+    """Tile table for the host offsets ``off`` (int64 ``[B+1]``, checked by :func:`check_offsets`) over
+    ``n_rows`` rows; an empty bag gets no tile."""
+    sizes = check_offsets(off, n_rows)
     per_bag = (sizes + block_n - 1) // block_n
     bag_tiles = torch.zeros(off.numel(), dtype=torch.int64)
     torch.cumsum(per_bag, 0, out=bag_tiles[1:])

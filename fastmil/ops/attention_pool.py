@@ -24,7 +24,7 @@ import torch
 from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HEADS
 from ._backend import resolve_backend
-from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax, segment_sum
+from ._segments import bag_grad_dot, bag_index, lse_grad_rows, pool_per_bag, segment_softmax, segment_sum
 from ._tiles import build_tiles, finish_tiled_pool, host_offsets
 from ._triton import HAS_TRITON, check_triton_inputs
 
@@ -78,17 +78,21 @@ class _AttentionPoolTorch(torch.autograd.Function):
     def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
                 offsets_cpu: torch.Tensor):
         bounds = offsets_cpu.tolist()
-        weights = segment_softmax(scores, offsets, mask)  # [N, H] fp32 (fp64 for fp64 scores)
+        weights, lse = segment_softmax(scores, offsets, mask)  # [N, H], [B, H] fp32 (fp64 for fp64 scores)
         pooled = pool_per_bag(weights, values, offsets, bounds)
         ctx.save_for_backward(weights, values, offsets)
         ctx.bounds, ctx.scores_dtype = bounds, scores.dtype
-        return pooled, weights
+        ctx.set_materialize_grads(False)
+        return pooled, weights, lse
 
     @staticmethod
-    def backward(ctx, grad_pooled: torch.Tensor, grad_weights: torch.Tensor | None):
+    def backward(ctx, grad_pooled: torch.Tensor | None, grad_weights: torch.Tensor | None,
+                 grad_lse: torch.Tensor | None):
         weights, values, offsets = ctx.saved_tensors
         bounds = ctx.bounds
         need_scores, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_pooled is None:
+            grad_pooled = weights.new_zeros(len(bounds) - 1, weights.shape[1], values.shape[1])
         grad_values = torch.empty(values.shape, dtype=values.dtype, device=values.device) if need_values else None
         # dL/dw_i = <v_i, g_b> (+ any gradient flowing into the returned weights)
         grad_w = torch.zeros_like(weights) if grad_weights is None else grad_weights.to(weights.dtype).clone()
@@ -107,7 +111,10 @@ class _AttentionPoolTorch(torch.autograd.Function):
             bag = bag_index(offsets, weights.shape[0])
             wg = weights * grad_w
             per_bag = segment_sum(wg, offsets)
-            grad_scores = (wg - weights * per_bag[bag]).to(ctx.scores_dtype)
+            grad_s = wg - weights * per_bag[bag]
+            if grad_lse is not None:  # d lse_b / d s_i = a_i
+                grad_s = grad_s + weights * grad_lse.to(weights.dtype)[bag]
+            grad_scores = grad_s.to(ctx.scores_dtype)
         return grad_scores, grad_values, None, None, None
 
 
@@ -125,8 +132,8 @@ class _AttentionPoolTriton(torch.autograd.Function):
         dim = values.shape[1]
         n_bags, dev = offsets.numel() - 1, values.device
         ctx.scores_dtype = scores.dtype
-        scores = canonical(scores.float())  # read once by two kernels; fp32 keeps one specialisation
-        values = canonical(values)
+        scores = canonical(scores.float(), strided=True)  # read once by two kernels; fp32 keeps one specialisation
+        values = canonical(values, strided=True)
         mask = None if mask is None else canonical(mask)
         cfg = k.pool_config(heads, values.dtype)
         tiles = build_tiles(offsets_cpu, n, cfg.block_n, dev)
@@ -140,16 +147,19 @@ class _AttentionPoolTriton(torch.autograd.Function):
             k.pool_fwd_launch(scores, values, mask, tiles.tile_start, tiles.tile_end, tile_max, tile_sum, partial)()
             finish_tiled_pool(tile_max, tile_sum, partial, tiles, scores, mask, pooled, lse, weights, cfg.block_n)
         ctx.save_for_backward(values, weights, pooled, offsets, tiles.tile_bag, tiles.tile_start, tiles.tile_end)
-        return pooled, weights
+        ctx.set_materialize_grads(False)
+        return pooled, weights, torch.where(torch.isposinf(lse), -lse, lse)  # log 0 = -inf for empty bags
 
     @staticmethod
-    def backward(ctx, grad_pooled: torch.Tensor, grad_weights: torch.Tensor | None):
+    def backward(ctx, grad_pooled: torch.Tensor | None, grad_weights: torch.Tensor | None,
+                 grad_lse: torch.Tensor | None):
         from ..kernels import attention_pool as k
 
         values, weights, pooled, offsets, tile_bag, tile_start, tile_end = ctx.saved_tensors
         n, heads = weights.shape
-        g = canonical(grad_pooled.float())
+        g = canonical(torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.float())
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
+        grad_weights = lse_grad_rows(grad_weights, grad_lse, offsets, n)
         if grad_weights is not None:
             grad_weights = canonical(grad_weights.float())
         grad_scores = torch.zeros(n, heads, dtype=torch.float32, device=values.device)
@@ -168,13 +178,17 @@ def attention_pool(
     *,
     backend: str = "auto",
     offsets_cpu: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Masked attention pooling over packed ragged bags (see the module docstring for the contract).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND``
     overrides ``"auto"``. The Triton path supports up to ``MAX_HEADS`` = 32 heads and ``D >= 2``.
     ``offsets_cpu``: the host copy of ``offsets`` when the caller has one (``Bags.offsets_cpu``); without it the
-    op copies ``offsets`` to the host once (a synchronisation on a GPU).
+    op copies ``offsets`` to the host once (a synchronisation on a GPU). ``return_lse``: also return the
+    per-bag log-sum-exp of the scores over unmasked rows, ``[B]`` (or ``[B, H]``), differentiable, ``-inf`` for a
+    bag with nothing unmasked; it lets a caller merge this pooling with softmax mass from elsewhere (extra
+    tokens) without concatenating the bag.
     """
     _check_inputs(scores, values, offsets, mask)
     chosen = resolve_backend(backend, "attention_pool", values.device, has_triton=HAS_TRITON)
@@ -185,9 +199,9 @@ def attention_pool(
         check_triton_inputs("attention_pool", values.dtype, values.shape[1], scores, values, offsets, mask)
         if s.shape[1] > MAX_HEADS:
             raise ValueError(f"attention_pool: the Triton kernels support at most {MAX_HEADS} heads, got {s.shape[1]}")
-        pooled, weights = _AttentionPoolTriton.apply(s, values, offsets, mask, host)
+        pooled, weights, lse = _AttentionPoolTriton.apply(s, values, offsets, mask, host)
     else:
-        pooled, weights = _AttentionPoolTorch.apply(s, values, offsets, mask, host)
+        pooled, weights, lse = _AttentionPoolTorch.apply(s, values, offsets, mask, host)
     if squeeze:
-        return pooled[:, 0], weights[:, 0]
-    return pooled, weights
+        pooled, weights, lse = pooled[:, 0], weights[:, 0], lse[:, 0]
+    return (pooled, weights, lse) if return_lse else (pooled, weights)

@@ -32,7 +32,7 @@ import torch
 from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HIDDEN
 from ._backend import resolve_backend
-from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax
+from ._segments import bag_grad_dot, bag_index, lse_grad_rows, pool_per_bag, segment_softmax
 from ._tiles import build_tiles, finish_tiled_pool, host_offsets
 from ._triton import HAS_TRITON, check_triton_inputs
 
@@ -103,14 +103,15 @@ class _GatedPoolTorch(torch.autograd.Function):
             pre = torch.addmm(b2, h[lo : lo + CHUNK_ROWS].to(acc), w2.T)
             gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
             torch.addmv(bw, gate, w_vec, out=scores[lo : lo + CHUNK_ROWS])
-        weights = segment_softmax(scores[:, None], offsets, mask)  # [N, 1]
+        weights, lse = segment_softmax(scores[:, None], offsets, mask)  # [N, 1], [B, 1]
         pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
         weights = weights[:, 0]
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
-        return pooled, weights
+        ctx.set_materialize_grads(False)
+        return pooled, weights, lse[:, 0]
 
     @staticmethod
-    def backward(ctx, grad_pooled, grad_weights):
+    def backward(ctx, grad_pooled, grad_weights, grad_lse):
         h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets = ctx.saved_tensors
         need = ctx.needs_input_grad
         hidden = v_weight.shape[0]
@@ -124,8 +125,9 @@ class _GatedPoolTorch(torch.autograd.Function):
         w2 = w3[:k2]
         b3 = torch.cat([v_bias.to(acc), u_bias.to(acc), v_bias.new_zeros(1, dtype=acc)])
         w_vec = w_weight[0].to(acc)
-        g = grad_pooled.to(acc)
+        g = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.to(acc)
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
+        grad_weights = lse_grad_rows(grad_weights, grad_lse, offsets, h.shape[0])
         bag = bag_index(offsets, h.shape[0])
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
         grad_w2 = torch.zeros_like(w2)
@@ -200,7 +202,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         n, dim = h.shape
         hidden = v_weight.shape[0]
         dev = h.device
-        h = canonical(h)
+        h = canonical(h, strided=True)
         mask = None if mask is None else canonical(mask)
         params = k.pad_gate_params(v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, h.dtype)
         cfg = k.gated_config(hidden, h.dtype)
@@ -221,10 +223,11 @@ class _GatedPoolTriton(torch.autograd.Function):
                               tiles.tile_bag, tiles.tile_start, tiles.tile_end)
         ctx.has_mask, ctx.hidden = mask is not None, hidden
         ctx.param_dtypes = [p.dtype for p in (v_weight, v_bias, u_weight, u_bias, w_weight, w_bias)]
-        return pooled, weights
+        ctx.set_materialize_grads(False)
+        return pooled, weights, torch.where(torch.isposinf(lse), -lse, lse)  # log 0 = -inf for empty bags
 
     @staticmethod
-    def backward(ctx, grad_pooled, grad_weights):
+    def backward(ctx, grad_pooled, grad_weights, grad_lse):
         from ..kernels import gated_attention_pool as k
 
         (h, vu, bias, w, wb, weights, pooled, lse, offsets, mask, tile_bag, tile_start, tile_end) = ctx.saved_tensors
@@ -233,8 +236,9 @@ class _GatedPoolTriton(torch.autograd.Function):
         n, dim = h.shape
         hidden, hid_pad = ctx.hidden, vu.shape[1]
         dev = h.device
-        g = canonical(grad_pooled.float())
+        g = canonical(torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.float())
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
+        grad_weights = lse_grad_rows(grad_weights, grad_lse, offsets, n)
         if grad_weights is not None:
             grad_weights = canonical(grad_weights.float())
         dpre = torch.zeros(n, 2 * hid_pad, dtype=torch.float32, device=dev)  # [dpre_v | dpre_u]
@@ -281,12 +285,15 @@ def gated_attention_pool(
     *,
     backend: str = "auto",
     offsets_cpu: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Fused gated attention pooling over packed ragged bags (contract in the module docstring).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND``
     overrides ``"auto"``. The Triton path supports ``hidden_dim <= MAX_HIDDEN`` and ``D >= 2``.
     ``offsets_cpu``: the host copy of ``offsets`` (``Bags.offsets_cpu``), which saves a device-to-host copy.
+    ``return_lse``: also return the per-bag log-sum-exp of the scores ``[B]`` (differentiable; ``-inf`` for a bag
+    with nothing unmasked), to merge this pooling with extra tokens without concatenating the bag.
     """
     _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
     args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, host_offsets(offsets, offsets_cpu))
@@ -297,5 +304,7 @@ def gated_attention_pool(
                 f"gated_attention_pool: the Triton kernels support hidden_dim <= {MAX_HIDDEN}, "
                 f"got {v_weight.shape[0]}; use backend='torch'"
             )
-        return _GatedPoolTriton.apply(*args)
-    return _GatedPoolTorch.apply(*args)
+        pooled, weights, lse = _GatedPoolTriton.apply(*args)
+    else:
+        pooled, weights, lse = _GatedPoolTorch.apply(*args)
+    return (pooled, weights, lse) if return_lse else (pooled, weights)

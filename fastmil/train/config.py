@@ -94,8 +94,10 @@ SECTIONS = ("model", "method", "optim", "data", "run")
 _FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 
 RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience"}
-"""Keys that may differ between an interrupted run and its resumption (they do not change the numbers on CPU
-up to the old last epoch; a larger ``optim.epochs`` continues a finished run)."""
+"""Keys that may differ between an interrupted run and its resumption. ``run.device``, ``data.prefetch`` and
+``run.patience`` leave the numbers as they were; a different ``optim.epochs`` re-plans the cosine learning rate
+over the new total from the resumed epoch on (a finished run continued to more epochs trains again at a
+mid-schedule rate), which is the point of extending a run, not a replay."""
 
 
 def _default_model() -> Any:
@@ -143,7 +145,10 @@ class TrainConfig:
     def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> TrainConfig:
         """A copy with ``section.key=value`` overrides applied (strings from a command line, or a mapping)."""
         data = self.to_dict()
-        for key, value in (parse_overrides(overrides) if not isinstance(overrides, Mapping) else overrides).items():
+        items = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
+        # a new model/method name first: its own defaults, then the keys given for it, in whatever order given
+        ordered = sorted(items.items(), key=lambda kv: kv[0] not in ("model.name", "method.name"))
+        for key, value in ordered:
             section, _, name = key.partition(".")
             if section not in SECTIONS or not name:
                 raise ConfigError(f"override {key!r}: expected section.key with a section in {list(SECTIONS)}"

@@ -154,12 +154,14 @@ def fit(
 
     Args:
         split_csv: CLAM-style splits file; default: a stratified random split from ``run.seed``.
-        resume: continue from ``out/last.pt`` (the config must match, except ``optim.epochs``, ``run.device``,
-            ``data.prefetch``, ``run.patience``; larger epochs/patience continue a finished run).
+        resume: continue from ``out/last.pt`` (with ``config=None``: the run's saved config; a given config must
+            match it, except ``optim.epochs``, ``run.device``, ``data.prefetch``, ``run.patience``; larger
+            epochs/patience continue a finished run).
         step_callback: ``step_callback(epoch, step, loss)`` after every optimiser step.
         callbacks: ``callback(record, run_folder)`` after every epoch (its checkpoints written): Ray Tune reports.
     """
-    store, cfg, run = _as_store(store), config or TrainConfig(), RunFolder(out)
+    store, run = _as_store(store), RunFolder(out)
+    cfg = config or (TrainConfig.from_dict(run.read_config()) if resume else TrainConfig())
     labels = labelled_slides(store)
     classes = store.classes or [str(c) for c in range(max(labels.values()) + 1)]
     device = select_device(cfg.run.device)
@@ -167,8 +169,6 @@ def fit(
         raise ValueError(f"config: run.amp={cfg.run.amp!r} needs a CUDA device (got {device})")
     splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store)
     _check_splits(splits, labels, classes)
-    run.start(cfg.to_dict(), splits)
-
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
     stepper = Stepper(method, cfg.optim, cfg.run.amp, device)
@@ -177,6 +177,7 @@ def fit(
         check_model_config(saved["signature"], signature, str(run.last))
         method.load_state_dict(saved["method_state"])
         stepper.load_state_dict(saved["stepper_state"])
+    run.start(cfg.to_dict(), splits)  # only once the run is known to be startable or resumable
     class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
                     if cfg.data.class_weighting else None)
     loader = _train_loader(store, splits["train"], cfg, device)

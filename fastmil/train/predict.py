@@ -10,6 +10,7 @@ Output folder::
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._atomic import write_text_atomic
 from ..data.grid import lattice_cells, patch_stride
 from ..data.store import FeatureStore, open_store
 from .loop import load_method
@@ -117,12 +119,13 @@ def predict(
     out = Path(out)
     (out / "attention").mkdir(parents=True, exist_ok=True)
     labels = store.labels(ids)
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "label", *[f"prob_{c}" for c in classes], "pred"])
-        for sid, p in zip(ids, probs):
-            y = labels[sid]
-            w.writerow([sid, "" if y is None else classes[y], *[f"{v:.6f}" for v in p], classes[int(p.argmax())]])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "label", *[f"prob_{c}" for c in classes], "pred"])
+    for sid, p in zip(ids, probs):
+        y = labels[sid]
+        w.writerow([sid, "" if y is None else classes[y], *[f"{v:.6f}" for v in p], classes[int(p.argmax())]])
+    write_text_atomic(out / "predictions.csv", buf.getvalue())
     for sid in ids:
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
     if heatmaps:

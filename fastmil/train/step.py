@@ -62,12 +62,16 @@ class Stepper:
             loss.backward()
         if self.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip)
+        stepped = True
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scale drops exactly when the step was skipped
         else:
             self.optimizer.step()
-        self.method.after_optimizer_step(ctx)
+        if stepped:  # a teacher's EMA must not move towards an unchanged student
+            self.method.after_optimizer_step(ctx)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
 
     @property

@@ -13,6 +13,7 @@ relative to the bag's largest value; grad scores 4.9e-7 per bag, relative to the
 cancel in ``a (u - c)``. Rounding the weights to fp16 before pooling gives ~1e-4 and fails.
 """
 import inspect
+import math
 import re
 
 import pytest
@@ -303,3 +304,57 @@ def test_gpu_tf32_weighted_sum_matches_a_reference_with_the_same_rounding(dtype)
     ref = _tf32_tile_reference(scores, values, offsets, mask, pool_config(1, dtype).block_n)
     assert elementwise_error(weights.cpu(), ref_w, floor=1e-30) <= TOL_WEIGHTS
     assert relative_error(pooled.cpu(), ref) <= 5e-5
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_log_sum_exp_output_and_its_gradient(heads, backend):
+    """``return_lse``: the per-bag log-sum-exp over unmasked rows (-inf for an all-masked or empty bag), and a
+    loss through it (as when pooled bags are merged with extra tokens) differentiates like the reference's."""
+    sizes = [1, 7, 129, 0, 40]
+    scores, values, offsets, mask = _case(sizes, 24, heads, torch.float32, "all-masked-bag", seed=13)
+    s = scores.detach().requires_grad_()
+    v = values.detach().requires_grad_()
+    pooled, weights, lse = attention_pool(s, v, offsets, mask, backend=backend, return_lse=True)
+    s64 = scores.double().requires_grad_()
+    masked = s64.masked_fill(~mask[:, None] if heads else ~mask, float("-inf"))
+    bounds = offsets.tolist()
+    ref_lse = torch.stack([torch.logsumexp(masked[lo:hi], 0) if hi > lo else torch.full(masked.shape[1:], -math.inf,
+                                                                                        dtype=torch.float64)
+                           for lo, hi in zip(bounds[:-1], bounds[1:])])
+    ref_pooled, _ = attention_pool_reference(s64, v.detach().double(), offsets, mask)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool((lse[torch.isinf(lse)] < 0).all())
+    finite = torch.isfinite(ref_lse)
+    assert relative_error(lse[finite], ref_lse[finite]) <= TOL_POOLED
+    g = torch.Generator().manual_seed(3)
+    gl = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
+    gp = torch.randn(ref_pooled.shape, generator=g, dtype=torch.float64)
+    (torch.where(finite, lse.double() * gl, 0).sum() + (pooled.double() * gp).sum()).backward()
+    (torch.where(finite, ref_lse * gl, 0).sum() + (ref_pooled * gp).sum()).backward()
+    assert per_bag_error(s.grad, s64.grad, offsets) <= TOL_GRAD_SCORES * 4
+
+
+@pytest.mark.parametrize("kind", ["weights-column-slice", "pooled-broadcast"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliced_and_broadcast_incoming_gradients(backend, kind):
+    """Gradients that arrive as views: the weights' as a column slice (the output was concatenated), the pooled
+    vectors' as a broadcast (summed over bags). The kernels read them as contiguous, so the op must hand them over
+    as such. One loss term each (autograd would add two terms' gradients into a fresh contiguous buffer)."""
+    heads, dim = 16, 32
+    scores, values, offsets, mask = _case([5, 40, 1], dim, heads, torch.float32, "random", seed=21)
+
+    def loss(pooled, weights):
+        r = torch.linspace(-1, 1, weights.shape[0] * (heads + 16), dtype=weights.dtype).reshape(-1, heads + 16)
+        if kind == "weights-column-slice":  # a row stride of 32: a layout the kernels would take as it is
+            return (torch.cat([weights, torch.zeros_like(r[:, :16])], 1) * r).sum()
+        return (pooled.sum(0) * r[:1, :dim]).sum()
+
+    s, v = scores.detach().requires_grad_(), values.detach().requires_grad_()
+    loss(*attention_pool(s, v, offsets, mask, backend=backend)).backward()
+    s64, v64 = scores.double().requires_grad_(), values.double().requires_grad_()
+    loss(*attention_pool_reference(s64, v64, offsets, mask)).backward()
+    assert relative_error(s.grad, s64.grad) <= TOL_GRAD_SCORES
+    if kind == "pooled-broadcast":
+        assert per_bag_error(v.grad, v64.grad, offsets) <= TOL_GRAD_VALUES
+
+

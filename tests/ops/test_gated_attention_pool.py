@@ -233,3 +233,52 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="hidden_dim <= 256"):
         gated_attention_pool(h, *big, offsets, backend="triton")
     assert torch.isfinite(gated_attention_pool(h, *big, offsets, backend="torch")[0]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_log_sum_exp_output_and_its_gradient(backend):
+    """``return_lse`` of the fused op: values and every gradient through it match the reference's log-sum-exp."""
+    sizes = [1, 7, 129, 40]
+    h, params, offsets, mask = _case(sizes, torch.float32, "all-masked-bag", seed=14)
+    h1 = h.detach().requires_grad_()
+    p1 = [p.clone().requires_grad_() for p in params]
+    pooled, _, lse = gated_attention_pool(h1, *p1, offsets, mask, backend=backend, return_lse=True)
+    h64 = h.double().requires_grad_()
+    p64 = [p.double().requires_grad_() for p in params]
+    scores = (torch.tanh(h64 @ p64[0].T + p64[1]) * torch.sigmoid(h64 @ p64[2].T + p64[3])) @ p64[4][0] + p64[5]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    bounds = offsets.tolist()
+    ref_lse = torch.stack([torch.logsumexp(scores[lo:hi], 0) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    finite = torch.isfinite(ref_lse)
+    assert not bool(finite[2]) and float(lse[2]) == float("-inf")  # the all-masked bag
+    assert relative_error(lse[finite], ref_lse[finite]) <= TOL_POOLED
+    gl = torch.randn(len(sizes), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.where(finite, lse.double() * gl, 0).sum().backward()
+    torch.where(finite, ref_lse * gl, 0).sum().backward()
+    assert per_bag_error(h1.grad, h64.grad, offsets) <= TOL_GRAD_H
+    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
+        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
+
+
+@pytest.mark.parametrize("kind", ["column-slice", "broadcast"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliced_and_broadcast_incoming_gradients(backend, kind):
+    """grad_pooled as a column slice of a wider gradient (the output was concatenated) or a broadcast (summed
+    over bags): the Triton backward reads it as contiguous, so the op must hand it over as such. One loss term
+    each (autograd would add two terms' gradients into a fresh contiguous buffer)."""
+    h, params, offsets, mask = _case([5, 40, 1], torch.float32, "random", seed=22, dim=32, hidden=16)
+    r = torch.linspace(-1, 1, 3 * 64).reshape(3, 64)
+
+    def loss(pooled):
+        r_ = r.to(pooled.dtype)
+        if kind == "column-slice":  # a row stride of 64: a layout the kernels would take as it is
+            return (torch.cat([pooled, torch.zeros_like(pooled)], 1) * r_).sum()
+        return pooled.sum(0) @ r_[0, :32]
+
+    h1, p1 = h.detach().requires_grad_(), [p.clone().requires_grad_() for p in params]
+    loss(gated_attention_pool(h1, *p1, offsets, mask, backend=backend)[0]).backward()
+    h64, p64 = h.double().requires_grad_(), [p.double().requires_grad_() for p in params]
+    loss(gated_attention_pool_reference(h64, *p64, offsets, mask)[0]).backward()
+    assert per_bag_error(h1.grad, h64.grad, offsets) <= TOL_GRAD_H
+    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
+        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name

@@ -60,3 +60,43 @@ def test_cli_overrides_land_in_the_saved_config(tmp_path, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
     assert main(["train", "--store", str(store.path), "--out", str(tmp_path / "r3"), "--method", "abmil", "-q"]) == 2
     assert "is a model, not a training method: use --model abmil" in capsys.readouterr().err
+
+
+def test_override_order_does_not_matter_for_a_new_model_name():
+    cfg = TrainConfig().with_overrides(["model.embed_dim=64", "model.name=meanmil"])
+    assert cfg.model.name == "meanmil" and cfg.model.embed_dim == 64
+
+
+def test_cli_resume_continues_with_the_runs_own_config(tmp_path):
+    store = synthesize_store(SynthConfig(n_slides=12, dim=8, median_instances=40, min_instances=16, seed=2),
+                             tmp_path / "store", progress=False)
+    run = str(tmp_path / "run")
+    common = ["train", "--store", str(store.path), "--out", run, "-q"]
+    assert main([*common, "--epochs", "1", "model.embed_dim=8", "model.attn_dim=4", "data.test_fraction=0.0",
+                 "optim.lr=3e-3"]) == 0
+    assert main([*common, "--resume", "--epochs", "2"]) == 0  # no config given: the run's own, plus --epochs
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["embed_dim"] == 8 and saved["optim"]["lr"] == 3e-3 and saved["optim"]["epochs"] == 2
+    history = yaml.safe_load((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1]
+
+
+def test_cli_imports_a_module_that_registers_a_method(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_lab_methods.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from fastmil.methods import PlainMIL, register_method\n"
+        "@register_method('plain-copy')\n"
+        "class PlainCopy(PlainMIL):\n"
+        "    @dataclass\n"
+        "    class Config:\n"
+        "        name: str = 'plain-copy'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = synthesize_store(SynthConfig(n_slides=12, dim=8, median_instances=40, min_instances=16, seed=2),
+                             tmp_path / "store", progress=False)
+    args = ["train", "--store", str(store.path), "--out", str(tmp_path / "run"), "-q", "--epochs", "1",
+            "--method", "plain-copy", "model.embed_dim=8", "model.attn_dim=4", "data.test_fraction=0.0"]
+    assert main(args) == 2 and "unknown method 'plain-copy'" in capsys.readouterr().err
+    assert main(["train", "--import", "my_lab_methods", *args[1:]]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["name"] == "plain-copy"
+    assert main(["train", "--import", "no_such_module_xyz", *args[1:]]) == 2
+    assert "--import no_such_module_xyz" in capsys.readouterr().err
