@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -261,9 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*\.[\w.]+=")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # section.key=value overrides may stand anywhere among the options (argparse alone wants them together)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no section.key=value overrides (got {overrides[0]})")
+        args.overrides = [*args.overrides, *overrides]
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:  # user-facing input errors: one clear line, exit 2

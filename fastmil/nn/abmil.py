@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..bags import Bags
-from .attention import AttentionPool, GatedAttentionPool, MeanPool
+from .attention import AttentionPool, GatedAttentionPool, MeanPool, pool_with_tokens
 from .output import MILOutput
 from .registry import register_model
 
@@ -41,21 +41,57 @@ class _BagClassifier(nn.Module):
     """``embed -> pool -> classifier``; subclasses set ``embed``, ``pool`` and ``classifier``.
 
     ``forward_all`` returns everything a training method needs from one pass (:class:`MILOutput`);
-    ``forward`` returns ``(logits [B, C], attention [N])`` for users.
+    ``forward`` returns ``(logits [B, C], attention [N])`` for users. The pieces a method with its own
+    pooling needs (MHIM-MIL: masks and recycled tokens) are public: :meth:`embed_instances`, :meth:`aggregate`,
+    :meth:`instance_logits`.
     """
 
     embed: nn.Module
     pool: nn.Module
     classifier: nn.Linear
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width ``E`` of the instance and bag embeddings."""
+        return self.classifier.in_features
+
+    def embed_instances(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
+        return self.embed(features.to(self.classifier.weight.dtype))
+
+    def aggregate(
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
+        offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+        token_valid: torch.Tensor | None = None,
+    ) -> MILOutput:
+        """Pool the embedded instances ``h`` of each bag (those with ``mask`` True) and, when given, the extra
+        ``tokens [B, k, E]`` of each bag (``token_valid [B]``), then classify."""
+        if tokens is None:
+            pooled, weights = self.pool(h, offsets, mask, offsets_cpu=offsets_cpu)
+        else:
+            if token_valid is None:
+                token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        pooled = pooled.to(h.dtype)
+        return MILOutput(self.classifier(pooled), weights, pooled, h)
+
+    def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Map extra tokens (MHIM's recycled summaries) into the space of the embedded instances: the
+        activation and dropout that end :attr:`embed` (embedded instances are non-negative, and tokens pooled
+        beside them must be too, or they take over the pooled vector and the model learns to read tokens that
+        inference never shows it)."""
+        return self.embed[1:](tokens)
+
+    def instance_logits(self, out: MILOutput) -> torch.Tensor:
+        """``[N, C]``: the classifier applied to each attention-weighted instance embedding ``a_i h_i`` (MHIM's
+        class-aware instance probability is the max softmax of these)."""
+        return self.classifier(out.attention.to(out.instance_embedding.dtype)[:, None] * out.instance_embedding)
+
     def forward_all(
         self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> MILOutput:
         features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
-        h = self.embed(features.to(self.classifier.weight.dtype))
-        pooled, weights = self.pool(h, offsets, mask, offsets_cpu=offsets_cpu)
-        pooled = pooled.to(h.dtype)
-        return MILOutput(self.classifier(pooled), weights, pooled, h)
+        return self.aggregate(self.embed_instances(features), offsets, mask, offsets_cpu=offsets_cpu)
 
     def forward(
         self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None

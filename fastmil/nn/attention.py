@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops import attention_pool, gated_attention_pool
 
-__all__ = ["GatedAttentionPool", "AttentionPool", "MeanPool"]
+__all__ = ["AttentionPool", "GatedAttentionPool", "MeanPool", "pool_with_tokens"]
 
 
 class GatedAttentionPool(nn.Module):
@@ -34,11 +34,11 @@ class GatedAttentionPool(nn.Module):
 
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         return gated_attention_pool(
             h, self.V.weight, self.V.bias, self.U.weight, self.U.bias, self.w.weight, self.w.bias,
-            offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
+            offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu, return_lse=return_lse,
         )
 
 
@@ -56,16 +56,55 @@ class AttentionPool(nn.Module):
 
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu)
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
+                              return_lse=return_lse)
 
 
 class MeanPool(nn.Module):
     """Mean over each bag's unmasked instances (equal scores through :func:`attention_pool`); no parameters."""
 
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Equal scores ``[...]`` (zeros)."""
+        return h.new_zeros(h.shape[:-1])
+
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_pool(h.new_zeros(h.shape[0]), h, offsets, mask, offsets_cpu=offsets_cpu)
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        return attention_pool(self.scores(h), h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=return_lse)
+
+
+def pool_with_tokens(
+    pool: nn.Module, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
+    tokens: torch.Tensor, token_valid: torch.Tensor, offsets_cpu: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention pooling of each bag's unmasked instances *and* extra tokens, without concatenating the bag.
+
+    ``h [N, E]`` pools through ``pool`` (fused op, log-sum-exp returned); ``tokens [B, k, E]`` are scored with the
+    same ``pool.scores``; the two softmax groups merge exactly: with ``l_A`` the bags' log-sum-exp over their
+    instances and ``l_T`` over their tokens, ``pooled = e^(l_A - l) pooled_A + sum_j e^(s_j - l) t_j`` for
+    ``l = logaddexp(l_A, l_T)``. Tokens of bags with ``token_valid`` False count for nothing. Returns
+    ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax)."""
+    pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True)
+    acc = torch.promote_types(pooled_a.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    token_scores = pool.scores(tokens).to(acc)  # [B, k]
+    valid = token_valid[:, None].expand_as(token_scores)
+    lse_t = torch.where(token_valid, torch.logsumexp(torch.where(valid, token_scores, 0.0), 1), float("-inf"))
+    # merge the two groups without ever forming inf - inf (whose gradient is NaN even where it is masked out)
+    groups = torch.stack([lse_a.to(acc), lse_t])  # [2, B]
+    present = torch.isfinite(groups)
+    safe = torch.where(present, groups, torch.zeros_like(groups))
+    top = torch.where(present, safe, torch.full_like(safe, float("-inf"))).amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.where(present, torch.exp(safe - top), torch.zeros_like(safe))  # [2, B]
+    total = mass.sum(0)
+    total = torch.where(total > 0, total, torch.ones_like(total))  # a bag with nothing at all pools to zero
+    share_a = mass[0] / total
+    lse = top + torch.log(total)
+    share_t = torch.where(valid, torch.exp(torch.where(valid, token_scores, 0.0) - lse[:, None]), 0.0)  # [B, k]
+    pooled = share_a[:, None] * pooled_a.to(acc) + (share_t[..., None] * tokens.to(acc)).sum(1)
+    bag = torch.repeat_interleave(torch.arange(share_a.numel(), device=h.device), offsets[1:] - offsets[:-1],
+                                  output_size=h.shape[0])
+    return pooled, weights_a * share_a[bag].to(weights_a.dtype)

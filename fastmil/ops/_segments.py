@@ -18,10 +18,10 @@ def bag_index(offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-bag sums of ``values [N, ...]`` -> ``[B, ...]`` in fp32 (fp64 for fp64 input), from fp64 prefix
-    sums instead of atomics: deterministic on every device, and no drift from adding thousands of small terms
-    to a running fp32 total."""
-    prefix = torch.zeros((values.shape[0] + 1, *values.shape[1:]), dtype=torch.float64, device=values.device)
-    torch.cumsum(values.double(), 0, out=prefix[1:])
+    sums instead of atomics: deterministic on every device, no drift from adding thousands of small terms to a
+    running fp32 total, and differentiable."""
+    running = torch.cumsum(values.double(), 0)  # differentiable (no out=): callers differentiate through sums
+    prefix = torch.cat([running.new_zeros((1, *running.shape[1:])), running])
     sums = prefix[offsets[1:]] - prefix[offsets[:-1]]
     return sums if values.dtype == torch.float64 else sums.float()
 

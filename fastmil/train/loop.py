@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._atomic import write_text_atomic
 from .._config import ConfigError, to_dict
+from ..checkpoint import check_model_config, load_checkpoint
 from ..data.batching import BagBatchSampler, BagLoader
 from ..data.store import FeatureStore, open_store
 from ..methods import Method, build_method
-from .checkpoint import check_model_config, load_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .epoch import train_epoch
 from .logging import EpochLogger

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .._atomic import write_text_atomic
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .splits import write_splits
 
 __all__ = ["RunFolder", "TrainState", "flatten_record"]

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
+from ..checkpoint import write_text_atomic
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore
-from .checkpoint import write_text_atomic
 
 __all__ = ["labelled_slides", "make_splits", "load_splits", "write_splits"]
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fastmil._config import ConfigError
 from fastmil.bags import Bags
+from fastmil.checkpoint import load_checkpoint
 from fastmil.data import SynthConfig, synthesize_store
 from fastmil.methods import (
     METHODS,
@@ -31,7 +32,6 @@ from fastmil.methods import (
 )
 from fastmil.nn import build_model, model_config
 from fastmil.train import TrainConfig, fit, load_method
-from fastmil.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
+from fastmil.checkpoint import load_checkpoint
 from fastmil.cli import main
 from fastmil.data import SynthConfig, create_store, synthesize_store
 from fastmil.train import TrainConfig, evaluate, fit, predict
-from fastmil.train.checkpoint import load_checkpoint
 
 DATA = SynthConfig(n_slides=60, dim=32, median_instances=300, size_sigma=0.3, tumour_fraction_min=0.02,
                    tumour_fraction_max=0.05, seed=3)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_target, write_text_atomic
+from ._atomic import atomic_target, write_text_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_model_config", "write_text_atomic"]
 

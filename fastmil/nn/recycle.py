@@ -1,0 +1,124 @@
+"""MHIM-MIL's global recycle network: k learned-by-EMA queries cross-attend over each bag's recycled instances.
+
+For each bag, ``k`` global query tokens attend (``H`` heads, pre-LayerNorm on queries and instances) over the
+bag's randomly masked instances; the ``k`` outputs summarise what the random masking took away and join the kept
+instances in the student's pooling. The queries are a buffer, not a parameter: they get no gradient and follow an
+EMA of the bags' output tokens (:meth:`GlobalRecycleNetwork.update_queries`).
+
+Implicit keys and values (cost ``O(n D k H)`` instead of the ``O(n D^2)`` of projecting every instance): with
+``x_hat_i = gamma * (x_i - mu_i) / sigma_i + beta`` (LayerNorm) and ``q_jh`` the projected query ``j`` of head
+``h``, the attention logit ``q_jh . (W_k^h x_hat_i + b_k^h) / sqrt(d)`` equals ``(W_k^h^T q_jh / sqrt(d)) . x_hat_i``
+plus terms constant over ``i`` (which softmax ignores), so the logits of all instances are one ``[n, E] x [E, kH]``
+product, corrected by ``mu_i`` and ``sigma_i``; the attention output is
+``W_v^h (sum_i alpha_i x_hat_i) + b_v^h``, and ``sum_i alpha_i x_hat_i`` comes from one masked attention pooling
+of the raw instances with scores ``logit - log sigma_i`` (see :meth:`GlobalRecycleNetwork.forward`). No
+``n x E`` normalised copy, keys or values are formed. :func:`recycle_reference` is the explicit computation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kernels.limits import MAX_HEADS
+from ..ops import attention_pool
+from ..ops._segments import segment_sum
+
+__all__ = ["GlobalRecycleNetwork", "recycle_reference"]
+
+
+class GlobalRecycleNetwork(nn.Module):
+    """``forward(h [N, E], offsets [B+1], mask bool [N], offsets_cpu=None) -> (tokens [B, k, E], valid bool [B])``.
+
+    ``mask`` selects the instances each bag recycles (MHIM: the randomly masked ones); ``valid[b]`` is False for a
+    bag with none, whose tokens are zero and must be ignored. Parameters: the query and instance LayerNorms and
+    the q/k/v/output projections (trained with the student); buffer ``queries [k, E]`` (EMA, no gradient).
+    """
+
+    def __init__(self, dim: int, n_tokens: int = 5, n_heads: int = 8, query_momentum: float = 0.9999,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"the embedding dim {dim} must be divisible by the {n_heads} heads")
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+        self.dim, self.n_tokens, self.n_heads, self.query_momentum = dim, n_tokens, n_heads, query_momentum
+        self.norm_q, self.norm_x = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("queries", torch.randn(n_tokens, dim))
+
+    def _logit_directions(self) -> torch.Tensor:
+        """``[E, k H]``: column ``(j, h)`` is ``gamma * W_k^h^T q_jh / sqrt(d)``."""
+        k, heads = self.n_tokens, self.n_heads
+        d = self.dim // heads
+        q = self.q_proj(self.norm_q(self.queries)).view(k, heads, d)
+        directions = torch.einsum("khd,hde->khe", q, self.k_proj.weight.view(heads, d, self.dim)) / math.sqrt(d)
+        return (directions * self.norm_x.weight).reshape(k * heads, self.dim).T
+
+    def forward(
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor, offsets_cpu: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_bags, k, heads = offsets.numel() - 1, self.n_tokens, self.n_heads
+        d = self.dim // heads
+        x = h if h.dtype == torch.float64 else h.float()
+        mu = x.mean(1)
+        sigma = torch.sqrt(x.var(1, unbiased=False) + self.norm_x.eps)
+        directions = self._logit_directions()  # [E, kH]
+        logits = (x @ directions - mu[:, None] * directions.sum(0)[None, :]) / sigma[:, None]  # [N, kH]
+        # softmax(logit - log sigma) = alpha_i / sigma_i / S with S = sum alpha_j / sigma_j = 1 / sum alpha'_j sigma_j
+        scores = logits - torch.log(sigma)[:, None]
+        pooled, weights = _pool_heads(scores, x, offsets, mask, offsets_cpu)  # [B, kH, E], [N, kH]
+        s_sigma = segment_sum(weights * sigma[:, None], offsets)  # [B, kH]
+        s_mu = segment_sum(weights * mu[:, None], offsets)
+        valid = s_sigma[:, 0] > 0
+        s_sigma = torch.where(s_sigma > 0, s_sigma, torch.ones_like(s_sigma))
+        x_hat = self.norm_x.weight * (pooled - s_mu[..., None]) / s_sigma[..., None] + self.norm_x.bias  # [B,kH,E]
+        out = torch.einsum("bkhe,hde->bkhd", x_hat.view(n_bags, k, heads, self.dim),
+                           self.v_proj.weight.view(heads, d, self.dim))
+        out = out.reshape(n_bags, k, heads * d) + self.v_proj.bias
+        tokens = self.out_proj(out)
+        return tokens * valid[:, None, None].to(tokens.dtype), valid
+
+    @torch.no_grad()
+    def update_queries(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """``queries <- m queries + (1 - m) tokens_b`` for each valid bag ``b`` in order (``m`` =
+        ``query_momentum``), as one vectorised update."""
+        t = tokens[valid].detach().to(self.queries.dtype)  # [V, k, E]
+        n = t.shape[0]
+        if n == 0:
+            return
+        m = self.query_momentum
+        decay = m ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=t.device)  # m^(V-1-j)
+        self.queries.mul_(m**n).add_(((1 - m) * decay).to(t.dtype)[:, None, None].mul(t).sum(0))
+
+
+def _pool_heads(scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor,
+                offsets_cpu: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_pool`` over any number of heads, in chunks of at most ``MAX_HEADS`` (the Triton limit)."""
+    parts = [attention_pool(scores[:, i : i + MAX_HEADS], values, offsets, mask, offsets_cpu=offsets_cpu)
+             for i in range(0, scores.shape[1], MAX_HEADS)]
+    return torch.cat([p for p, _ in parts], 1), torch.cat([w for _, w in parts], 1)
+
+
+def recycle_reference(
+    net: GlobalRecycleNetwork, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The explicit computation (a loop over bags, LayerNorm, full keys/values, multi-head softmax attention):
+    ``tokens [B, k, E]``, zero for a bag with nothing masked. In the dtype of ``h`` (use fp64)."""
+    heads, d = net.n_heads, net.dim // net.n_heads
+    q = net.q_proj(net.norm_q(net.queries.to(h.dtype))).view(net.n_tokens, heads, d).transpose(0, 1)  # [H, k, d]
+    tokens = []
+    bounds = offsets.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        x = h[lo:hi][mask[lo:hi]]
+        if x.shape[0] == 0:
+            tokens.append(h.new_zeros(net.n_tokens, net.dim))
+            continue
+        xn = net.norm_x(x)
+        keys = net.k_proj(xn).view(-1, heads, d).transpose(0, 1)  # [H, n, d]
+        values = net.v_proj(xn).view(-1, heads, d).transpose(0, 1)
+        attn = torch.softmax(q @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)  # [H, k, n]
+        out = (attn @ values).transpose(0, 1).reshape(net.n_tokens, net.dim)
+        tokens.append(net.out_proj(out))
+    return torch.stack(tokens)

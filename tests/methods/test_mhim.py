@@ -1,0 +1,189 @@
+"""MHIM-MIL through the generic trainer: the teacher EMA, the masks, the loss terms, teacher initialisation from a
+finished run, a bit-for-bit resume of student, teacher and recycle queries, and learning."""
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmil.bags import Bags
+from fastmil.checkpoint import load_checkpoint
+from fastmil.cli import main
+from fastmil.data import SynthConfig, synthesize_store
+from fastmil.methods import MHIM, StepContext, build_method, method_config
+from fastmil.methods.mhim import teacher_momentum
+from fastmil.nn import model_config
+from fastmil.train import TrainConfig, fit, load_method, predict
+from fastmil.train.step import Stepper
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = SynthConfig(n_slides=60, dim=32, median_instances=300, size_sigma=0.3, tumour_fraction_min=0.02,
+                   tumour_fraction_max=0.05, seed=3)
+
+
+def _method(**method) -> MHIM:
+    torch.manual_seed(0)
+    return build_method(method_config({"name": "mhim", **method}), model_config({"embed_dim": 16, "attn_dim": 8}), 6,
+                        2)
+
+
+def _bags(seed=0) -> Bags:
+    g = torch.Generator().manual_seed(seed)
+    return Bags.from_list([torch.randn(n, 6, generator=g) for n in (40, 1, 70)], labels=[1, 0, 1])
+
+
+def _ctx(step=0) -> StepContext:
+    return StepContext(epoch=0, step=step, steps_per_epoch=10, epochs=2, seed=5, class_weight=None)
+
+
+def test_teacher_ema_is_the_formula_after_each_optimiser_step():
+    method = _method(teacher_momentum=0.9)
+    stepper = Stepper(method, TrainConfig().optim, "none", torch.device("cpu"))
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    stepper.step(_bags(), _ctx())
+    for t_old, t_new, s in zip(teacher_before, method.teacher.parameters(), method.model.parameters()):
+        assert torch.equal(t_new, 0.9 * t_old + (1 - 0.9) * s)  # bitwise: the formula in the parameters' dtype
+    assert all(not p.requires_grad for p in method.teacher.parameters())
+    trained = {id(p) for p in stepper.params}
+    assert trained == {id(p) for p in [*method.model.parameters(), *method.recycle.parameters()]}
+
+
+def test_momentum_schedules():
+    assert teacher_momentum(0.9997, "constant", 0.7) == 0.9997
+    assert teacher_momentum(0.99, "cosine", 0.0) == pytest.approx(0.99)
+    assert teacher_momentum(0.99, "cosine", 0.5) == pytest.approx(0.995)
+    assert teacher_momentum(0.99, "cosine", 1.0) == pytest.approx(1.0)
+
+
+def test_training_step_masks_scores_and_losses():
+    """The student pools over kept instances only (salient and random ones get no attention), the recycle
+    tokens come from the random ones, the terms are what the docstring says, and the teacher has no dropout."""
+    method = _method(high_ratio=0.1, random_ratio=0.5)
+    method.model.embed[2].p = 0.5  # dropout that only the student may apply
+    method.teacher.embed[2].p = 0.5
+    method.train()
+    seen = {}
+    original = method.model.aggregate
+
+    def spy(h, offsets, mask=None, **kwargs):
+        out = original(h, offsets, mask, **kwargs)
+        seen.update(mask=mask, out=out, **kwargs)
+        return out
+
+    method.model.aggregate = spy
+    bags = _bags(1)
+    step = method.training_step(bags, _ctx())
+    keep, out = seen["mask"], seen["out"]
+    sizes = [40, 1, 70]
+    n_salient = sum(math.ceil(0.1 * n) for n in sizes)
+    n_random = sum(math.floor(0.5 * (n - math.ceil(0.1 * n))) for n in sizes)
+    assert int((~keep).sum()) == n_salient + n_random
+    assert torch.all(out.attention[~keep] == 0)
+    assert step.terms["salient_frac"] == pytest.approx(n_salient / 111) and step.terms["random_frac"] == pytest.approx(
+        n_random / 111)
+    with torch.no_grad():
+        method.teacher.eval()
+        z_t = method.teacher.forward_all(bags).bag_embedding
+        assert torch.equal(z_t, method.teacher.forward_all(bags).bag_embedding)  # eval: no dropout in the teacher
+    ce = F.cross_entropy(out.logits, bags.labels)
+    consistency = -(torch.softmax(z_t / 0.1, -1) * F.log_softmax(out.bag_embedding / 1.0, -1)).sum(-1).mean()
+    torch.testing.assert_close(step.terms["ce"], ce.detach())
+    torch.testing.assert_close(step.terms["consistency"], consistency.detach())
+    torch.testing.assert_close(step.loss, ce + 0.5 * consistency)
+    assert seen["tokens"].shape == (3, 5, 16) and bool((seen["tokens"] >= 0).all())  # activated like instances
+    assert seen["token_valid"].tolist() == [True, False, True]  # the bag of one recycles nothing
+
+
+def test_teacher_init_from_a_finished_plain_run(tmp_path):
+    store = synthesize_store(SynthConfig(n_slides=12, dim=6, median_instances=40, min_instances=16, seed=2),
+                             tmp_path / "store", progress=False)
+    plain = TrainConfig.from_dict(model={"embed_dim": 16, "attn_dim": 8}, optim={"epochs": 1},
+                                  data={"test_fraction": 0.0})
+    fit(store, tmp_path / "plain", plain, progress=False)
+    saved = load_checkpoint(tmp_path / "plain" / "best.pt")["method_state"]
+    best = {k.removeprefix("model."): v for k, v in saved.items()}
+    method = _method(teacher_init=str(tmp_path / "plain"))
+    for name, value in method.teacher.state_dict().items():
+        assert torch.equal(value, best[name]), name
+    assert all(torch.equal(v, best[k]) for k, v in method.model.state_dict().items())  # student_init: default on
+    method = _method(teacher_init=str(tmp_path / "plain"), student_init=False)
+    assert not torch.equal(method.model.classifier.weight, best["classifier.weight"])
+    with pytest.raises(ValueError, match="teacher_init: .* was trained with model"):
+        build_method(method_config({"name": "mhim", "teacher_init": str(tmp_path / "plain")}),
+                     model_config({"embed_dim": 32, "attn_dim": 8}), 6, 2)
+
+
+def test_mhim_needs_a_backbone_with_the_mhim_methods():
+    from fastmil.nn import ABMIL
+
+    class Bare(torch.nn.Module):
+        embedding_dim = 4
+
+    with pytest.raises(TypeError, match="needs a backbone with .* lacks embed_instances"):
+        MHIM(Bare(), ABMIL(4, 4, 2), MHIM.Config())
+
+
+_KILL = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from tests.methods.test_mhim import SMALL_CFG
+    from fastmil.train import TrainConfig, fit
+    def kill(epoch, step, loss):
+        if epoch == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    fit(sys.argv[1], sys.argv[2], TrainConfig.from_dict(SMALL_CFG), progress=False, step_callback=kill)
+""")
+
+SMALL = SynthConfig(n_slides=16, dim=8, median_instances=60, min_instances=16, size_sigma=0.2, seed=1)
+SMALL_CFG = {"model": {"embed_dim": 16, "attn_dim": 8}, "method": {"name": "mhim", "teacher_momentum": 0.9},
+             "optim": {"epochs": 3, "lr": 1e-3}, "run": {"seed": 7},
+             "data": {"val_fraction": 0.25, "test_fraction": 0.0}}
+
+
+def test_resume_after_sigkill_restores_student_teacher_and_queries_bit_for_bit(tmp_path):
+    store = synthesize_store(SMALL, tmp_path / "store", progress=False)
+    full = fit(store, tmp_path / "full", TrainConfig.from_dict(SMALL_CFG), progress=False)
+    proc = subprocess.run([sys.executable, "-c", _KILL.format(repo=str(REPO)), str(tmp_path / "store"),
+                           str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["train_state"]["epochs_done"] == 1
+    resumed = fit(store, tmp_path / "killed", TrainConfig.from_dict(SMALL_CFG), resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["method_state"]
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")["method_state"]
+    assert {"recycle.queries", "teacher.classifier.weight", "model.classifier.weight"} <= set(a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["train"] for r in resumed.history] == [r["train"] for r in full.history]
+
+
+def test_two_stage_recipe_learns_and_evaluates_and_predicts_from_the_cli(tmp_path):
+    """The README's recipe: a plain run, then MHIM with its teacher (and student) initialised from that run's best
+    model. It learns the needle, logs its terms, and eval/predict (heatmaps) work like for any run."""
+    store = synthesize_store(DATA, tmp_path / "store", progress=False)
+    common = ["--store", str(store.path), "-q", "optim.lr=1e-3", "model.embed_dim=128", "model.attn_dim=64",
+              "model.dropout=0.1"]
+    assert main(["train", "--out", str(tmp_path / "plain"), "--epochs", "8", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "mhim"), "--epochs", "4", *common, "--method", "mhim",
+                 f"method.teacher_init={tmp_path / 'plain'}"]) == 0
+    method, cfg, _ = load_method(tmp_path / "mhim", store)
+    assert isinstance(method, MHIM) and cfg.method.teacher_init == str(tmp_path / "plain")
+    metrics = load_json(tmp_path / "mhim" / "metrics.json")
+    assert metrics["test"]["auc"] >= 0.9, metrics
+    history = load_json(tmp_path / "mhim" / "history.json")
+    assert {"ce", "consistency", "salient_frac", "random_frac", "keep_frac"} <= set(history[-1]["train"])
+    out = predict(tmp_path / "mhim", store, tmp_path / "pred", store.slide_ids[:2], progress=False)
+    assert (out / "heatmaps" / f"{store.slide_ids[0]}.png").is_file()
+    assert main(["eval", "--run", str(tmp_path / "mhim"), "--store", str(store.path), "-q"]) == 0
+
+
+def load_json(path):
+    import json
+
+    return json.loads(Path(path).read_text())
