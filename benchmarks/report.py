@@ -16,6 +16,18 @@ RATIOS = [
     ("test_gated_pool_time[cuda-fused-100000-1024]", "test_gated_pool_time[cuda-chain-100000-1024]", 1.0,
      "GatedAttentionPool fwd+bwd CUDA time, fused / plain chain, N=100k D=1024 hidden=128"),
 ]
+for _dev in ("cpu", "cuda"):
+    RATIOS += [
+        (f"test_saliency_mask_time[{_dev}-fastmil-100000]", f"test_saliency_mask_time[{_dev}-python_set-100000]", 0.1,
+         f"saliency_mask {_dev.upper()} time / research Python-set selection, N=100k"),
+    ]
+    for _n in (10_000, 100_000):
+        RATIOS += [
+            (f"test_mhim_step_time[{_dev}-mhim-{_n}]", f"test_mhim_step_time[{_dev}-research-{_n}]", 0.5,
+             f"MHIM(ABMIL) step {_dev.upper()} time / research-style step, N={_n // 1000}k D=1024"),
+            (f"test_mhim_step_time[{_dev}-mhim-{_n}]", f"test_mhim_step_time[{_dev}-plain-{_n}]", 1.5,
+             f"MHIM(ABMIL) step {_dev.upper()} time / fastmil plain ABMIL step, N={_n // 1000}k D=1024"),
+        ]
 
 # (numerator, denominator, target, what, count the grad_h output): ratios of extra peak memory (extra_info).
 MEMORY_RATIOS = [
@@ -26,6 +38,15 @@ MEMORY_RATIOS = [
     ("test_gated_pool_memory[cpu-hgrad-fused-100000-1024]", "test_gated_pool_memory[cpu-hgrad-chain-100000-1024]",
      None, "GatedAttentionPool fwd+bwd CPU extra peak memory including grad_h (for information)", True),
 ]
+for _dev in ("cpu", "cuda"):
+    for _n in (10_000, 100_000):
+        MEMORY_RATIOS += [
+            (f"test_mhim_step_memory[{_dev}-mhim-{_n}]", f"test_mhim_step_memory[{_dev}-research-{_n}]", 0.6,
+             f"MHIM(ABMIL) step {_dev.upper()} extra peak memory / research-style step, N={_n // 1000}k", True),
+            (f"test_mhim_step_memory[{_dev}-mhim-{_n}]", f"test_mhim_step_memory[{_dev}-plain-{_n}]", None,
+             f"MHIM(ABMIL) step {_dev.upper()} extra peak memory / plain ABMIL step (for information), "
+             f"N={_n // 1000}k", True),
+        ]
 
 
 def main(path: str) -> int:

@@ -24,16 +24,16 @@ def offsets_of(sizes: list[int]) -> torch.Tensor:
 
 
 def make_mask(sizes: list[int], kind: str, generator: torch.Generator, masked_bag: int = 2) -> torch.Tensor | None:
-    """``None`` (``kind="none"``), a random mask keeping ~70% (``"random"``), or a random mask where bag
-    ``masked_bag`` sees nothing (``"all-masked-bag"``)."""
+    """``None`` (``kind="none"``), a random mask keeping ~70% (``"random"``), one keeping ~20% (``"sparse"``, as
+    MHIM's student sees a bag), or a random mask where bag ``masked_bag`` sees nothing (``"all-masked-bag"``)."""
     if kind == "none":
         return None
     n = sum(sizes)
-    mask = torch.rand(n, generator=generator) > 0.3
+    mask = torch.rand(n, generator=generator) > (0.8 if kind == "sparse" else 0.3)
     if kind == "all-masked-bag":
         off = offsets_of(sizes)
         mask[off[masked_bag] : off[masked_bag + 1]] = False
-    elif kind != "random":
+    elif kind not in ("random", "sparse"):
         raise ValueError(kind)
     return mask
 

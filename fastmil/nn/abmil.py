@@ -8,6 +8,7 @@ from torch import nn
 
 from ..bags import Bags
 from .attention import AttentionPool, GatedAttentionPool, MeanPool, pool_with_tokens
+from .embed import EmbedBlock
 from .output import MILOutput
 from .registry import register_model
 
@@ -46,7 +47,7 @@ class _BagClassifier(nn.Module):
     :meth:`instance_logits`.
     """
 
-    embed: nn.Module
+    embed: EmbedBlock
     pool: nn.Module
     classifier: nn.Linear
 
@@ -80,12 +81,15 @@ class _BagClassifier(nn.Module):
         activation and dropout that end :attr:`embed` (embedded instances are non-negative, and tokens pooled
         beside them must be too, or they take over the pooled vector and the model learns to read tokens that
         inference never shows it)."""
-        return self.embed[1:](tokens)
+        return self.embed.activate(tokens)
 
     def instance_logits(self, out: MILOutput) -> torch.Tensor:
         """``[N, C]``: the classifier applied to each attention-weighted instance embedding ``a_i h_i`` (MHIM's
         class-aware instance probability is the max softmax of these)."""
-        return self.classifier(out.attention.to(out.instance_embedding.dtype)[:, None] * out.instance_embedding)
+        # W (a_i h_i) + b = a_i (W h_i) + b: scale the [N, C] product, not the [N, E] embeddings
+        h = out.instance_embedding
+        scaled = (h @ self.classifier.weight.T.to(h.dtype)) * out.attention.to(h.dtype)[:, None]
+        return scaled + self.classifier.bias.to(h.dtype)
 
     def forward_all(
         self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -137,7 +141,7 @@ class ABMIL(_BagClassifier):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.embed = EmbedBlock(in_dim, embed_dim, dropout)
         pool_cls = GatedAttentionPool if gated else AttentionPool
         self.pool = pool_cls(embed_dim, attn_dim, backend=backend)
         self.classifier = nn.Linear(embed_dim, n_classes)
@@ -170,7 +174,7 @@ class MeanPoolMIL(_BagClassifier):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.embed = EmbedBlock(in_dim, embed_dim, dropout)
         self.pool = MeanPool()
         self.classifier = nn.Linear(embed_dim, n_classes)
 

@@ -9,9 +9,9 @@ Implicit keys and values (cost ``O(n D k H)`` instead of the ``O(n D^2)`` of pro
 ``x_hat_i = gamma * (x_i - mu_i) / sigma_i + beta`` (LayerNorm) and ``q_jh`` the projected query ``j`` of head
 ``h``, the attention logit ``q_jh . (W_k^h x_hat_i + b_k^h) / sqrt(d)`` equals ``(W_k^h^T q_jh / sqrt(d)) . x_hat_i``
 plus terms constant over ``i`` (which softmax ignores), so the logits of all instances are one ``[n, E] x [E, kH]``
-product, corrected by ``mu_i`` and ``sigma_i``; the attention output is
-``W_v^h (sum_i alpha_i x_hat_i) + b_v^h``, and ``sum_i alpha_i x_hat_i`` comes from one masked attention pooling
-of the raw instances with scores ``logit - log sigma_i`` (see :meth:`GlobalRecycleNetwork.forward`). No
+product of the normalised rows ``n_i = (x_i - mu_i) / sigma_i`` with folded directions; the attention output is
+``W_v^h (sum_i alpha_i x_hat_i) + b_v^h`` with ``sum_i alpha_i x_hat_i = gamma * sum_i alpha_i n_i + beta``. Both
+sums come from :func:`fastmil.ops.normalized_attention_pool`, which never forms the normalised rows: no
 ``n x E`` normalised copy, keys or values are formed. :func:`recycle_reference` is the explicit computation.
 """
 from __future__ import annotations
@@ -21,9 +21,8 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.limits import MAX_HEADS
-from ..ops import attention_pool
 from ..ops._segments import segment_sum
+from ..ops.normalized_attention_pool import normalized_attention_pool
 
 __all__ = ["GlobalRecycleNetwork", "recycle_reference"]
 
@@ -61,19 +60,11 @@ class GlobalRecycleNetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n_bags, k, heads = offsets.numel() - 1, self.n_tokens, self.n_heads
         d = self.dim // heads
-        x = h if h.dtype == torch.float64 else h.float()
-        mu = x.mean(1)
-        sigma = torch.sqrt(x.var(1, unbiased=False) + self.norm_x.eps)
-        directions = self._logit_directions()  # [E, kH]
-        logits = (x @ directions - mu[:, None] * directions.sum(0)[None, :]) / sigma[:, None]  # [N, kH]
-        # softmax(logit - log sigma) = alpha_i / sigma_i / S with S = sum alpha_j / sigma_j = 1 / sum alpha'_j sigma_j
-        scores = logits - torch.log(sigma)[:, None]
-        pooled, weights = _pool_heads(scores, x, offsets, mask, offsets_cpu)  # [B, kH, E], [N, kH]
-        s_sigma = segment_sum(weights * sigma[:, None], offsets)  # [B, kH]
-        s_mu = segment_sum(weights * mu[:, None], offsets)
-        valid = s_sigma[:, 0] > 0
-        s_sigma = torch.where(s_sigma > 0, s_sigma, torch.ones_like(s_sigma))
-        x_hat = self.norm_x.weight * (pooled - s_mu[..., None]) / s_sigma[..., None] + self.norm_x.bias  # [B,kH,E]
+        # sum_i alpha_i LN(x_i) = gamma * sum_i alpha_i n_i + beta (the weights sum to 1 in a non-empty bag)
+        pooled, _ = normalized_attention_pool(h, self._logit_directions(), offsets, mask, self.norm_x.eps,
+                                              offsets_cpu)  # [B, kH, E]
+        valid = segment_sum(mask[:, None].to(pooled.dtype), offsets)[:, 0] > 0
+        x_hat = self.norm_x.weight * pooled + self.norm_x.bias  # [B, kH, E]
         out = torch.einsum("bkhe,hde->bkhd", x_hat.view(n_bags, k, heads, self.dim),
                            self.v_proj.weight.view(heads, d, self.dim))
         out = out.reshape(n_bags, k, heads * d) + self.v_proj.bias
@@ -91,14 +82,6 @@ class GlobalRecycleNetwork(nn.Module):
         m = self.query_momentum
         decay = m ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=t.device)  # m^(V-1-j)
         self.queries.mul_(m**n).add_(((1 - m) * decay).to(t.dtype)[:, None, None].mul(t).sum(0))
-
-
-def _pool_heads(scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor,
-                offsets_cpu: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention_pool`` over any number of heads, in chunks of at most ``MAX_HEADS`` (the Triton limit)."""
-    parts = [attention_pool(scores[:, i : i + MAX_HEADS], values, offsets, mask, offsets_cpu=offsets_cpu)
-             for i in range(0, scores.shape[1], MAX_HEADS)]
-    return torch.cat([p for p, _ in parts], 1), torch.cat([w for _, w in parts], 1)
 
 
 def recycle_reference(

@@ -2,6 +2,8 @@
 from ._backend import BACKENDS, resolve_backend
 from .attention_pool import attention_pool, attention_pool_reference
 from .gated_attention_pool import gated_attention_pool, gated_attention_pool_reference
+from .linear_relu_dropout import linear_relu_dropout
+from .normalized_attention_pool import normalized_attention_pool, normalized_attention_pool_reference
 from .saliency_mask import SaliencyMask, saliency_mask
 
 __all__ = [
@@ -10,6 +12,9 @@ __all__ = [
     "attention_pool_reference",
     "gated_attention_pool",
     "gated_attention_pool_reference",
+    "linear_relu_dropout",
+    "normalized_attention_pool",
+    "normalized_attention_pool_reference",
     "resolve_backend",
     "SaliencyMask",
     "saliency_mask",

@@ -23,7 +23,8 @@ log-sum-exp), and backward recomputes the gated activations from ``h``.
 - **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``. V and U
   run as one ``[2 HID, D]`` GEMM; in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute
   GEMM also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written straight into ``grad_h``.
-  Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``.
+  Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``. On the CPU, a mask that
+  keeps under half the rows (MHIM's student) makes both passes run over the gathered unmasked rows only.
 """
 from __future__ import annotations
 
@@ -98,15 +99,17 @@ class _GatedPoolTorch(torch.autograd.Function):
         w2 = torch.cat([v_weight, u_weight]).to(acc)  # [2 HID, D]
         b2 = torch.cat([v_bias, u_bias]).to(acc)
         w_vec, bw = w_weight[0].to(acc), w_bias.to(acc)
-        scores = torch.empty(h.shape[0], dtype=acc, device=h.device)
-        for lo in range(0, h.shape[0], CHUNK_ROWS):
-            pre = torch.addmm(b2, h[lo : lo + CHUNK_ROWS].to(acc), w2.T)
+        rows = _compact_rows(h, mask)
+        scores = torch.zeros(h.shape[0], dtype=acc, device=h.device)  # rows left out are masked
+        for part in _row_chunks(h.shape[0], rows):
+            pre = torch.addmm(b2, h[part].to(acc), w2.T)
             gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
-            torch.addmv(bw, gate, w_vec, out=scores[lo : lo + CHUNK_ROWS])
+            scores[part] = torch.addmv(bw, gate, w_vec)
         weights, lse = segment_softmax(scores[:, None], offsets, mask)  # [N, 1], [B, 1]
         pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
         weights = weights[:, 0]
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
+        ctx.rows = rows
         ctx.set_materialize_grads(False)
         return pooled, weights, lse[:, 0]
 
@@ -129,27 +132,29 @@ class _GatedPoolTorch(torch.autograd.Function):
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         grad_weights = lse_grad_rows(grad_weights, grad_lse, offsets, h.shape[0])
         bag = bag_index(offsets, h.shape[0])
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
+        rows = ctx.rows
+        new_grad_h = torch.empty if rows is None else torch.zeros  # rows left out (masked) get no gradient
+        grad_h = new_grad_h(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
         grad_w2 = torch.zeros_like(w2)
         grad_b2 = torch.zeros(k2, dtype=acc, device=h.device)
         grad_wv = torch.zeros_like(w_vec)
         grad_bw = torch.zeros(1, dtype=acc, device=h.device)
         row_bag = -1  # the bag whose g is in w3's last row
-        for lo in range(0, h.shape[0], CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, h.shape[0])
-            x = h[lo:hi].to(acc)
-            first, last = int(bag[lo]), int(bag[hi - 1])
+        for part in _row_chunks(h.shape[0], rows):
+            x = h[part].to(acc)
+            part_bag = bag[part]
+            first, last = int(part_bag[0]), int(part_bag[-1])
             single_bag = first == last  # the common case; small bags share chunks and take the gather path
             if single_bag and first != row_bag:
                 w3[k2], row_bag = g[first], first
             pre = torch.addmm(b3, x, w3.T)  # [chunk, 2H + 1]
             t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:k2])
-            a = weights[lo:hi]
-            g_rows = None if single_bag else g[bag[lo:hi]]
+            a = weights[part]
+            g_rows = None if single_bag else g[part_bag]
             u = pre[:, k2] if single_bag else torch.einsum("nd,nd->n", x, g_rows)
             if grad_weights is not None:
-                u = u + grad_weights[lo:hi].to(acc)
-            ds = a * (u - bag_dot[bag[lo:hi]])
+                u = u + grad_weights[part].to(acc)
+            ds = a * (u - bag_dot[part_bag])
             dz = ds[:, None] * w_vec[None, :]
             # reuse `pre` as the buffer of [dpre_v | dpre_u | a]
             torch.mul(dz * sg, 1.0 - t * t, out=pre[:, :hidden])
@@ -161,14 +166,15 @@ class _GatedPoolTorch(torch.autograd.Function):
             grad_wv += (t * sg).T @ ds
             grad_bw += ds.sum()
             if grad_h is not None:
-                dh = grad_h[lo:hi] if grad_h.dtype == acc else torch.empty_like(x)
+                direct = isinstance(part, slice) and grad_h.dtype == acc  # write straight into grad_h
+                dh = grad_h[part] if direct else torch.empty_like(x)
                 if single_bag:
                     torch.mm(pre, w3, out=dh)
                 else:
                     torch.mul(g_rows, a[:, None], out=dh)
                     dh.addmm_(dpre, w2)
-                if dh.data_ptr() != grad_h[lo:hi].data_ptr():
-                    grad_h[lo:hi] = dh
+                if not direct:
+                    grad_h[part] = dh.to(grad_h.dtype)
         return (
             grad_h,
             grad_w2[:hidden].to(v_weight.dtype) if need[1] else None,
@@ -181,6 +187,27 @@ class _GatedPoolTorch(torch.autograd.Function):
             None,
             None,
         )
+
+
+COMPACT_BELOW = 0.5
+"""The torch path computes scores only for unmasked rows (gathered) when they are fewer than this share of the
+batch (MHIM's student keeps ~20%); denser masks run over all rows in place."""
+
+
+def _compact_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The unmasked row indices ``int64 [K]`` when the mask drops enough rows to make gathering them worth it, else
+    None (every row is computed). Host-side decision: only on the CPU, where it costs no device synchronisation."""
+    if mask is None or h.device.type != "cpu":
+        return None
+    rows = mask.nonzero()[:, 0]
+    return rows if rows.numel() < COMPACT_BELOW * mask.numel() else None
+
+
+def _row_chunks(n: int, rows: torch.Tensor | None) -> list[slice] | list[torch.Tensor]:
+    """Chunks of at most ``CHUNK_ROWS`` rows: slices of ``range(n)``, or index tensors of ``rows``."""
+    if rows is None:
+        return [slice(lo, min(lo + CHUNK_ROWS, n)) for lo in range(0, n, CHUNK_ROWS)]
+    return [rows[lo : lo + CHUNK_ROWS] for lo in range(0, rows.numel(), CHUNK_ROWS)]
 
 
 def _accumulation_dtype(h: torch.Tensor) -> torch.dtype:

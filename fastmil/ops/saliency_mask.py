@@ -114,12 +114,12 @@ def _check_inputs(scores, offsets, high_ratio, random_ratio, mask) -> None:
 def _smallest_torch(keys: torch.Tensor, eligible: torch.Tensor, offsets: torch.Tensor, bag: torch.Tensor,
                     k: torch.Tensor) -> torch.Tensor:
     """bool ``[N]``: per bag, the ``k[b]`` eligible rows with the smallest keys (ties by index), from one stable
-    sort of the composite key ``(bag, not eligible, key)``."""
+    sort of the composite key ``(bag, not eligible, key)``. Bags are contiguous, so the sort leaves bag ``b`` in
+    positions ``offsets[b]:offsets[b+1]`` with its eligible rows first; as ``k[b]`` never exceeds them, the chosen
+    rows are the sorted positions below ``offsets[b] + k[b]`` (no gather of the sorted bag or eligibility)."""
     composite = (bag << 33) | ((~eligible).to(torch.int64) << 32) | keys
     order = torch.sort(composite, stable=True).indices
-    sorted_bag = bag[order]
-    rank = torch.arange(keys.numel(), device=keys.device) - offsets[sorted_bag]
-    chosen = eligible[order] & (rank < k[sorted_bag])
+    chosen = torch.arange(keys.numel(), device=keys.device) < (offsets[:-1] + k)[bag]
     out = torch.empty_like(chosen)
     out[order] = chosen
     return out

@@ -66,8 +66,8 @@ def test_training_step_masks_scores_and_losses():
     """The student pools over kept instances only (salient and random ones get no attention), the recycle
     tokens come from the random ones, the terms are what the docstring says, and the teacher has no dropout."""
     method = _method(high_ratio=0.1, random_ratio=0.5)
-    method.model.embed[2].p = 0.5  # dropout that only the student may apply
-    method.teacher.embed[2].p = 0.5
+    method.model.embed.dropout = 0.5  # dropout that only the student may apply
+    method.teacher.embed.dropout = 0.5
     method.train()
     seen = {}
     original = method.model.aggregate

@@ -131,3 +131,14 @@ def test_forward_all_is_one_pass_that_forward_reuses():
     model.forward_all(bags)
     handle.remove()
     assert calls == [1]  # the instances are embedded once per forward
+
+
+@pytest.mark.parametrize("model_cls", [ABMIL, MeanPoolMIL])
+def test_instance_logits_are_the_classifier_of_weighted_embeddings(model_cls):
+    """MHIM's class-aware instance logits: classifier(a_i h_i), computed without scaling the N x E embeddings."""
+    torch.manual_seed(0)
+    model = model_cls(12, n_classes=3).double().eval()
+    bags = Bags.from_list([torch.randn(5, 12, dtype=torch.float64), torch.randn(1, 12, dtype=torch.float64)])
+    out = model.forward_all(bags)
+    want = model.classifier(out.attention[:, None] * out.instance_embedding)
+    torch.testing.assert_close(model.instance_logits(out), want, atol=1e-12, rtol=0)

@@ -43,21 +43,19 @@ def test_implicit_recycle_network_equals_explicit_cross_attention_fp64(dim, toke
         assert float((a - b).abs().max()) <= 1e-10 * max(scale, 1.0), name
 
 
-def test_recycle_network_in_fp32_on_both_backends(monkeypatch):
-    """The same network in fp32: the torch path and the Triton kernels (interpreter) of its attention pooling
-    both agree with the fp64 explicit computation to fp32 accuracy."""
+def test_recycle_network_in_fp32():
+    """The same network in fp32 agrees with the fp64 explicit computation to fp32 accuracy (measured 2e-7 of the
+    tokens' scale; rounding the pooled rows to bf16 gives ~1e-3 and fails)."""
     net64 = _net(32, 5, 8, seed=3)
     sizes = [40, 7, 120]
     offsets = offsets_of(sizes)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(sum(sizes), 32, generator=g)
     mask = torch.rand(sum(sizes), generator=g) > 0.3
-    want = recycle_reference(net64, h.double(), offsets, mask)
-    net32 = _net(32, 5, 8, seed=3).float()
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("FASTMIL_BACKEND", backend)
-        got, _ = net32(h, offsets, mask)
-        assert float((got.double() - want).abs().max()) <= 2e-5 * float(want.abs().max()), backend
+    with torch.no_grad():
+        want = recycle_reference(net64, h.double(), offsets, mask)
+        got, _ = _net(32, 5, 8, seed=3).float()(h, offsets, mask)
+    assert float((got.double() - want).abs().max()) <= 2e-6 * float(want.abs().max())
 
 
 def test_query_ema_follows_each_valid_bag_in_order():
@@ -113,4 +111,4 @@ def test_pooling_with_tokens_equals_pooling_the_concatenated_bag(model_cls):
         if a is None and b is None:
             continue
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
-    assert math.isfinite(float(out.logits.sum()))
+    assert math.isfinite(float(out.logits.detach().sum()))

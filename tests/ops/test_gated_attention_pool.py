@@ -13,6 +13,8 @@ relative error of the weight); grad h (fp32) 4.7e-6 per bag, relative to the bag
 in the last place for fp16/bf16 grads; parameter grads 6.8e-6 relative to each tensor's largest value. Rounding
 the weights to fp16 before pooling gives ~2e-4 and fails.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -32,6 +34,8 @@ from tests.ragged import (
     relative_error,
     strided,
 )
+
+gated_module = importlib.import_module("fastmil.ops.gated_attention_pool")  # the package exports the function
 
 DIM, HIDDEN = 40, 24  # neither a power of two: exercises the padded tails of every block
 PARAM_NAMES = ["v_weight", "v_bias", "u_weight", "u_bias", "w_weight", "w_bias"]
@@ -108,7 +112,7 @@ def _check(actual, expected, offsets, mask, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked-bag"])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "sparse", "all-masked-bag"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backend):
     h, params, offsets, mask = _case(SIZES, dtype, mask_kind)
@@ -150,6 +154,20 @@ def test_strided_inputs_and_outputs(layout, backend):
     actual = _run(view, params, offsets, mask_view[1::2], backend, grads)
     assert actual[2].shape == h.shape
     _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_mask_over_chunks_of_one_bag(dtype, monkeypatch):
+    """The torch path's gathered rows (a mask keeping ~20%) in chunks that lie inside one large bag (the
+    single-bag GEMM path), after a bag of 3 that shares the first chunk; fp32 and a bf16 ``grad_h`` (cast on write)."""
+    monkeypatch.setattr(gated_module, "CHUNK_ROWS", 128)
+    sizes = [3, 3000]
+    h, params, offsets, mask = _case(sizes, dtype, "sparse", seed=11)
+    assert int(mask[3:].sum()) > 3 * 128
+    grads = _upstream(len(sizes), sum(sizes), DIM)
+    actual = _run(h, params, offsets, mask, "torch", grads)
+    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, dtype)
+    assert torch.all(actual[2][~mask] == 0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -250,7 +268,7 @@ def test_log_sum_exp_output_and_its_gradient(backend):
     bounds = offsets.tolist()
     ref_lse = torch.stack([torch.logsumexp(scores[lo:hi], 0) for lo, hi in zip(bounds[:-1], bounds[1:])])
     finite = torch.isfinite(ref_lse)
-    assert not bool(finite[2]) and float(lse[2]) == float("-inf")  # the all-masked bag
+    assert not bool(finite[2]) and float(lse[2].detach()) == float("-inf")  # the all-masked bag
     assert relative_error(lse[finite], ref_lse[finite]) <= TOL_POOLED
     gl = torch.randn(len(sizes), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.where(finite, lse.double() * gl, 0).sum().backward()
