@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -36,7 +37,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .data.importers import ingest
+    from .data.importers import ingest, write_failures
     from .data.store import open_store
 
     report = ingest(
@@ -49,15 +50,25 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         dtype=args.dtype,
         compression=args.compression,
+        strict=args.strict,
         progress=not args.quiet,
     )
-    print(f"ingest: {len(report.written)} slide(s) written, {len(report.skipped)} already present (skipped)")
+    print(f"ingest: {len(report.written)} slide(s) written, {len(report.skipped)} already present (skipped), "
+          f"{len(report.failed)} failed")
+    failures = Path(args.failures or f"{str(args.out_store).rstrip('/')}.failures.csv")
+    if report.failed:
+        write_failures(failures, report.failed)
+        for sid, reason in report.failed:
+            print(f"  FAILED {sid}: {reason}", file=sys.stderr)
+        print(f"  failures listed in {failures}", file=sys.stderr)
+    elif failures.exists():
+        failures.unlink()  # from an earlier run whose failed slides have since been ingested
     if report.without_coords:
         print(f"  {len(report.without_coords)} slide(s) have no coordinates (spatial methods will refuse them)")
     if report.classes is not None:
         print(f"  {report.labelled} label(s) recorded; classes: {report.classes}")
     _print_summary(open_store(args.out_store).summary())
-    return 0
+    return 1 if report.failed else 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -130,8 +141,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .train import predict
 
-    out = predict(args.run, args.store, args.out, args.slides, heatmaps=not args.no_heatmaps, progress=not args.quiet)
-    print(f"predictions written to {out} (predictions.csv, attention/, heatmaps/, roc.png)")
+    out = predict(args.run, args.store, args.out, args.slides, split=args.split, heatmaps=not args.no_heatmaps,
+                  progress=not args.quiet)
+    print(f"predictions written to {out} (predictions.csv, metrics.json, roc/pr/confusion_<split>.png, attention/, "
+          f"heatmaps/)")
     return 0
 
 
@@ -217,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "float32"], default=None,
                    help="stored feature dtype (default: float16 stays float16, else float32)")
     p.add_argument("--compression", choices=["zstd"], default=None, help="compress feature chunks (default: none)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad slide, and make labels for unknown slides an error")
+    p.add_argument("--failures", default=None, metavar="CSV",
+                   help="where to list the slides that failed (default: OUT_STORE.failures.csv)")
 
     p = add("info", _cmd_info, "Summarise a store: slides, instance counts, dims, label counts.")
     p.add_argument("store", metavar="STORE")
@@ -244,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by fastmil train")
     p.add_argument("--store", required=True, help="feature store")
 
-    p = add("predict", _cmd_predict, "Per-slide probabilities, attention, heatmaps and ROC for a trained run.")
+    p = add("predict", _cmd_predict,
+            "Per-slide probabilities, attention, heatmaps, and metrics and curves per split for a trained run.")
     p.add_argument("--run", required=True, help="run folder written by fastmil train")
     p.add_argument("--store", required=True, help="feature store")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide in the store)")
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                   help="only the slides of this split of the run (default: all; metrics and curves are per split)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
 
     p = add("demo", _cmd_demo, "Synthesise a cohort, train ABMIL, evaluate and predict; print a short report.")

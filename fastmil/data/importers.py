@@ -8,11 +8,16 @@
   so no arbitrary object is ever unpickled; coordinates from ``<coords_dir>/<slide_id>.h5`` (``coords``).
 
 Ingest is resumable and idempotent: slides already in the store from the same source file are skipped, and
-each slide is written atomically, so re-running after a crash completes the rest.
+each slide is written atomically, so re-running after a crash completes the rest. A slide that cannot be read or
+fails validation (NaN/Inf features, coordinates that do not match the features, a truncated file, ...) is
+reported with its reason and skipped, and the others are ingested; ``strict=True`` stops at the first instead.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._atomic import write_text_atomic
 from .labels import encode_labels, read_labels_csv
 from .store import DEFAULT_CHUNK_ROWS, FeatureStore, StoreError, create_store, to_jsonable, validate_slide_id
 
-__all__ = ["SlideSource", "IngestReport", "discover_sources", "ingest", "patch_attrs_from_h5"]
+__all__ = ["SlideSource", "IngestReport", "discover_sources", "ingest", "patch_attrs_from_h5", "write_failures"]
 
 FORMATS = ("auto", "h5", "pt")
 
@@ -40,10 +46,21 @@ class SlideSource:
 @dataclass
 class IngestReport:
     written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already in the store from the same source file
     without_coords: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (slide id, reason), not written
+    unknown_labels: list[str] = field(default_factory=list)  # labelled slides in neither the source nor the store
     labelled: int = 0
     classes: list[str] | None = None
+
+
+def write_failures(path: str | os.PathLike, failed: list[tuple[str, str]]) -> None:
+    """``slide_id,reason`` rows of the slides an ingest could not import (atomic write)."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["slide_id", "reason"])
+    writer.writerows(failed)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _candidate_dirs(src: Path, kind: str) -> list[Path]:
@@ -182,12 +199,16 @@ def ingest(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     dtype: str | None = None,
     compression: str | None = None,
+    strict: bool = False,
     progress: bool = True,
 ) -> IngestReport:
     """Import every slide file in ``src_dir`` into the store at ``store_path`` (created if needed).
 
-    Labels (``labels_csv``) are checked against the slides before anything is written: a CSV naming a slide
-    that is neither in ``src_dir`` nor already in the store is an error.
+    Every slide is tried: one that fails (unreadable or truncated file, invalid features or coordinates, a slide
+    id already in the store from another file) is listed in ``report.failed`` with the reason and skipped; with
+    ``strict`` the first failure raises. Labels (``labels_csv``) for slides that are neither in ``src_dir`` nor
+    in the store (a cohort CSV ahead of extraction) are left out with a warning naming them (``strict``: an error
+    before anything is written); labels of slides that failed are not recorded.
     """
     sources = discover_sources(src_dir, format)
     cdir = Path(coords_dir) if coords_dir is not None else None
@@ -195,37 +216,46 @@ def ingest(
         raise ValueError(f"--coords-dir {cdir}: not a directory")
     store = create_store(store_path)
     raw_labels = read_labels_csv(labels_csv) if labels_csv is not None else None
+    report = IngestReport()
     if raw_labels is not None:
         known = {s.slide_id for s in sources} | set(store.slide_ids)
-        unknown = sorted(set(raw_labels) - known)
-        if unknown:
-            shown = ", ".join(repr(s) for s in unknown[:5])
-            raise ValueError(
-                f"{labels_csv}: labels name {len(unknown)} slide(s) that are neither in {src_dir} nor in the "
-                f"store: {shown}{' ...' if len(unknown) > 5 else ''}"
-            )
+        report.unknown_labels = sorted(set(raw_labels) - known)
+        if report.unknown_labels:
+            shown = ", ".join(repr(s) for s in report.unknown_labels[:5])
+            message = (f"{labels_csv}: labels name {len(report.unknown_labels)} slide(s) that are neither in "
+                       f"{src_dir} nor in the store: {shown}{' ...' if len(report.unknown_labels) > 5 else ''}")
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + " (left out)", stacklevel=2)
 
-    report = IngestReport()
     write_kw = {"chunk_rows": chunk_rows, "dtype": dtype, "compression": compression}
     for src in tqdm(sources, desc="ingest", unit="slide", disable=None if progress else True):
-        if src.slide_id in store:
-            existing = store.slide_attrs(src.slide_id).get("source")
-            if existing != src.path.name:
-                raise StoreError(
-                    f"duplicate slide id {src.slide_id!r}: already in store from {existing!r}, now also {src.path}"
-                )
-            report.skipped.append(src.slide_id)
+        try:
+            if src.slide_id in store:
+                existing = store.slide_attrs(src.slide_id).get("source")
+                if existing != src.path.name:
+                    raise StoreError(f"duplicate slide id {src.slide_id!r}: already in store from {existing!r}, "
+                                     f"now also {src.path}")
+                report.skipped.append(src.slide_id)
+                continue
+            if src.kind == "h5":
+                has_coords = _write_h5_slide(store, src, encoder, write_kw)
+            else:
+                has_coords = _write_pt_slide(store, src, cdir, encoder, write_kw)
+        except (ValueError, StoreError, OSError) as exc:  # bad input: report, keep going (strict: stop)
+            if strict:
+                raise
+            report.failed.append((src.slide_id, str(exc)))
             continue
-        if src.kind == "h5":
-            has_coords = _write_h5_slide(store, src, encoder, write_kw)
-        else:
-            has_coords = _write_pt_slide(store, src, cdir, encoder, write_kw)
         report.written.append(src.slide_id)
         if not has_coords:
             report.without_coords.append(src.slide_id)
 
     if raw_labels is not None:
+        # classes from the whole CSV, so that a class index does not change as more of the cohort arrives
         labels, classes = encode_labels(raw_labels)
+        present = set(store.slide_ids)
+        labels = {s: y for s, y in labels.items() if s in present}
         store.set_labels(labels, classes)
         report.labelled, report.classes = len(labels), classes
     return report

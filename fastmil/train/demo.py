@@ -43,7 +43,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, progress: bool = True) -> d
         f"best epoch {result.best_epoch + 1} (1-based); wall time {elapsed:.0f} s",
         f"store        {out / 'store'}",
         f"run          {result.run_dir}  (config.yaml, best.pt, last.pt, metrics.json, history.json, metrics.csv)",
-        f"predictions  {pred_dir}  (predictions.csv, attention/, heatmaps/, roc.png)",
+        f"predictions  {pred_dir}  (predictions.csv, metrics.json, roc_test.png, ..., attention/, heatmaps/)",
     ]
     print("\n".join(lines))
     return result.metrics["test"]

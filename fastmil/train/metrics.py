@@ -1,86 +1,92 @@
-"""Classification metrics for slide-level predictions, written without external dependencies.
+"""Classification metrics for slide-level predictions, computed by scikit-learn.
 
-``compute_metrics(y_true [S] int, probs [S, C] float) -> dict`` with: auc (binary, or macro one-vs-rest over the
-classes present), balanced_accuracy, macro_f1, macro_recall, per_class_recall, confusion_matrix (rows = true),
-accuracy, n. A metric that is undefined for the given labels (e.g. AUC with one class present) is None.
+``compute_metrics(y_true [S] int, probs [S, C] float) -> dict`` with:
+
+- ``n``, ``accuracy``;
+- ``auc``: binary ROC AUC of class 1; for C > 2 the macro mean of the one-vs-rest AUCs of the classes present in
+  ``y_true`` (scikit-learn's ``roc_auc_score(multi_class="ovr", average="macro")`` when every class is present;
+  scikit-learn raises where a class is absent, fastmil averages the defined ones), and ``per_class_auc`` (one-vs-rest
+  per class, None where undefined);
+- ``balanced_accuracy`` (scikit-learn's: mean recall over the classes present in ``y_true``);
+- ``macro_f1``, ``weighted_f1``, ``macro_recall``: scikit-learn's defaults (classes seen in ``y_true`` or in the
+  predictions; ``zero_division=0``);
+- ``per_class_recall`` (None for a class absent from ``y_true``) and ``confusion_matrix`` ``[C, C]`` (rows = true).
+
+A metric that is undefined for the given labels (AUC with one class present, anything on an empty split) is None.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-__all__ = ["binary_auc", "compute_metrics", "format_metrics_table", "roc_curve"]
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+__all__ = ["binary_auc", "compute_metrics", "format_metrics_table", "pr_curve", "roc_curve"]
 
 
 def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
-    """ROC AUC as the Mann-Whitney U statistic (ties count one half); None if one class is absent."""
+    """ROC AUC of ``score`` for the boolean target ``positive``; None if one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
     positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return None
-    ranks = _average_ranks(np.asarray(score, dtype=np.float64))
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, np.asarray(score, dtype=np.float64)))
 
 
 def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, tpr)`` at every distinct threshold, from (0, 0) to (1, 1)."""
-    positive = np.asarray(positive, dtype=bool)
-    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
-    s, p = np.asarray(score)[order], positive[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(p)[distinct]
-    fps = np.cumsum(~p)[distinct]
-    tpr = np.r_[0.0, tps / max(1, p.sum())]
-    fpr = np.r_[0.0, fps / max(1, (~p).sum())]
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    fpr, tpr, _ = sk_roc_curve(np.asarray(positive, dtype=bool), np.asarray(score, dtype=np.float64),
+                               drop_intermediate=False)
     return fpr, tpr
 
 
+def pr_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(recall, precision, average_precision)`` of ``score`` for the boolean target ``positive``."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    precision, recall, _ = precision_recall_curve(positive, score)
+    return recall, precision, float(average_precision_score(positive, score))
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
+    from sklearn import metrics as skm
+
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] != y.shape[0]:
         raise ValueError(f"probs must be [S, C] with S = {y.shape[0]}, got {p.shape}")
     n_classes = p.shape[1]
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels must be in [0, {n_classes}), got {sorted(set(y.tolist()))}")
+    labels = list(range(n_classes))
+    if y.size == 0:
+        return {"n": 0, "auc": None, "per_class_auc": [None] * n_classes, "accuracy": None,
+                "balanced_accuracy": None, "macro_f1": None, "weighted_f1": None, "macro_recall": None,
+                "per_class_recall": [None] * n_classes, "confusion_matrix": np.zeros((n_classes,) * 2, int).tolist()}
     pred = p.argmax(axis=1)
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (y, pred), 1)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    tp = np.diag(cm)
-    recall = [float(tp[c] / support[c]) if support[c] else None for c in range(n_classes)]
-    f1 = [float(2 * tp[c] / (support[c] + predicted[c])) if (support[c] + predicted[c]) else 0.0
-          for c in range(n_classes)]
-    present = [c for c in range(n_classes) if support[c]]
-    if n_classes == 2:
-        auc = binary_auc(y == 1, p[:, 1])
-    else:
-        per_class = [binary_auc(y == c, p[:, c]) for c in present]
-        per_class = [a for a in per_class if a is not None]
-        auc = float(np.mean(per_class)) if per_class else None
+    present = np.isin(labels, y)
+    per_class_auc = [binary_auc(y == c, p[:, c]) for c in labels]
+    defined = [a for a in per_class_auc if a is not None]
+    auc = per_class_auc[1] if n_classes == 2 else (float(np.mean(defined)) if defined else None)
+    recall = skm.recall_score(y, pred, labels=labels, average=None, zero_division=0)
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the documented convention
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(skm.balanced_accuracy_score(y, pred))
     return {
-        "n": int(len(y)),
+        "n": int(y.size),
         "auc": auc,
-        "accuracy": float((pred == y).mean()) if len(y) else None,
-        "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else None,
-        # sklearn's "macro" convention: classes seen in y_true or predictions; a class never true has recall 0
-        "macro_recall": float(np.mean([recall[c] or 0.0 for c in range(n_classes) if support[c] or predicted[c]]))
-        if len(y) else None,
-        "macro_f1": float(np.mean(f1)),
-        "per_class_recall": recall,
-        "confusion_matrix": cm.tolist(),
+        "per_class_auc": per_class_auc,
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": balanced,
+        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "weighted_f1": float(skm.f1_score(y, pred, average="weighted", zero_division=0)),
+        "macro_recall": float(skm.recall_score(y, pred, average="macro", zero_division=0)),
+        "per_class_recall": [float(r) if present[c] else None for c, r in enumerate(recall)],
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
     }
 
 

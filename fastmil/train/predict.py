@@ -1,16 +1,23 @@
-"""Prediction for a trained run: per-slide probabilities, per-instance attention, heatmaps and a ROC curve.
+"""Prediction for a trained run: per-slide probabilities, per-instance attention, heatmaps, and per-split metrics
+and curves.
 
 Output folder::
 
-    OUT/predictions.csv            slide_id, label (if known), prob_<class>..., pred
+    OUT/predictions.csv            slide_id, split (the run's train/val/test, or "none"), label (if known),
+                                   prob_<class>..., pred
+    OUT/metrics.json               {split: metrics} over the predicted slides of each split (never pooled across
+                                   splits: training slides would inflate, or with few slides distort, the figure)
+    OUT/roc_<split>.png            ROC curve(s) of the split, when it holds two classes or more
+    OUT/pr_<split>.png             precision-recall curve(s) of the split, likewise
+    OUT/confusion_<split>.png      confusion matrix of the split, when it has labels
     OUT/attention/<slide_id>.npy   float32 [N] attention weights, in the store's instance order
     OUT/heatmaps/<slide_id>.png    attention drawn on the patch grid (and ground truth, where the store has it)
-    OUT/roc.png                    ROC curve(s), when labels are known
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +27,15 @@ from tqdm.auto import tqdm
 
 from .._atomic import write_text_atomic
 from ..data.grid import lattice_cells, patch_stride
+from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore, open_store
 from .loop import load_method
-from .metrics import binary_auc, roc_curve
+from .metrics import binary_auc, compute_metrics, pr_curve, roc_curve
 from .validate import predict_slides
 
-__all__ = ["predict", "attention_grid", "save_heatmap", "save_roc"]
+__all__ = ["SPLITS", "predict", "attention_grid", "save_confusion", "save_heatmap", "save_pr", "save_roc"]
+
+SPLITS = ("train", "val", "test")
 
 
 def _figure(size: tuple[float, float]):
@@ -77,11 +87,16 @@ def save_heatmap(
     fig.savefig(path, dpi=80)
 
 
-def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> None:
+def _curve_targets(classes: Sequence[str]) -> Sequence[int]:
+    """The classes drawn as one-vs-rest curves: the positive class of a binary task, else every class."""
+    return [1] if len(classes) == 2 else range(len(classes))
+
+
+def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str], title: str = "") -> None:
+    """One-vs-rest ROC curve(s) of ``probs [S, C]`` against ``y [S]`` (classes absent from ``y`` are skipped)."""
     fig = _figure((5, 5))
     ax = fig.subplots()
-    targets = [1] if len(classes) == 2 else range(len(classes))
-    for c in targets:
+    for c in _curve_targets(classes):
         positive = y == c
         auc = binary_auc(positive, probs[:, c])
         if auc is None:
@@ -91,9 +106,57 @@ def save_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
+    ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+
+
+def save_pr(path: Path, y: np.ndarray, probs: np.ndarray, classes: Sequence[str], title: str = "") -> None:
+    """One-vs-rest precision-recall curve(s) with average precision, and each class's prevalence as baseline."""
+    fig = _figure((5, 5))
+    ax = fig.subplots()
+    for c in _curve_targets(classes):
+        positive = y == c
+        if positive.all() or not positive.any():
+            continue
+        recall, precision, ap = pr_curve(positive, probs[:, c])
+        line = ax.step(recall, precision, where="post", label=f"{classes[c]} (AP {ap:.3f})")[0]
+        ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def save_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> None:
+    """The confusion matrix (rows = true class, columns = predicted) with its counts written in each cell."""
+    m = np.asarray(matrix)
+    fig = _figure((1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
+    for (i, j), count in np.ndenumerate(m):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > m.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def run_split_of(run: Path, ids: Sequence[str]) -> dict[str, str]:
+    """The split (``train``/``val``/``test``) of each slide in the run's ``splits.csv``; ``"none"`` for others."""
+    path = run / "splits.csv"
+    owner = {}
+    if path.exists():
+        owner = {sid: name for name, members in read_splits_csv(path).items() for sid in members}
+    return {sid: owner.get(sid, "none") for sid in ids}
 
 
 def predict(
@@ -102,17 +165,27 @@ def predict(
     out: str | os.PathLike,
     slide_ids: Sequence[str] | None = None,
     *,
+    split: str = "all",
     heatmaps: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Predict every slide of ``store`` (or ``slide_ids``) with the run's best model; write ``out``."""
+    """Predict the slides of ``store`` (``slide_ids``, or those of the run's ``split``: ``all`` (default),
+    ``train``, ``val`` or ``test``) with the run's best model; write ``out`` (see the module docstring)."""
+    if split not in ("all", *SPLITS):
+        raise ValueError(f"split must be 'all' or one of {SPLITS}, got {split!r}")
     store = store if isinstance(store, FeatureStore) else open_store(store)
+    run = Path(run)
     method, cfg, sig = load_method(run, store)
     device = next(method.parameters()).device
     ids = list(slide_ids) if slide_ids is not None else store.slide_ids
     missing = [s for s in ids if s not in store]
     if missing:
         raise ValueError(f"slides not in store {store.path}: {', '.join(map(repr, missing[:5]))}")
+    split_of = run_split_of(run, ids)
+    if split != "all":
+        ids = [s for s in ids if split_of[s] == split]
+        if not ids:
+            raise ValueError(f"no slide of the run's {split!r} split among the slides to predict")
     probs, attention = predict_slides(method, store, ids, device, keep_attention=True, progress=progress,
                                       amp=cfg.run.amp)
     classes = sig["classes"]
@@ -121,11 +194,13 @@ def predict(
     labels = store.labels(ids)
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["slide_id", "label", *[f"prob_{c}" for c in classes], "pred"])
+    w.writerow(["slide_id", "split", "label", *[f"prob_{c}" for c in classes], "pred"])
     for sid, p in zip(ids, probs):
         y = labels[sid]
-        w.writerow([sid, "" if y is None else classes[y], *[f"{v:.6f}" for v in p], classes[int(p.argmax())]])
+        w.writerow([sid, split_of[sid], "" if y is None else classes[y], *[f"{v:.6f}" for v in p],
+                    classes[int(p.argmax())]])
     write_text_atomic(out / "predictions.csv", buf.getvalue())
+    _write_split_reports(out, ids, probs, labels, split_of, classes)
     for sid in ids:
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
     if heatmaps:
@@ -141,7 +216,23 @@ def predict(
             title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
             save_heatmap(out / "heatmaps" / f"{sid}.png", sid, coords, attention[sid], stride,
                          store.read_instance_labels(sid), title)
-    known = [i for i, s in enumerate(ids) if labels[s] is not None]
-    if known and len({labels[ids[i]] for i in known}) > 1:
-        save_roc(out / "roc.png", np.array([labels[ids[i]] for i in known]), probs[known], classes)
     return out
+
+
+def _write_split_reports(out: Path, ids: Sequence[str], probs: np.ndarray, labels: dict, split_of: dict[str, str],
+                         classes: Sequence[str]) -> None:
+    """``metrics.json`` and the ROC / PR / confusion-matrix PNGs of each split, over that split's labelled slides."""
+    report = {}
+    for name in (*SPLITS, "none"):
+        rows = [i for i, s in enumerate(ids) if split_of[s] == name and labels[s] is not None]
+        if not rows:
+            continue
+        y = np.array([labels[ids[i]] for i in rows])
+        metrics = compute_metrics(y, probs[rows])
+        report[name] = metrics
+        title = f"{name} split: {len(rows)} slides"
+        save_confusion(out / f"confusion_{name}.png", metrics["confusion_matrix"], classes, title)
+        if len(set(y.tolist())) > 1:
+            save_roc(out / f"roc_{name}.png", y, probs[rows], classes, title)
+            save_pr(out / f"pr_{name}.png", y, probs[rows], classes, title)
+    write_text_atomic(out / "metrics.json", json.dumps(report, indent=2))

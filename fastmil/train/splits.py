@@ -18,6 +18,8 @@ SPLITS = ("train", "val", "test")
 
 def labelled_slides(store: FeatureStore) -> dict[str, int]:
     """``{slide_id: label}`` for the labelled slides; errors if the store cannot support training."""
+    if not store.slide_ids:
+        raise ValueError(f"{store.path}: the store holds no slides (fastmil ingest or fastmil synth fill it)")
     labels = {s: y for s, y in store.labels().items() if y is not None}
     if not labels:
         raise ValueError(f"{store.path}: no slide has a label (ingest with --labels CSV)")

@@ -88,7 +88,7 @@ def test_missing_coords_for_a_slide(tmp_path):
     coords_dir.mkdir()
     torch.save(torch.randn(5, 4), pt_dir / "lonely.pt")
     with pytest.raises(ValueError, match=r"slide 'lonely': missing coordinates"):
-        ingest(pt_dir, tmp_path / "store", coords_dir=coords_dir, progress=False)
+        ingest(pt_dir, tmp_path / "store", coords_dir=coords_dir, strict=True, progress=False)
     assert open_store(tmp_path / "store").slide_ids == []
 
 
@@ -106,7 +106,7 @@ def test_pt_with_arbitrary_pickle_is_refused(tmp_path):
     pt_dir.mkdir()
     torch.save({"features": torch.randn(3, 2), "evil": _Unsafe()}, pt_dir / "x.pt")
     with pytest.raises(ValueError, match=r"slide 'x'.*not weights-only"):
-        ingest(pt_dir, tmp_path / "store", progress=False)
+        ingest(pt_dir, tmp_path / "store", strict=True, progress=False)
 
 
 class _Unsafe:
@@ -120,7 +120,7 @@ def test_nan_features_in_h5_name_the_slide_and_leave_nothing(tmp_path):
     f[37, 3] = np.inf
     write_trident_h5(src / "broken.h5", f, grid_coords(100))
     with pytest.raises(ValueError, match=r"slide 'broken'.*NaN/Inf.*instance 37"):
-        ingest(src, tmp_path / "store", progress=False)
+        ingest(src, tmp_path / "store", strict=True, progress=False)
     assert open_store(tmp_path / "store").slide_ids == []
 
 
@@ -129,7 +129,7 @@ def test_coords_features_length_mismatch_in_h5(tmp_path):
     src.mkdir()
     write_trident_h5(src / "short.h5", _features(10), grid_coords(9))
     with pytest.raises(ValueError, match=r"slide 'short'.*length mismatch"):
-        ingest(src, tmp_path / "store", progress=False)
+        ingest(src, tmp_path / "store", strict=True, progress=False)
 
 
 def test_duplicate_slide_ids(tmp_path):
@@ -138,14 +138,14 @@ def test_duplicate_slide_ids(tmp_path):
     write_trident_h5(src / "dup.h5", _features(4), grid_coords(4))
     torch.save(torch.randn(4, 24), src / "dup.pt")
     with pytest.raises(ValueError, match=r"duplicate slide id 'dup'"):
-        ingest(src, tmp_path / "store", progress=False)
+        ingest(src, tmp_path / "store", strict=True, progress=False)
     # the same id arriving later from a different source file
     ingest(src, tmp_path / "store", format="h5", progress=False)
     other = tmp_path / "other" / "pt_files"
     other.mkdir(parents=True)
     torch.save(torch.randn(4, 24), other / "dup.pt")
     with pytest.raises(StoreError, match=r"duplicate slide id 'dup'.*already in store from 'dup.h5'"):
-        ingest(other.parent, tmp_path / "store", progress=False)
+        ingest(other.parent, tmp_path / "store", strict=True, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -157,7 +157,7 @@ def test_truncated_or_corrupt_h5(tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x89HDF\r\n" + bytes(range(256)) * 40)
     with pytest.raises(ValueError, match=r"slide 'damaged'.*truncated or corrupt"):
-        ingest(src, tmp_path / "store", progress=False)
+        ingest(src, tmp_path / "store", strict=True, progress=False)
     assert open_store(tmp_path / "store").slide_ids == []
 
 
@@ -167,7 +167,7 @@ def test_coordinate_only_h5_gets_a_hint(tmp_path, clam_coords_dir):
     first = sorted(clam_coords_dir.glob("*.h5"))[0]
     shutil.copy(first, src / first.name)
     with pytest.raises(ValueError, match=r"no 'features' dataset.*--coords-dir"):
-        ingest(src, tmp_path / "store", progress=False)
+        ingest(src, tmp_path / "store", strict=True, progress=False)
 
 
 def test_labels_csv_string_labels_and_unknown_slides(tmp_path):
@@ -184,7 +184,7 @@ def test_labels_csv_string_labels_and_unknown_slides(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,label\na,1\nnot-a-slide,0\n")
     with pytest.raises(ValueError, match=r"1 slide\(s\).*'not-a-slide'"):
-        ingest(src, tmp_path / "store", labels_csv=bad, progress=False)
+        ingest(src, tmp_path / "store", labels_csv=bad, strict=True, progress=False)
     assert open_store(tmp_path / "store").labels() == {"a": 1, "b": 0, "c": 1}  # unchanged
 
 
@@ -207,3 +207,79 @@ def test_clam_splits_csv(tmp_path):
     p.write_text(",train,val,test\n0,a,a,\n")
     with pytest.raises(ValueError, match="'a' is in both 'train' and 'val'"):
         read_splits_csv(p)
+
+
+def _mixed_folder(root):
+    """Two good slides, and three bad ones: NaN features, a truncated file, coords shorter than features."""
+    src = root / "mixed"
+    src.mkdir()
+    for i, sid in enumerate(("good-a", "good-b")):
+        write_trident_h5(src / f"{sid}.h5", _features(50, seed=i), grid_coords(50))
+    nan = _features(40)
+    nan[5, 1] = np.nan
+    write_trident_h5(src / "bad-nan.h5", nan, grid_coords(40))
+    write_trident_h5(src / "bad-trunc.h5", _features(2000), grid_coords(2000))
+    data = (src / "bad-trunc.h5").read_bytes()
+    (src / "bad-trunc.h5").write_bytes(data[: len(data) // 2])
+    write_trident_h5(src / "bad-short.h5", _features(10), grid_coords(9))
+    return src
+
+
+def test_bad_slides_are_reported_and_skipped_and_a_rerun_changes_nothing(tmp_path):
+    src = _mixed_folder(tmp_path)
+    report = ingest(src, tmp_path / "store", progress=False)
+    assert report.written == ["good-a", "good-b"]
+    reasons = dict(report.failed)
+    assert sorted(reasons) == ["bad-nan", "bad-short", "bad-trunc"]
+    assert "NaN/Inf" in reasons["bad-nan"] and "truncated or corrupt" in reasons["bad-trunc"]
+    assert "length mismatch" in reasons["bad-short"]
+    assert all(f"slide {sid!r}" in reason for sid, reason in reasons.items())
+    store = open_store(tmp_path / "store")
+    assert store.slide_ids == ["good-a", "good-b"]
+    before = {sid: store.read(sid)[0].copy() for sid in store.slide_ids}
+    again = ingest(src, tmp_path / "store", progress=False)
+    assert again.written == [] and again.skipped == ["good-a", "good-b"] and dict(again.failed) == reasons
+    store = open_store(tmp_path / "store")
+    assert store.slide_ids == ["good-a", "good-b"]
+    assert all(np.array_equal(store.read(sid)[0], before[sid]) for sid in before)
+    with pytest.raises(ValueError, match=r"slide 'bad-nan'"):  # strict: the first bad slide (sorted order) stops it
+        ingest(src, tmp_path / "store2", strict=True, progress=False)
+    assert open_store(tmp_path / "store2").slide_ids == []
+
+
+def test_cli_ingest_lists_failures_and_exits_non_zero(tmp_path, capsys):
+    from fastmil.cli import main
+
+    src = _mixed_folder(tmp_path)
+    store = tmp_path / "cohort.zarr"
+    assert main(["ingest", str(src), str(store), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED bad-nan" in err and "FAILED bad-trunc" in err and "FAILED bad-short" in err
+    rows = (tmp_path / "cohort.zarr.failures.csv").read_text().splitlines()
+    assert rows[0] == "slide_id,reason" and sorted(r.split(",")[0] for r in rows[1:]) == ["bad-nan", "bad-short",
+                                                                                          "bad-trunc"]
+    assert main(["ingest", str(src), str(store), "-q"]) == 1  # a re-run: same failures, nothing else changes
+    assert open_store(store).slide_ids == ["good-a", "good-b"]
+    for bad in ("bad-nan", "bad-trunc", "bad-short"):
+        (src / f"{bad}.h5").unlink()
+    assert main(["ingest", str(src), str(store), "-q"]) == 0
+    assert not (tmp_path / "cohort.zarr.failures.csv").exists()
+
+
+def test_labels_for_slides_not_yet_extracted_are_a_warning(tmp_path):
+    """A cohort CSV ahead of extraction: the known slides get labels (classes from the whole CSV, so they do not
+    change as the cohort arrives); the others are named in a warning; strict makes it an error."""
+    src = tmp_path / "h5"
+    src.mkdir()
+    for sid in ("a", "b"):
+        write_trident_h5(src / f"{sid}.h5", _features(3), grid_coords(3))
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("slide_id,label\na,LUSC\nb,LUSC\nlater-1,LUAD\nlater-2,LUAD\n")
+    with pytest.warns(UserWarning, match=r"2 slide\(s\).*'later-1', 'later-2'.*left out"):
+        report = ingest(src, tmp_path / "store", labels_csv=cohort, progress=False)
+    assert report.unknown_labels == ["later-1", "later-2"]
+    store = open_store(tmp_path / "store")
+    assert store.classes == ["LUAD", "LUSC"] and store.labels() == {"a": 1, "b": 1}
+    with pytest.raises(ValueError, match=r"neither in .* nor in the store"):
+        ingest(src, tmp_path / "store3", labels_csv=cohort, strict=True, progress=False)
+    assert open_store(tmp_path / "store3").slide_ids == []

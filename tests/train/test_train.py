@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn import metrics as skm
 
 from fastmil.checkpoint import load_checkpoint
 from fastmil.cli import main
-from fastmil.data import SynthConfig, create_store, synthesize_store
+from fastmil.data import SynthConfig, create_store, read_splits_csv, synthesize_store
 from fastmil.train import TrainConfig, evaluate, fit, predict
 
 DATA = SynthConfig(n_slides=60, dim=32, median_instances=300, size_sigma=0.3, tumour_fraction_min=0.02,
@@ -85,8 +86,35 @@ def test_predict_writes_csv_heatmaps_and_roc(trained):
         assert np.any(np.abs(img - hottest).max(axis=-1) < 0.02), f"{sid}: no patch drawn at max attention"
         images.append(img)
     assert not np.array_equal(images[0], images[1])
-    labels = {store.label(s) for s in ids}
-    assert (out / "roc.png").exists() == (len(labels) > 1)
+    split_of = {r["slide_id"]: r["split"] for r in rows}
+    assert set(split_of.values()) <= {"train", "val", "test"}
+    for name in set(split_of.values()):
+        labels = {store.label(s) for s in ids if split_of[s] == name}
+        assert (out / f"roc_{name}.png").exists() == (len(labels) > 1)
+        assert (out / f"confusion_{name}.png").exists()
+    assert not (out / "roc.png").exists()
+
+
+def test_predictions_carry_the_split_and_curves_use_one_split_only(trained):
+    """Every slide of the store: its split in predictions.csv equals the run's splits.csv; the per-split metrics
+    (and so the curves) are computed from that split's rows alone; --split test predicts the test slides only."""
+    root, store, _ = trained
+    out = predict(root / "run", store, root / "pred_splits", heatmaps=False, progress=False)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    run_splits = read_splits_csv(root / "run" / "splits.csv")
+    assert {r["slide_id"]: r["split"] for r in rows} == {s: n for n, ids in run_splits.items() for s in ids}
+    report = json.loads((out / "metrics.json").read_text())
+    for name in ("train", "val", "test"):
+        members = [r for r in rows if r["split"] == name]
+        y = np.array([r["label"] == "tumour" for r in members])
+        p = np.array([float(r["prob_tumour"]) for r in members])
+        assert report[name]["n"] == len(members) == len(run_splits[name])
+        assert report[name]["auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-5)
+        assert (out / f"pr_{name}.png").exists()
+    test_only = predict(root / "run", store, root / "pred_test", split="test", heatmaps=False, progress=False)
+    rows = list(csv.DictReader(open(test_only / "predictions.csv")))
+    assert sorted(r["slide_id"] for r in rows) == sorted(run_splits["test"])
+    assert set(json.loads((test_only / "metrics.json").read_text())) == {"test"}
 
 
 def test_cli_eval_and_predict(trained, capsys):
@@ -150,6 +178,12 @@ def test_one_class_store_is_refused(tmp_path):
     with pytest.raises(ValueError, match="one class \\('normal'\\)"):
         fit(store, tmp_path / "run", small(), progress=False)
     assert main(["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "r"), "-q"]) == 2
+
+
+def test_empty_store_says_so(tmp_path):
+    create_store(tmp_path / "empty")
+    with pytest.raises(ValueError, match="the store holds no slides"):
+        fit(tmp_path / "empty", tmp_path / "run", small(), progress=False)
 
 
 def test_split_csv_naming_missing_slides(tmp_path):
