@@ -130,6 +130,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from .train import load_config
+    from .train.cv import cross_validate
+
+    _import_plugins(args.imports)
+    rows = cross_validate(args.store, args.out, load_config(args.config, _train_overrides(args)), folds=args.folds,
+                          split_dir=args.split_dir, cases_csv=args.cases, progress=not args.quiet)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for row in rows:
+        print(f"{row['metric']:<20} {fmt(row['mean'])} ± {fmt(row['sd'])}")
+    print(f"per-fold runs, splits and summary.csv / summary.md in {args.out}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate
 
@@ -141,10 +155,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .train import predict
 
-    out = predict(args.run, args.store, args.out, args.slides, split=args.split, heatmaps=not args.no_heatmaps,
-                  progress=not args.quiet)
+    out = predict(args.run, args.store, args.out, args.slide_ids, split=args.split, heatmaps=not args.no_heatmaps,
+                  slides_dir=args.slides_dir, top_k=args.top_k, geojson=args.geojson, progress=not args.quiet)
     print(f"predictions written to {out} (predictions.csv, metrics.json, roc/pr/confusion_<split>.png, attention/, "
-          f"heatmaps/)")
+          f"heatmaps/, top_k/{', geojson/' if args.geojson else ''}{', overlays/' if args.slides_dir else ''})")
     return 0
 
 
@@ -173,6 +187,21 @@ def _print_summary(s: dict) -> None:
         print(f"  classes     {s['classes']}")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(s["label_counts"].items()))
     print(f"  labels      {counts or '-'}")
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The training config options shared by ``train`` and ``cv``."""
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="config with sections model/method/optim/data/run (see fastmil.train.config)")
+    p.add_argument("--model", default=None, help="model.name: abmil (default) or meanmil")
+    p.add_argument("--method", default=None, help="method.name: the training method, plain (default)")
+    p.add_argument("--epochs", type=int, default=None, help="optim.epochs")
+    p.add_argument("--seed", type=int, default=None, help="run.seed")
+    p.add_argument("--device", default=None, help="run.device: auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers your own methods/models (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. optim.lr=1e-4 run.amp=bf16 (applied after --config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,20 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _cmd_train, "Train a MIL model on the labelled slides of a store.")
     p.add_argument("--store", required=True, help="feature store")
     p.add_argument("--out", required=True, help="run folder (checkpoints, config, metrics)")
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help="config with sections model/method/optim/data/run (see fastmil.train.config)")
-    p.add_argument("--model", default=None, help="model.name: abmil (default) or meanmil")
-    p.add_argument("--method", default=None, help="method.name: the training method, plain (default)")
-    p.add_argument("--epochs", type=int, default=None, help="optim.epochs")
-    p.add_argument("--seed", type=int, default=None, help="run.seed")
-    p.add_argument("--device", default=None, help="run.device: auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import a module that registers your own methods/models (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="config overrides, e.g. optim.lr=1e-4 run.amp=bf16 (applied after --config)")
+    _add_config_arguments(p)
     p.add_argument("--split-csv", default=None, metavar="CSV",
                    help="CLAM-style splits_k.csv (default: stratified random)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    p = add("cv", _cmd_cv, "k-fold cross-validation with patient-level splits: one run per fold, and a summary.")
+    p.add_argument("--store", required=True, help="feature store")
+    p.add_argument("--out", required=True, help="folder for splits/, fold_<k>/ runs and summary.csv/.md")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default %(default)s)")
+    p.add_argument("--split-dir", default=None, metavar="DIR",
+                   help="use the folds of a folder of CLAM splits_<k>.csv / splits_<k>_bool.csv files")
+    p.add_argument("--cases", default=None, metavar="CSV",
+                   help="CSV with slide_id and case_id columns: a patient's slides stay in one split")
+    _add_config_arguments(p)
 
     p = add("eval", _cmd_eval, "Evaluate a run's best model on its splits; writes RUN/metrics.json.")
     p.add_argument("--run", required=True, help="run folder written by fastmil train")
@@ -266,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by fastmil train")
     p.add_argument("--store", required=True, help="feature store")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide in the store)")
+    p.add_argument("--slide-ids", nargs="*", default=None, help="slide ids (default: every slide in the store)")
+    p.add_argument("--slides", dest="slides_dir", default=None, metavar="DIR",
+                   help="folder of the slide files (<slide_id>.svs, ...): attention over the thumbnail, and crops "
+                        "of the top-k patches (needs the [wsi] extra)")
+    p.add_argument("--top-k", type=int, default=16, help="most attended patches listed per slide (default 16; 0: none)")
+    p.add_argument("--geojson", action="store_true",
+                   help="write each slide's patches with their attention as QuPath-readable GeoJSON")
     p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                    help="only the slides of this split of the run (default: all; metrics and curves are per split)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")

@@ -86,10 +86,12 @@ class _BagClassifier(nn.Module):
     def instance_logits(self, out: MILOutput) -> torch.Tensor:
         """``[N, C]``: the classifier applied to each attention-weighted instance embedding ``a_i h_i`` (MHIM's
         class-aware instance probability is the max softmax of these)."""
-        # W (a_i h_i) + b = a_i (W h_i) + b: scale the [N, C] product, not the [N, E] embeddings
+        # W (a_i h_i) + b = a_i (W h_i) + b: scale the [N, C] product, not the [N, E] embeddings. In fp32 (fp64 for
+        # fp64 h): a_i W h_i is ~1e-5 in a 100k bag, and added to the bias in bf16 it would round away
         h = out.instance_embedding
-        scaled = (h @ self.classifier.weight.T.to(h.dtype)) * out.attention.to(h.dtype)[:, None]
-        return scaled + self.classifier.bias.to(h.dtype)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        projected = (h @ self.classifier.weight.T.to(h.dtype)).to(acc)  # [N, C]
+        return projected * out.attention.to(acc)[:, None] + self.classifier.bias.to(acc)
 
     def forward_all(
         self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None

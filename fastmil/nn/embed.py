@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.linear_relu_dropout import linear_relu_dropout
+from ..ops.linear_relu_dropout import check_dropout, linear_relu_dropout
 
 __all__ = ["EmbedBlock"]
 
@@ -20,6 +20,7 @@ class EmbedBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float) -> None:
         super().__init__()
+        check_dropout(dropout)
         self.add_module("0", nn.Linear(in_dim, out_dim))
         self.dropout = dropout
 

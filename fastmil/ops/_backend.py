@@ -13,7 +13,7 @@ import torch
 
 from ..kernels._launch import interpreting
 
-__all__ = ["BACKENDS", "interpreting", "resolve_backend"]
+__all__ = ["BACKENDS", "check_torch_only", "interpreting", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -44,3 +44,13 @@ def resolve_backend(backend: str, op: str, device: torch.device, has_triton: boo
                 "imported"
             )
     return backend
+
+
+def check_torch_only(backend: str, op: str) -> None:
+    """For ops with a torch implementation only: ``auto`` and ``torch`` run it (``FASTMIL_BACKEND``, which selects
+    among an op's kernels, does not apply); ``triton`` is an error, never a silent fall-back."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise RuntimeError(f"{op}: no Triton kernel is available for this op (its torch path runs on every "
+                           "device); use backend='torch' or 'auto'")

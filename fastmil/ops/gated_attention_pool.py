@@ -24,7 +24,8 @@ log-sum-exp), and backward recomputes the gated activations from ``h``.
   run as one ``[2 HID, D]`` GEMM; in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute
   GEMM also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written straight into ``grad_h``.
   Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``. On the CPU, a mask that
-  keeps under half the rows (MHIM's student) makes both passes run over the gathered unmasked rows only.
+  keeps under half the rows (MHIM's student) makes the score GEMMs of both passes (the recompute included) run
+  over the gathered unmasked rows only; the pooling GEMM and the zero-filled ``grad_h`` still span all rows.
 """
 from __future__ import annotations
 

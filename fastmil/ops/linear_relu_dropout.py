@@ -16,7 +16,8 @@ Here:
   writes ``s (x W^T + b)``, then one in-place ReLU and one in-place multiply by the keep mask;
 - the random draw is 16 bits per entry taken from int64 random words (4 entries per word; ~8x cheaper than
   ``bernoulli_`` here); an entry is dropped when its 16 bits, read as int16, are below ``-32768 + round(p 65536)``,
-  so ``p`` is applied to a resolution of 1/65536 (0.25 and 0.5 exactly, 0.1 as 0.100006);
+  so ``p`` is applied to a resolution of 1/65536 (0.25 and 0.5 exactly, 0.1 as 0.100006), and the output is
+  scaled by ``1 / (1 - p_applied)`` (:func:`effective_p`), so its expectation is exact;
 - backward needs no mask: ``y_ij > 0`` exactly where the entry was kept and its pre-activation was positive, so
   ``grad_pre = s * grad_y * (y > 0)`` (``s`` applied to the small gradients, not to ``grad_pre``); saved for
   backward are ``x``, ``weight`` and ``y`` (which the caller keeps anyway). ``grad_x`` is only formed when ``x``
@@ -30,12 +31,20 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dropout_threshold", "linear_relu_dropout"]
+from ._backend import check_torch_only
+
+__all__ = ["check_dropout", "dropout_threshold", "effective_p", "linear_relu_dropout"]
 
 
 def dropout_threshold(p: float) -> int:
     """The int16 value below which an entry's random bits drop it: ``-32768 + round(p * 65536)``."""
     return -32768 + int(round(p * 65536))
+
+
+def effective_p(p: float) -> float:
+    """The drop probability actually applied: ``round(p * 65536) / 65536``; the output is scaled by
+    ``1 / (1 - effective_p(p))``, so the expectation is exact for the applied probability."""
+    return round(p * 65536) / 65536
 
 
 def _random_int16(shape: tuple[int, int], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -56,6 +65,7 @@ reused from the allocator, instead of fresh N x E buffers that a large bag pays 
 class _LinearReLUDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p, training, generator):
+        p = effective_p(p)
         dropping = training and p > 0.0
         scale = 1.0 / (1.0 - p) if dropping else 1.0
         w = weight * scale if dropping else weight  # [E, D]: the scale costs nothing here
@@ -98,14 +108,21 @@ class _LinearReLUDropout(torch.autograd.Function):
                 None if grad_b is None else grad_b.mul_(scale).to(weight.dtype), None, None, None)
 
 
+def check_dropout(p: float) -> None:
+    """``p`` must be in [0, 1) and apply as less than 1 at the 1/65536 resolution of the random draws."""
+    if not 0.0 <= p < 1.0 or effective_p(p) >= 1.0:
+        raise ValueError(f"dropout p must be in [0, 1 - 2^-17), got {p}")
+
+
 def linear_relu_dropout(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float, training: bool,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, backend: str = "auto",
 ) -> torch.Tensor:
-    """See the module docstring. ``x`` and ``weight`` share a dtype (under autocast the GEMM's)."""
+    """See the module docstring. ``x`` and ``weight`` share a dtype (under autocast the GEMM's). A torch-only op:
+    ``backend`` may be ``auto`` or ``torch``."""
+    check_torch_only(backend, "linear_relu_dropout")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_relu_dropout: x [N, D] and weight [E, D] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"linear_relu_dropout: p must be in [0, 1), got {p}")
+    check_dropout(p)
     return _LinearReLUDropout.apply(x, weight, bias, p, training, generator)

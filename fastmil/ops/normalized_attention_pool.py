@@ -19,8 +19,8 @@ Cost: the normalised rows ``n`` are never materialised. Forward = two row-reduct
 ``x G^T`` GEMM (the weights' gradient), one ``x^T dS`` GEMM (the directions' gradient) and one
 ``[N, 2M+1] x [2M+1, E]`` GEMM that writes ``grad_x`` with the LayerNorm backward folded in (its per-row mean terms
 reduce to ``M``-sized dot products: ``n_i . G_m`` and ``n_i . directions_m`` are already known), then one
-``addcmul`` pass. Saved for backward: ``x``, ``directions``, row statistics ``[N]`` and ``weights``/``logits``
-``[N, M]``: nothing ``N x E`` beyond ``x``.
+``addcmul`` pass. Saved for backward: ``x`` (as fp32: an fp16/bf16 ``x`` is saved as its fp32 copy), ``directions``,
+row statistics ``[N]`` and ``weights``/``logits`` ``[N, M]``: nothing else ``N x E``.
 
 Numerics: logits and pooled values are formed as ``(x . u - mean * sum(u)) / sigma``; this loses relative precision
 when a row's mean is large against its spread (``|mean| / sigma`` >> 1). Rows of embedded instances (after a
@@ -32,7 +32,9 @@ import functools
 
 import torch
 
+from ._backend import check_torch_only
 from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax, segment_sum
+from ._tiles import check_offsets, host_offsets
 
 __all__ = ["normalized_attention_pool", "normalized_attention_pool_reference"]
 
@@ -164,11 +166,15 @@ class _NormalizedAttentionPool(torch.autograd.Function):
 
 def normalized_attention_pool(
     x: torch.Tensor, directions: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-    eps: float = 1e-5, offsets_cpu: torch.Tensor | None = None,
+    eps: float = 1e-5, offsets_cpu: torch.Tensor | None = None, backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. ``offsets_cpu`` (``offsets`` on the host, as ``Bags`` carries it) avoids a
-    device synchronisation; the per-bag GEMMs loop over the bags on the host."""
+    device synchronisation; the per-bag GEMMs loop over the bags on the host. A torch-only op (its work is GEMMs):
+    ``backend`` may be ``auto`` or ``torch``."""
+    check_torch_only(backend, "normalized_attention_pool")
     _check_inputs(x, directions, offsets, mask)
-    bounds = (offsets if offsets_cpu is None else offsets_cpu).tolist()
+    host = host_offsets(offsets, offsets_cpu)
+    check_offsets(host, x.shape[0])
+    bounds = host.tolist()
     return _NormalizedAttentionPool.apply(x, directions, offsets, mask, eps, bounds)
 

@@ -12,6 +12,10 @@ Output folder::
     OUT/confusion_<split>.png      confusion matrix of the split, when it has labels
     OUT/attention/<slide_id>.npy   float32 [N] attention weights, in the store's instance order
     OUT/heatmaps/<slide_id>.png    attention drawn on the patch grid (and ground truth, where the store has it)
+    OUT/top_k/<slide_id>.csv       the top-k attended patches (rank, index, x, y, attention); with the slide
+                                   file (``slides_dir``), their crops in OUT/top_k/<slide_id>/rank_<r>.png
+    OUT/overlays/<slide_id>.png    attention over the slide thumbnail (with ``slides_dir``)
+    OUT/geojson/<slide_id>.geojson the patches as QuPath detections with attention measurements (``geojson``)
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore, open_store
 from .loop import load_method
 from .metrics import binary_auc, compute_metrics, pr_curve, roc_curve
+from .slide_outputs import find_slide_file, save_slide_overlay, write_geojson, write_top_k
 from .validate import predict_slides
 
 __all__ = ["SPLITS", "predict", "attention_grid", "save_confusion", "save_heatmap", "save_pr", "save_roc"]
@@ -167,10 +172,14 @@ def predict(
     *,
     split: str = "all",
     heatmaps: bool = True,
+    slides_dir: str | os.PathLike | None = None,
+    top_k: int = 16,
+    geojson: bool = False,
     progress: bool = True,
 ) -> Path:
     """Predict the slides of ``store`` (``slide_ids``, or those of the run's ``split``: ``all`` (default),
-    ``train``, ``val`` or ``test``) with the run's best model; write ``out`` (see the module docstring)."""
+    ``train``, ``val`` or ``test``) with the run's best model; write ``out`` (see the module docstring).
+    ``slides_dir``: folder of the slide files (``<slide_id>.svs``, ...) for overlays and crops."""
     if split not in ("all", *SPLITS):
         raise ValueError(f"split must be 'all' or one of {SPLITS}, got {split!r}")
     store = store if isinstance(store, FeatureStore) else open_store(store)
@@ -203,19 +212,30 @@ def predict(
     _write_split_reports(out, ids, probs, labels, split_of, classes)
     for sid in ids:
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
-    if heatmaps:
-        (out / "heatmaps").mkdir(exist_ok=True)
-        bar = tqdm(list(zip(ids, probs)), desc="heatmaps", unit="slide", disable=None if progress else True,
-                   leave=False)
-        for sid, p in bar:
-            coords = store.read_coords(sid)
-            if coords is None:
-                continue
-            stride = patch_stride(coords, store.slide_attrs(sid).get("patch_size_level0"))
-            y = labels[sid]
-            title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
+    for name, wanted in (("heatmaps", heatmaps), ("top_k", top_k > 0), ("geojson", geojson),
+                         ("overlays", slides_dir is not None)):
+        if wanted:
+            (out / name).mkdir(exist_ok=True)
+    bar = tqdm(list(zip(ids, probs)), desc="slide outputs", unit="slide", disable=None if progress else True,
+               leave=False)
+    for sid, p in bar:
+        coords = store.read_coords(sid)
+        if coords is None:
+            continue
+        stride = patch_stride(coords, store.slide_attrs(sid).get("patch_size_level0"))
+        y = labels[sid]
+        title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
+        slide_file = find_slide_file(slides_dir, sid) if slides_dir is not None else None
+        if heatmaps:
             save_heatmap(out / "heatmaps" / f"{sid}.png", sid, coords, attention[sid], stride,
                          store.read_instance_labels(sid), title)
+        if top_k > 0:
+            write_top_k(out / "top_k", sid, coords, stride, attention[sid], top_k, slide_file)
+        if geojson:
+            write_geojson(out / "geojson" / f"{sid}.geojson", sid, coords, stride, attention[sid])
+        if slide_file is not None:
+            save_slide_overlay(out / "overlays" / f"{sid}.png", slide_file, sid, coords, stride, attention[sid],
+                               title=title)
     return out
 
 

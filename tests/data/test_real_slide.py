@@ -51,3 +51,50 @@ def test_slide_without_objective_power_is_recorded_as_unknown(tmp_path):
         assert "target_magnification" not in fh["coords"].attrs and "level0_magnification" not in fh["coords"].attrs
     ingest(tmp_path / "h5", tmp_path / "store", progress=False)
     assert "magnification" not in open_store(tmp_path / "store").slide_attrs("plain")
+
+
+def test_overlay_geojson_and_top_k_crops_on_the_real_slide(tmp_path, cmu_slide):
+    """Attention that rises from left to right, drawn over the real slide's thumbnail; the GeoJSON holds one closed
+    square per patch with its attention; the top-k crops are the slide's pixels at the listed coordinates."""
+    import json
+
+    from matplotlib.image import imread
+    from PIL import Image
+
+    from fastmil.train.slide_outputs import find_slide_file, save_slide_overlay, write_geojson, write_top_k
+
+    h5 = tmp_path / "CMU-1-Small-Region.h5"
+    assert main(["tile", str(cmu_slide), str(h5), "-q"]) == 0
+    with h5py.File(h5) as fh:
+        coords = fh["coords"][:]
+    attention = (coords[:, 0] + 1.0) / (coords[:, 0] + 1.0).sum()  # rises with x
+    assert find_slide_file(cmu_slide.parent, "CMU-1-Small-Region") == cmu_slide
+    png = tmp_path / "overlay.png"
+    save_slide_overlay(png, cmu_slide, "CMU-1-Small-Region", coords, 224, attention)
+    img = imread(png)[..., :3]
+    left, right = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2 :]
+    assert not np.allclose(left, right, atol=0.05)  # the right panel carries the overlay
+    geo = tmp_path / "slide.geojson"
+    write_geojson(geo, "CMU-1-Small-Region", coords, 224, attention)
+    doc = json.loads(geo.read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(coords)
+    for feature, (x, y), a in zip(doc["features"], coords.tolist(), attention.tolist()):
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        ring = feature["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] == [x, y] and ring[2] == [x + 224, y + 224] and len(ring) == 5
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["measurements"]["attention"] == a
+    ranks = sorted(f["properties"]["measurements"]["attention_rank"] for f in doc["features"])
+    assert ranks == list(range(1, len(coords) + 1))
+    top = write_top_k(tmp_path / "top_k", "CMU-1-Small-Region", coords, 224, attention, 5, cmu_slide)
+    assert top == np.argsort(-attention, kind="stable")[:5].tolist()
+    assert all(coords[i][0] == coords[:, 0].max() for i in top[:1])
+    rows = (tmp_path / "top_k" / "CMU-1-Small-Region.csv").read_text().splitlines()
+    assert rows[0] == "rank,index,x,y,attention" and len(rows) == 6
+    import tiffslide
+
+    with tiffslide.TiffSlide(str(cmu_slide)) as slide:
+        x, y = coords[top[0]]
+        want = np.asarray(slide.read_region((int(x), int(y)), 0, (224, 224), as_array=True))[..., :3]
+    crop = np.asarray(Image.open(tmp_path / "top_k" / "CMU-1-Small-Region" / "rank_001.png"))
+    assert crop.shape == (224, 224, 3) and np.array_equal(crop, want)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastmil import Bags
-from fastmil.nn import ABMIL, GatedAttentionPool, MeanPoolMIL
+from fastmil.nn import ABMIL, GatedAttentionPool, MeanPoolMIL, MILOutput
 
 SIZES = [1, 7, 129, 40]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -142,3 +142,21 @@ def test_instance_logits_are_the_classifier_of_weighted_embeddings(model_cls):
     out = model.forward_all(bags)
     want = model.classifier(out.attention[:, None] * out.instance_embedding)
     torch.testing.assert_close(model.instance_logits(out), want, atol=1e-12, rtol=0)
+
+
+def test_instance_logits_keep_tiny_attention_terms_with_bf16_embeddings():
+    """With bf16 instance embeddings (autocast), a_i W h_i ~ 1e-5 must survive the bias add: the logits are fp32
+    and equal the fp64 value of the same bf16 inputs to fp32 accuracy (measured 6.5e-7, from the bf16 GEMM
+    output; adding in bf16: 5.5e-5)."""
+    torch.manual_seed(0)
+    model = ABMIL(16, n_classes=3).eval()
+    n = 50_000
+    h = torch.rand(n, model.embedding_dim).bfloat16()
+    attention = torch.softmax(torch.randn(n), 0)
+    out = MILOutput(logits=None, attention=attention, bag_embedding=None, instance_embedding=h)
+    with torch.no_grad():
+        got = model.instance_logits(out)
+    weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
+    want = (h.double() @ weight.bfloat16().double().T) * attention.double()[:, None] + bias.double()
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) <= 2e-6

@@ -18,7 +18,7 @@ def _net(dim, tokens, heads, seed=0):
     return net
 
 
-@pytest.mark.parametrize("dim,tokens,heads", [(16, 3, 4), (32, 5, 8)])  # 5 x 8 = 40 logit columns: 2 pooling calls
+@pytest.mark.parametrize("dim,tokens,heads", [(16, 3, 4), (32, 5, 8)])  # 5 x 8 = 40 (query, head) columns
 def test_implicit_recycle_network_equals_explicit_cross_attention_fp64(dim, tokens, heads):
     net = _net(dim, tokens, heads)
     sizes = [5, 1, 9, 4, 30]

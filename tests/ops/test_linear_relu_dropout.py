@@ -30,8 +30,8 @@ def _case(n=300, d=37, e=45, seed=0, dtype=torch.float32):
 
 
 def _reference(x, weight, bias, keep, p):
-    """fp64 autograd through relu(x W^T + b) * keep / (1 - p)."""
-    return torch.relu(x @ weight.T + bias) * keep / (1 - p)
+    """fp64 autograd through relu(x W^T + b) * keep / (1 - p_applied), p_applied = p on the 1/65536 grid."""
+    return torch.relu(x @ weight.T + bias) * keep / (1 - round(p * 65536) / 65536)
 
 
 @pytest.mark.parametrize("p", [0.25, 0.1, 0.5])
@@ -125,3 +125,37 @@ def test_bad_arguments():
         linear_relu_dropout(x, weight[:, 1:], bias, 0.1, True)
     with pytest.raises(ValueError, match="p must be"):
         linear_relu_dropout(x, weight, bias, 1.0, True)
+
+
+def test_without_bias_and_in_bf16():
+    """No bias (fp64 reference), and bf16 inputs: outputs and gradients in bf16 within its rounding."""
+    x, weight, _ = _case()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    y = linear_relu_dropout(leaves[0], leaves[1], None, 0.0, training=True)
+    refs = [t.detach().double().requires_grad_() for t in (x, weight)]
+    want = torch.relu(refs[0] @ refs[1].T)
+    assert relative_error(y, want) <= TOL
+    y.double().square().sum().backward()
+    want.square().sum().backward()
+    for got, ref in zip(leaves, refs):
+        assert relative_error(got.grad, ref.grad) <= TOL
+    xb, wb, bb = (t.detach().bfloat16().requires_grad_() for t in _case())
+    yb = linear_relu_dropout(xb, wb, bb, 0.0, training=False)
+    assert yb.dtype == torch.bfloat16
+    assert relative_error(yb, torch.relu(xb.double() @ wb.double().T + bb.double())) <= 2**-7
+    yb.float().sum().backward()
+    assert xb.grad.dtype == wb.grad.dtype == bb.grad.dtype == torch.bfloat16
+
+
+def test_extreme_and_tiny_p_and_backend():
+    """p that the 16-bit draws cannot apply below 1 is refused (it used to keep everything and scale by 2^17);
+    a p below half a step applies as 0: nothing dropped, nothing scaled. No Triton kernel: backend='triton' errors."""
+    x, weight, bias = _case()
+    with pytest.raises(ValueError, match="dropout p must be"):
+        linear_relu_dropout(x, weight, bias, 0.999999, training=True)
+    with pytest.raises(ValueError, match="dropout p must be"):
+        EmbedBlock(6, 4, 1.0)
+    y = linear_relu_dropout(x, weight, bias, 1e-6, training=True)
+    torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, weight, bias)), atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="no Triton kernel"):
+        linear_relu_dropout(x, weight, bias, 0.1, training=True, backend="triton")

@@ -122,7 +122,7 @@ def test_cli_eval_and_predict(trained, capsys):
     assert main(["eval", "--run", str(root / "run"), "--store", str(root / "store"), "-q"]) == 0
     assert "test" in capsys.readouterr().out
     assert main(["predict", "--run", str(root / "run"), "--store", str(root / "store"), "--out",
-                 str(root / "pred3"), "--slides", "synth-00000", "--no-heatmaps", "-q"]) == 0
+                 str(root / "pred3"), "--slide-ids", "synth-00000", "--no-heatmaps", "-q"]) == 0
     assert (root / "pred3" / "attention" / "synth-00000.npy").exists()
 
 
