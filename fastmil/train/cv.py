@@ -199,6 +199,9 @@ def cross_validate(
         fold_splits = read_split_dir(split_dir)
     elif (split_files / "splits_0.csv").exists():  # a resumed cv keeps the folds it drew
         fold_splits = read_split_dir(split_files)
+        if len(fold_splits) != folds:
+            raise ValueError(f"{out} holds a {len(fold_splits)}-fold cross-validation; resume it with --folds "
+                             f"{len(fold_splits)} or choose another --out")
     else:
         cases = read_case_ids(cases_csv) if cases_csv is not None else None
         fold_splits = patient_folds(labelled_slides(store), cases, folds, cfg.data.val_fraction, cfg.run.seed)

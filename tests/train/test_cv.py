@@ -108,3 +108,5 @@ def test_cli_cv_on_a_synthetic_cohort_writes_a_summary_and_resumes(tmp_path, cap
     before = (tmp_path / "cv" / "summary.csv").read_text()
     assert main(args) == 0  # every fold finished: resumes to nothing, re-evaluates, same summary
     assert (tmp_path / "cv" / "summary.csv").read_text() == before
+    assert main([a if a != "3" else "4" for a in args]) == 2  # other --folds on the same --out: refused
+    assert "3-fold cross-validation" in capsys.readouterr().err
