@@ -222,7 +222,9 @@ def predict(
         coords = store.read_coords(sid)
         if coords is None:
             continue
-        stride = patch_stride(coords, store.slide_attrs(sid).get("patch_size_level0"))
+        patch_size = store.slide_attrs(sid).get("patch_size_level0")
+        stride = patch_stride(coords, patch_size)  # the lattice step (equals the patch size without overlap)
+        patch_size = int(patch_size or stride)
         y = labels[sid]
         title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
         slide_file = find_slide_file(slides_dir, sid) if slides_dir is not None else None
@@ -230,9 +232,9 @@ def predict(
             save_heatmap(out / "heatmaps" / f"{sid}.png", sid, coords, attention[sid], stride,
                          store.read_instance_labels(sid), title)
         if top_k > 0:
-            write_top_k(out / "top_k", sid, coords, stride, attention[sid], top_k, slide_file)
+            write_top_k(out / "top_k", sid, coords, patch_size, attention[sid], top_k, slide_file)
         if geojson:
-            write_geojson(out / "geojson" / f"{sid}.geojson", sid, coords, stride, attention[sid])
+            write_geojson(out / "geojson" / f"{sid}.geojson", sid, coords, patch_size, attention[sid])
         if slide_file is not None:
             save_slide_overlay(out / "overlays" / f"{sid}.png", slide_file, sid, coords, stride, attention[sid],
                                title=title)

@@ -103,9 +103,10 @@ def write_top_k(out_dir: Path, slide_id: str, coords: np.ndarray, patch_size: in
 
 
 def save_slide_overlay(path: str | os.PathLike, slide_path: Path, slide_id: str, coords: np.ndarray,
-                       patch_size: int, attention: np.ndarray, max_side: int = 1600, title: str = "") -> None:
+                       stride: int, attention: np.ndarray, max_side: int = 1600, title: str = "") -> None:
     """The slide thumbnail (longest side ``max_side`` px) beside the same thumbnail with the attention drawn over
-    it at the patch coordinates (linear, divided by the slide's maximum; patches without attention transparent)."""
+    it at the patch coordinates (linear, divided by the slide's maximum; patches without attention transparent).
+    ``stride``: the patch lattice's step in level-0 pixels (the patch size when patches do not overlap)."""
     from .predict import _figure
 
     coords = np.asarray(coords, dtype=np.int64)
@@ -113,13 +114,13 @@ def save_slide_overlay(path: str | os.PathLike, slide_path: Path, slide_id: str,
         width, height = slide.dimensions
         thumb = np.asarray(slide.get_thumbnail((max_side, max_side)).convert("RGB"))
     scale_x, scale_y = thumb.shape[1] / width, thumb.shape[0] / height
-    cells = lattice_cells(coords, patch_size)
+    cells = lattice_cells(coords, stride)
     grid = np.full((int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1), np.nan, dtype=np.float32)
     peak = float(attention.max()) if attention.size and attention.max() > 0 else 1.0
     grid[cells[:, 1], cells[:, 0]] = np.asarray(attention, dtype=np.float32) / peak
     x0, y0 = coords.min(axis=0)
-    extent = (x0 * scale_x, (x0 + grid.shape[1] * patch_size) * scale_x,
-              (y0 + grid.shape[0] * patch_size) * scale_y, y0 * scale_y)  # left, right, bottom, top
+    extent = (x0 * scale_x, (x0 + grid.shape[1] * stride) * scale_x,
+              (y0 + grid.shape[0] * stride) * scale_y, y0 * scale_y)  # left, right, bottom, top
     fig = _figure((11, 5.5 * thumb.shape[0] / thumb.shape[1] + 0.8))
     axes = fig.subplots(1, 2)
     axes[0].imshow(thumb)
