@@ -30,6 +30,8 @@ class Bags:
         coords: optional ``[N_total, 2]`` integer patch coordinates (level-0 pixels, top-left, x then y).
         labels: optional ``int64 [B]`` slide labels.
         ids: list of B slide ids (strings, unique within the batch).
+        neighbours: optional ``int64 [N_total, K]`` spatial stencil table (:func:`fastmil.ops.grid_neighbours`):
+            rows of this packed batch, -1 where a lattice cell is empty; never crosses a bag.
 
     Args:
         n_classes: when given, labels must lie in ``[0, n_classes)``.
@@ -41,7 +43,7 @@ class Bags:
         ValueError: with the slide id and the problem, on any inconsistent input.
     """
 
-    __slots__ = ("features", "offsets", "offsets_cpu", "coords", "labels", "ids")
+    __slots__ = ("features", "offsets", "offsets_cpu", "coords", "labels", "ids", "neighbours")
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class Bags:
         allow_empty: bool = False,
         validate: bool = True,
         offsets_cpu: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(features, torch.Tensor) or not isinstance(offsets, torch.Tensor):
             raise TypeError("Bags: features and offsets must be torch tensors")
@@ -67,6 +70,7 @@ class Bags:
         self.offsets_cpu = offsets_cpu
         self.coords = coords
         self.labels = labels
+        self.neighbours = neighbours
         if validate:
             self._validate(n_classes=n_classes, allow_empty=allow_empty)
 
@@ -128,6 +132,8 @@ class Bags:
                 )
             if c.device != f.device:
                 raise ValueError(f"Bags: coords on {c.device} but features on {f.device}")
+        if self.neighbours is not None:
+            self._validate_neighbours()
         if self.labels is not None:
             y = self.labels
             if y.dim() != 1 or y.numel() != n_bags:
@@ -142,6 +148,22 @@ class Bags:
                 allowed = "[0, inf)" if upper is None else f"[0, {upper})"
                 raise ValueError(f"slide {self.ids[b]!r}: label {int(y_cpu[b])} out of range {allowed}")
 
+    def _validate_neighbours(self) -> None:
+        from .ops.grid_neighbours import check_stencil
+
+        nbr, n = self.neighbours, self.features.shape[0]
+        if nbr.dim() != 2 or nbr.shape[0] != n or nbr.dtype != torch.int64:
+            raise ValueError(f"Bags: neighbours must be int64 [N_total, K] = [{n}, K], got {nbr.dtype} "
+                             f"{tuple(nbr.shape)}")
+        if nbr.device != self.features.device:
+            raise ValueError(f"Bags: neighbours on {nbr.device} but features on {self.features.device}")
+        check_stencil(nbr)
+        bag = self.bag_index()
+        crossing = (nbr >= 0) & (bag[nbr.clamp(min=0)] != bag[:, None])
+        if bool(crossing.any()):
+            row = int(torch.nonzero(crossing)[0, 0])
+            raise ValueError(f"slide {self.ids[int(bag[row])]!r}: neighbour table links instance {row} to another bag")
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_list(
@@ -150,9 +172,11 @@ class Bags:
         coords: Sequence[torch.Tensor] | None = None,
         labels: Sequence[int] | torch.Tensor | None = None,
         ids: Sequence[str] | None = None,
+        neighbours: Sequence[torch.Tensor] | None = None,
         **kwargs,
     ) -> Bags:
-        """Pack a list of ``[n_b, D]`` tensors (and optional ``[n_b, 2]`` coords) into one batch."""
+        """Pack a list of ``[n_b, D]`` tensors (and optional ``[n_b, 2]`` coords and ``[n_b, K]`` neighbour tables
+        with rows local to each bag, -1 for none) into one batch."""
         if len(features_list) == 0:
             raise ValueError("Bags.from_list: no bags given")
         names = [f"bag{i}" for i in range(len(features_list))] if ids is None else list(ids)
@@ -183,7 +207,20 @@ class Bags:
         label_tensor = None
         if labels is not None:
             label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(device).reshape(-1)
-        return cls(features, offsets.to(device), packed_coords, label_tensor, names, offsets_cpu=offsets, **kwargs)
+        packed_nbr = None
+        if neighbours is not None:
+            if len(neighbours) != len(features_list):
+                raise ValueError(f"Bags.from_list: {len(neighbours)} neighbour tables for {len(features_list)} bags")
+            parts = []
+            for name, x, t, start in zip(names, features_list, neighbours, offsets[:-1].tolist()):
+                if t.dim() != 2 or t.shape[0] != x.shape[0]:
+                    raise ValueError(f"slide {name!r}: neighbour table of shape {tuple(t.shape)} for {x.shape[0]} "
+                                     "instances")
+                t = t.to(device=device, dtype=torch.int64)
+                parts.append(torch.where(t >= 0, t + start, t))
+            packed_nbr = torch.cat(parts, 0)
+        return cls(features, offsets.to(device), packed_coords, label_tensor, names, offsets_cpu=offsets,
+                   neighbours=packed_nbr, **kwargs)
 
     @classmethod
     def from_padded(
@@ -254,6 +291,8 @@ class Bags:
             [self.ids[i]],
             validate=False,
             offsets_cpu=offsets_cpu,
+            neighbours=None if self.neighbours is None else torch.where(
+                self.neighbours[lo:hi] >= 0, self.neighbours[lo:hi] - lo, self.neighbours[lo:hi]),
         )
 
     def __iter__(self) -> Iterable[Bags]:
@@ -279,23 +318,24 @@ class Bags:
             if not target.is_floating_point:
                 raise ValueError(f"Bags.to: features must stay floating point, got {target}")
             return Bags(self.features.to(target), self.offsets, self.coords, self.labels, list(self.ids),
-                        validate=False, offsets_cpu=self.offsets_cpu)
+                        validate=False, offsets_cpu=self.offsets_cpu, neighbours=self.neighbours)
         move = lambda t: None if t is None else t.to(target, non_blocking=non_blocking)  # noqa: E731
         return Bags(
             move(self.features), move(self.offsets), move(self.coords), move(self.labels), list(self.ids),
-            validate=False, offsets_cpu=self.offsets_cpu,
+            validate=False, offsets_cpu=self.offsets_cpu, neighbours=move(self.neighbours),
         )
 
     def pin_memory(self) -> Bags:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Bags(pin(self.features), pin(self.offsets), pin(self.coords), pin(self.labels), list(self.ids),
-                    validate=False, offsets_cpu=self.offsets_cpu)
+                    validate=False, offsets_cpu=self.offsets_cpu, neighbours=pin(self.neighbours))
 
     def __repr__(self) -> str:
         return (
             f"Bags(B={len(self)}, N_total={self.n_instances}, D={self.dim}, dtype={self.features.dtype}, "
             f"device={self.device}, coords={'yes' if self.coords is not None else 'no'}, "
-            f"labels={'yes' if self.labels is not None else 'no'})"
+            f"labels={'yes' if self.labels is not None else 'no'}, "
+            f"neighbours={'no' if self.neighbours is None else 'K=' + str(self.neighbours.shape[1])})"
         )
 
 

@@ -108,6 +108,8 @@ class BagLoader:
         prefetch: steps read ahead (>= 1).
         dtype: cast features to this dtype on load (default: as stored).
         pin_memory: pin host memory (for asynchronous copies to a GPU).
+        neighbour_radius: attach each slide's spatial stencil table of this radius (``Bags.neighbours``; built
+            once per slide and cached in the store), for models that need the patch graph.
 
     Errors raised on the reader thread are re-raised in the consumer, never swallowed.
     """
@@ -121,6 +123,7 @@ class BagLoader:
         prefetch: int = 2,
         dtype: torch.dtype | None = None,
         pin_memory: bool = False,
+        neighbour_radius: int | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
@@ -132,6 +135,7 @@ class BagLoader:
         self.prefetch = prefetch
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.neighbour_radius = neighbour_radius
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -140,7 +144,8 @@ class BagLoader:
         return len(self.sampler)
 
     def _load(self, step: list[int]) -> Bags:
-        bags = self.store.load_bags([self.slide_ids[i] for i in step], dtype=self.dtype)
+        bags = self.store.load_bags([self.slide_ids[i] for i in step], dtype=self.dtype,
+                                    neighbour_radius=self.neighbour_radius)
         return bags.pin_memory() if self.pin_memory else bags
 
     def __iter__(self) -> Iterator[Bags]:

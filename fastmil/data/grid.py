@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops.grid_neighbours import infer_step
+
 __all__ = ["patch_stride", "lattice_cells"]
 
 
@@ -14,20 +16,7 @@ def patch_stride(coords: np.ndarray, patch_size_level0: int | None = None) -> in
     """
     if patch_size_level0:
         return int(patch_size_level0)
-    c = np.asarray(coords, dtype=np.int64)
-    gaps = []
-    for axis in (0, 1):
-        other = 1 - axis
-        order = np.lexsort((c[:, axis], c[:, other]))
-        s = c[order]
-        same_line = s[1:, other] == s[:-1, other]
-        d = (s[1:, axis] - s[:-1, axis])[same_line]
-        gaps.append(d[d > 0])
-    gaps = np.concatenate(gaps)
-    if gaps.size == 0:
-        return 1
-    values, counts = np.unique(gaps, return_counts=True)
-    return int(values[np.argmax(counts)])
+    return infer_step(coords)
 
 
 def lattice_cells(coords: np.ndarray, step: int) -> np.ndarray:

@@ -311,6 +311,10 @@ class FeatureStore:
         except Exception as exc:  # zarr/numcodecs raise many types; re-raise with the slide named
             raise StoreError(f"slide {slide_id!r}: cannot read {array_dir.name} from {array_dir}: {exc}") from exc
 
+    def has_coords(self, slide_id: str) -> bool:
+        """Whether the slide carries patch coordinates (metadata only, no array read)."""
+        return bool(self._meta(slide_id)["has_coords"])
+
     def read_coords(self, slide_id: str) -> np.ndarray | None:
         """Only the coordinates ``int32 [N, 2]`` of one slide (None if it has none)."""
         if not self._meta(slide_id)["has_coords"]:
@@ -342,18 +346,25 @@ class FeatureStore:
         dtype: torch.dtype | None = None,
         with_coords: bool = True,
         with_labels: bool = True,
+        neighbour_radius: int | None = None,
     ) -> Bags:
         """Read ``slide_ids`` and pack them into one :class:`Bags` (CPU tensors).
 
-        Labels are attached only when every slide in the batch has one.
+        Labels are attached only when every slide in the batch has one. ``neighbour_radius``: also attach each
+        slide's spatial stencil table of that radius (cached in the store, :mod:`fastmil.data.neighbours`); a
+        slide without coordinates is then an error naming it.
         """
-        feats, coords, labels = [], [], []
+        from .neighbours import slide_neighbours
+
+        feats, coords, labels, nbrs = [], [], [], []
         for sid in slide_ids:
             f, c = self.read(sid)
             t = torch.from_numpy(f)
             feats.append(t if dtype is None else t.to(dtype))
             coords.append(None if c is None else torch.from_numpy(c))
             labels.append(self.label(sid))
+            if neighbour_radius is not None:
+                nbrs.append(torch.from_numpy(slide_neighbours(self, sid, neighbour_radius, c)))
         use_coords = with_coords and all(c is not None for c in coords)
         use_labels = with_labels and all(y is not None for y in labels)
         classes = self.classes
@@ -363,6 +374,7 @@ class FeatureStore:
             labels=labels if use_labels else None,
             ids=list(slide_ids),
             n_classes=len(classes) if (use_labels and classes) else None,
+            neighbours=nbrs if neighbour_radius is not None else None,
         )
 
     # ------------------------------------------------------------------ writing

@@ -70,6 +70,8 @@ class Method(nn.Module):
 
     Config: ClassVar[type]
     name: ClassVar[str] = ""
+    default_model: ClassVar[str] = "abmil"
+    """The model a config gets when its ``model:`` section names none (SRMIL: its spatial network)."""
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__()
@@ -95,6 +97,12 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates (default: the model's)."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def neighbour_radius(self) -> int | None:
+        """Radius of the spatial stencil table the model reads from each batch (None: no graph); loaders attach
+        the cached tables of this radius to every batch."""
+        return getattr(self.model, "neighbour_radius", None)
 
 
 def _check_method(cls: type) -> None:

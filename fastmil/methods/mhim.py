@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,7 +44,7 @@ from .ema import ema_update_
 
 __all__ = ["MHIM", "teacher_momentum"]
 
-BACKBONE_METHODS = ("embed_instances", "aggregate", "activate_tokens", "instance_logits", "embedding_dim")
+BACKBONE_METHODS = ("embed_bags", "aggregate", "activate_tokens", "instance_logits", "embedding_dim")
 
 
 def teacher_momentum(base: float, schedule: str, progress: float) -> float:
@@ -75,8 +76,8 @@ def _load_run_model(run_dir: str, model: nn.Module, model_cfg) -> None:
 
 @register_method("mhim")
 class MHIM(Method):
-    """Masked hard instance mining around any backbone with ``embed_instances``/``aggregate``/
-    ``instance_logits`` (ABMIL, the mean-pooling baseline). Logged terms: ``ce``, ``consistency``,
+    """Masked hard instance mining around any backbone with ``embed_bags``/``aggregate``/``instance_logits``
+    (ABMIL, the mean-pooling baseline, the SRMIL network ``graphmil``). Logged terms: ``ce``, ``consistency``,
     ``salient_frac``, ``random_frac``, ``keep_frac`` (shares of the step's instances)."""
 
     @dataclass
@@ -145,13 +146,18 @@ class MHIM(Method):
         return out.bag_embedding, salience
 
     def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
+        return self.mhim_step(bags, ctx, lambda: self.model.embed_bags(bags))
+
+    def mhim_step(self, bags: Bags, ctx: StepContext, embed: Callable[[], torch.Tensor]) -> StepOutput:
+        """The MHIM loss of one step; ``embed()`` gives the student's instance embeddings ``[N, E]`` and is called
+        after the teacher pass, so the teacher's activations are freed before the student's exist."""
         if bags.labels is None:
             raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
         cfg = self.config
         z_teacher, salience = self._teacher_pass(bags)
         masks = saliency_mask(salience, bags.offsets, cfg.high_ratio, cfg.random_ratio,
                               seed=step_seed(ctx.seed, ctx.epoch, ctx.step), offsets_cpu=bags.offsets_cpu)
-        h = self.model.embed_instances(bags.features)
+        h = embed()
         tokens = valid = None
         if self.recycle is not None:
             raw, valid = self.recycle(h, bags.offsets, masks.random, bags.offsets_cpu)

@@ -60,6 +60,11 @@ class _BagClassifier(nn.Module):
         """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
         return self.embed(features.to(self.classifier.weight.dtype))
 
+    def embed_bags(self, bags: Bags) -> torch.Tensor:
+        """``[N, E]`` instance embeddings of a batch (what MHIM-MIL's student pools; graph backbones also read
+        the batch's neighbour table here)."""
+        return self.embed_instances(bags.features)
+
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
         offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,

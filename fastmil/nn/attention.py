@@ -86,25 +86,32 @@ def pool_with_tokens(
     same ``pool.scores``; the two softmax groups merge exactly: with ``l_A`` the bags' log-sum-exp over their
     instances and ``l_T`` over their tokens, ``pooled = e^(l_A - l) pooled_A + sum_j e^(s_j - l) t_j`` for
     ``l = logaddexp(l_A, l_T)``. Tokens of bags with ``token_valid`` False count for nothing. Returns
-    ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax)."""
+    ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax). A multi-head pool
+    (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes."""
     pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True)
     acc = torch.promote_types(pooled_a.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    token_scores = pool.scores(tokens).to(acc)  # [B, k]
-    valid = token_valid[:, None].expand_as(token_scores)
-    lse_t = torch.where(token_valid, torch.logsumexp(torch.where(valid, token_scores, 0.0), 1), float("-inf"))
+    token_scores = pool.scores(tokens).to(acc)  # [B, k] or [B, k, H]
+    single = pooled_a.dim() == 2
+    if single:
+        pooled_a, weights_a, lse_a, token_scores = pooled_a[:, None], weights_a[:, None], lse_a[:, None], \
+            token_scores[..., None]
+    valid = token_valid[:, None, None].expand_as(token_scores)  # [B, k, H]
+    lse_t = torch.where(token_valid[:, None], torch.logsumexp(torch.where(valid, token_scores, 0.0), 1),
+                        float("-inf"))  # [B, H]
     # merge the two groups without ever forming inf - inf (whose gradient is NaN even where it is masked out)
-    groups = torch.stack([lse_a.to(acc), lse_t])  # [2, B]
+    groups = torch.stack([lse_a.to(acc), lse_t])  # [2, B, H]
     present = torch.isfinite(groups)
     safe = torch.where(present, groups, torch.zeros_like(groups))
     top = torch.where(present, safe, torch.full_like(safe, float("-inf"))).amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mass = torch.where(present, torch.exp(safe - top), torch.zeros_like(safe))  # [2, B]
+    mass = torch.where(present, torch.exp(safe - top), torch.zeros_like(safe))  # [2, B, H]
     total = mass.sum(0)
     total = torch.where(total > 0, total, torch.ones_like(total))  # a bag with nothing at all pools to zero
-    share_a = mass[0] / total
+    share_a = mass[0] / total  # [B, H]
     lse = top + torch.log(total)
-    share_t = torch.where(valid, torch.exp(torch.where(valid, token_scores, 0.0) - lse[:, None]), 0.0)  # [B, k]
-    pooled = share_a[:, None] * pooled_a.to(acc) + (share_t[..., None] * tokens.to(acc)).sum(1)
-    bag = torch.repeat_interleave(torch.arange(share_a.numel(), device=h.device), offsets[1:] - offsets[:-1],
+    share_t = torch.where(valid, torch.exp(torch.where(valid, token_scores, 0.0) - lse[:, None]), 0.0)  # [B, k, H]
+    pooled = share_a[..., None] * pooled_a.to(acc) + torch.einsum("bkh,bke->bhe", share_t, tokens.to(acc))
+    bag = torch.repeat_interleave(torch.arange(share_a.shape[0], device=h.device), offsets[1:] - offsets[:-1],
                                   output_size=h.shape[0])
-    return pooled, weights_a * share_a[bag].to(weights_a.dtype)
+    weights = weights_a * share_a[bag].to(weights_a.dtype)
+    return (pooled[:, 0], weights[:, 0]) if single else (pooled, weights)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from .._config import ConfigError, build, closest, suggest, to_dict
-from ..methods import method_config
+from ..methods import get_method, method_config
 from ..nn import model_config
 
 __all__ = ["DataConfig", "OptimConfig", "RunConfig", "SECTIONS", "TrainConfig", "load_config", "parse_overrides"]
@@ -129,9 +129,12 @@ class TrainConfig:
                 )
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"config: section {key!r} must be a mapping of key: value, got {value!r}")
+        method = method_config(merged.get("method"))
+        model = dict(merged.get("model") or {})
+        model.setdefault("name", get_method(method.name).default_model)  # srmil: its spatial network
         return cls(
-            model=model_config(merged.get("model")),
-            method=method_config(merged.get("method")),
+            model=model_config(model),
+            method=method,
             **{name: build(kind, merged.get(name), name) for name, kind in _FIXED.items()},
         )
 
@@ -154,6 +157,10 @@ class TrainConfig:
                 raise ConfigError(f"override {key!r}: expected section.key with a section in {list(SECTIONS)}"
                                   f"{_section_hint(name or section)}")
             if section in ("model", "method") and name == "name" and value != data[section].get("name"):
+                if (section == "method" and "model.name" not in items
+                        and data["model"] == to_dict(model_config({"name": get_method(data["method"]["name"])
+                                                                   .default_model}))):
+                    data["model"] = {}  # an untouched default model follows the method's default (srmil: graphmil)
                 data[section] = {}  # another model/method: its own defaults, not the old one's keys
             data[section][name] = value
         return TrainConfig.from_dict(data)

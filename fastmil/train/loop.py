@@ -117,10 +117,22 @@ def _check_splits(splits: dict, labels: dict, classes: list[str]) -> None:
         raise ValueError(f"the train split holds one class only ({classes[next(iter(train_classes))]!r})")
 
 
-def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device) -> BagLoader:
+def _check_spatial_inputs(method: Method, store: FeatureStore, ids: list[str]) -> None:
+    """A method on the patch graph (SRMIL) needs every slide's coordinates: refuse before training, naming them."""
+    if method.neighbour_radius is None:
+        return
+    missing = [s for s in ids if not store.has_coords(s)]
+    if missing:
+        raise ValueError(f"{len(missing)} slide(s) have no patch coordinates, which method {method.name} needs: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device,
+                  neighbour_radius: int | None) -> BagLoader:
     sampler = BagBatchSampler(store.sizes(ids), bags_per_step=cfg.data.bags_per_step,
                               max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed)
-    return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda")
+    return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
+                     neighbour_radius=neighbour_radius)
 
 
 def _last_state(method: Method, stepper: Stepper, state: TrainState, cfg: TrainConfig, signature: dict,
@@ -171,6 +183,7 @@ def fit(
     _check_splits(splits, labels, classes)
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
+    _check_spatial_inputs(method, store, [s for ids in splits.values() for s in ids])
     stepper = Stepper(method, cfg.optim, cfg.run.amp, device)
     signature = _signature(cfg, store.dim, classes)
     if saved is not None:
@@ -180,7 +193,7 @@ def fit(
     run.start(cfg.to_dict(), splits)  # only once the run is known to be startable or resumable
     class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
                     if cfg.data.class_weighting else None)
-    loader = _train_loader(store, splits["train"], cfg, device)
+    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius)
     monitor_split = "val" if splits["val"] else "train"
     early = EarlyStopping(cfg.run.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
     logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,

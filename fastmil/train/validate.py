@@ -29,7 +29,7 @@ def predict_slides(
     ``{id: [N] or [N, H]}``, from ``method.predict`` in eval mode."""
     method.eval()
     sampler = BagBatchSampler(store.sizes(slide_ids), max_instances_per_step=EVAL_INSTANCES_PER_STEP, shuffle=False)
-    loader = BagLoader(store, slide_ids, sampler)
+    loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius)
     probs: dict[str, np.ndarray] = {}
     attention: dict[str, np.ndarray] = {}
     for bags in tqdm(loader, desc="predict", unit="step", disable=None if progress else True, leave=False):

@@ -126,7 +126,7 @@ def test_mhim_needs_a_backbone_with_the_mhim_methods():
     class Bare(torch.nn.Module):
         embedding_dim = 4
 
-    with pytest.raises(TypeError, match="needs a backbone with .* lacks embed_instances"):
+    with pytest.raises(TypeError, match="needs a backbone with .* lacks embed_bags"):
         MHIM(Bare(), ABMIL(4, 4, 2), MHIM.Config())
 
 

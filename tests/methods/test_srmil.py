@@ -1,0 +1,199 @@
+"""SRMIL and MHIM+SRMIL on the graph network: packed == per bag, masked-out rows do not leak, the loss terms and
+their gradients, the cached neighbour tables of the store, configs, and training through the generic trainer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmil.bags import Bags
+from fastmil.data import SynthConfig, synthesize_store
+from fastmil.data.neighbours import cache_path, slide_neighbours
+from fastmil.methods import MHIMSRMIL, StepContext, build_method, method_config
+from fastmil.nn import GraphMIL, model_config
+from fastmil.ops import grid_neighbours, reconstruction_loss
+from fastmil.train import TrainConfig, fit, predict
+from fastmil.train.config import load_config
+
+DATA = SynthConfig(n_slides=24, dim=16, median_instances=150, size_sigma=0.3, tumour_fraction_min=0.05,
+                   tumour_fraction_max=0.1, seed=4)
+SMALL = {"name": "graphmil", "heads": 2, "head_dim": 8, "radius": 1, "head_hidden": 8, "dropout": 0.0}
+
+
+def _bags(sizes=(30, 1, 57), dim=6, seed=0) -> Bags:
+    g = torch.Generator().manual_seed(seed)
+    feats, coords = [], []
+    for n in sizes:
+        cells = torch.randperm(100, generator=g)[:n]
+        coords.append(torch.stack([cells % 10 * 256, cells // 10 * 256], 1))
+        feats.append(torch.randn(n, dim, generator=g))
+    return Bags.from_list(feats, coords=coords, labels=[i % 2 for i in range(len(sizes))])
+
+
+def _ctx(step=0) -> StepContext:
+    return StepContext(epoch=0, step=step, steps_per_epoch=4, epochs=2, seed=7, class_weight=None)
+
+
+def _method(name="srmil", **options):
+    torch.manual_seed(0)
+    return build_method(method_config({"name": name, **options}), model_config(SMALL), 6, 2)
+
+
+def test_packed_batch_equals_each_bag_alone():
+    torch.manual_seed(0)
+    model = GraphMIL(6, 2, heads=2, head_dim=8, radius=1, dropout=0.0).double().eval()
+    bags = _bags()
+    bags = Bags(bags.features.double(), bags.offsets, bags.coords, bags.labels, bags.ids)
+    packed = model.forward_all(bags)
+    for b, one in enumerate(bags):
+        alone = model.forward_all(one)
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        torch.testing.assert_close(packed.logits[b], alone.logits[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(packed.attention[lo:hi], alone.attention, atol=1e-12, rtol=0)
+
+
+def test_a_masked_instance_has_no_effect_on_the_readout():
+    torch.manual_seed(0)
+    model = GraphMIL(6, 2, heads=2, head_dim=8, radius=1, dropout=0.0).double().eval()
+    bags = _bags()
+    h = model.encode(bags.features.double(), grid_neighbours(bags.coords, bags.offsets, 1))
+    mask = torch.ones(bags.n_instances, dtype=torch.bool)
+    mask[5] = False
+    out = model.classify(h, bags.offsets, mask)
+    h2 = h.clone()
+    h2[5] += 100.0
+    assert torch.equal(model.classify(h2, bags.offsets, mask).logits, out.logits)
+    assert out.attention[5] == 0
+
+
+def test_srmil_step_terms_and_gradients():
+    method = _method()
+    out = method.training_step(_bags(), _ctx())
+    assert set(out.terms) == {"ce_masked", "ce_clean", "recon"}
+    expected = 0.2 * (out.terms["ce_masked"] + out.terms["ce_clean"]) + 1.8 * out.terms["recon"]
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
+    for name, p in method.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert method.reconstruction.mask_token.grad.abs().sum() > 0
+    assert {id(p) for p in method.trainable_parameters()} == {id(p) for p in method.parameters()}
+    # masks are reproducible from (seed, epoch, step) and differ between steps
+    again = _method().training_step(_bags(), _ctx())
+    assert torch.equal(again.terms["recon"], out.terms["recon"])
+    assert not torch.equal(_method().training_step(_bags(), _ctx(step=1)).terms["recon"], out.terms["recon"])
+
+
+def test_mhim_srmil_step_has_both_regularisers():
+    method = _method("mhim+srmil", recycle_tokens=2, recycle_heads=2)
+    assert isinstance(method, MHIMSRMIL)
+    out = method.training_step(_bags(), _ctx())
+    assert {"ce", "consistency", "ce_masked", "recon", "keep_frac"} <= set(out.terms)
+    expected = 0.2 * (out.terms["ce"] + 0.5 * out.terms["consistency"] + out.terms["ce_masked"]) \
+        + 1.8 * out.terms["recon"]
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
+    assert method.reconstruction.decoder.token.grad is not None
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_srmil_needs_the_graph_network_and_coordinates():
+    with pytest.raises(TypeError, match="model.name=graphmil"):
+        build_method(method_config({"name": "srmil"}), model_config({"name": "abmil"}), 6, 2)
+    bags = _bags()
+    no_coords = Bags(bags.features, bags.offsets, None, bags.labels, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"slides \['a', 'b', 'c'\] have no patch coordinates"):
+        _method().training_step(no_coords, _ctx())
+
+
+def test_config_picks_the_graph_network_for_srmil():
+    assert load_config(None, ["method.name=srmil"]).model.name == "graphmil"
+    assert load_config(None, ["method.name=mhim+srmil"]).model.name == "graphmil"
+    assert load_config(None, ["method.name=mhim"]).model.name == "abmil"
+    assert TrainConfig.from_dict(method={"name": "srmil"}).model.name == "graphmil"
+    assert TrainConfig.from_dict(method={"name": "srmil"}, model={"heads": 2}).model.heads == 2
+
+
+def test_reconstruction_loss_equals_an_fp64_formula():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(50, 9, generator=g), torch.randn(50, 9, generator=g)
+    mask = torch.rand(50, generator=g) > 0.3
+    for alpha in (1.0, 2.0, 3.0):
+        want = np.mean([(1 - np.dot(p, t) / np.linalg.norm(p) / np.linalg.norm(t)) ** alpha
+                        for p, t, m in zip(pred.double().numpy(), target.double().numpy(), mask.numpy()) if m])
+        assert reconstruction_loss(pred, target, mask, alpha).item() == pytest.approx(want, rel=1e-5)
+    none = reconstruction_loss(pred.requires_grad_(), target, torch.zeros(50, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0 and pred.grad.abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return synthesize_store(DATA, tmp_path_factory.mktemp("srmil") / "store", progress=False)
+
+
+def test_store_caches_neighbour_tables_and_rebuilds_stale_ones(store):
+    sid = store.slide_ids[0]
+    path = cache_path(store, sid, 2)
+    path.unlink(missing_ok=True)
+    coords = store.read_coords(sid)
+    table = slide_neighbours(store, sid, 2)
+    assert path.is_file()
+    step = int(store.slide_attrs(sid)["patch_size_level0"])
+    expected = grid_neighbours(torch.from_numpy(coords.astype(np.int64)), torch.tensor([0, len(coords)]), 2, step)
+    np.testing.assert_array_equal(table, expected.numpy())
+    mtime = path.stat().st_mtime_ns
+    np.testing.assert_array_equal(slide_neighbours(store, sid, 2), table)  # read back identically, not rebuilt
+    assert path.stat().st_mtime_ns == mtime
+    # stale: a table whose coordinate digest does not match the slide's is rebuilt
+    with np.load(path) as z:
+        np.savez(path.with_suffix(".tmp.npz"), neighbours=z["neighbours"][::-1].copy(), step=z["step"],
+                 coords_sha1=np.str_("0" * 40))
+    path.with_suffix(".tmp.npz").replace(path)
+    np.testing.assert_array_equal(slide_neighbours(store, sid, 2), table)
+    path.write_bytes(b"truncated")  # a damaged file counts as absent
+    np.testing.assert_array_equal(slide_neighbours(store, sid, 2), table)
+    bags = store.load_bags(store.slide_ids[:3], neighbour_radius=2)
+    assert torch.equal(bags.neighbours, grid_neighbours(bags.coords, bags.offsets, 2, step))
+
+
+@pytest.mark.parametrize("method", ["srmil", "mhim+srmil"])
+def test_training_through_the_generic_trainer(store, tmp_path, method):
+    cfg = TrainConfig.from_dict(model=SMALL, method={"name": method}, optim={"epochs": 3, "lr": 2e-3},
+                                run={"seed": 0})
+    result = fit(store, tmp_path / "run", cfg, progress=False)
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    recon = [float(row.split(",")[header.index("train_recon")]) for row in lines[1:]]
+    assert len(recon) == 3 and recon[-1] < recon[0]  # the label-free loss falls
+    pred = predict(tmp_path / "run", store, tmp_path / "pred", store.slide_ids[:4], progress=False)
+    assert (pred / "predictions.csv").is_file()
+    assert result.metrics["test"]["n"] > 0
+
+
+def test_fit_refuses_slides_without_coordinates_naming_them(tmp_path):
+    from fastmil.data import create_store
+
+    s = create_store(tmp_path / "store")
+    g = np.random.default_rng(0)
+    for i in range(6):
+        coords = None if i == 4 else (np.stack(np.divmod(np.arange(20), 5), 1) * 256).astype(np.int32)
+        s.write_slide(f"s{i}", g.standard_normal((20, 6)).astype(np.float32), coords, {"label": i % 2})
+    s.update_attrs(classes=["a", "b"])
+    cfg = TrainConfig.from_dict(model=SMALL, method={"name": "srmil"}, optim={"epochs": 1})
+    with pytest.raises(ValueError, match=r"1 slide\(s\) have no patch coordinates, which method srmil needs: s4"):
+        fit(s, tmp_path / "run", cfg, progress=False)
+
+
+def test_reconstruction_loss_gradient_equals_autograd_of_the_formula():
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    target = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    mask = torch.rand(40, generator=g) > 0.4
+    for alpha in (1.0, 2.5):
+        p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        reconstruction_loss(p1, target, mask, alpha).backward()
+        err = (1 - F.cosine_similarity(p2, target, dim=1)).pow(alpha)
+        (err[mask].sum() / mask.sum()).backward()
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda p: reconstruction_loss(p, target, mask, 2.0), pred.clone().requires_grad_())
