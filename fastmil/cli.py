@@ -94,7 +94,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """The dotted overrides of ``fastmil train``: the shortcut flags first, then ``section.key=value`` items."""
     flags = {"model.name": args.model, "method.name": args.method, "optim.epochs": args.epochs,
-             "run.seed": args.seed, "run.device": args.device}
+             "run.seed": args.seed, "run.device": args.device, "run.workers": getattr(args, "workers", None)}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
 
 
@@ -124,10 +124,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(RunFolder(args.out).read_config()).with_overrides(_train_overrides(args))
     else:
         cfg = load_config(args.config, _train_overrides(args))
+    if cfg.run.workers > 1:  # data parallel on Ray Train (ray_jobs.ddp); the run folder is the same
+        import json
+
+        run_dir = _ray_jobs("ddp").train_data_parallel(args.store, args.out, cfg, workers=cfg.run.workers,
+                                                       resume=args.resume, split_csv=args.split_csv)
+        _print_metrics(json.loads((run_dir / "metrics.json").read_text()))  # rank 0 evaluated the best model
+        print(f"run folder {run_dir} ({cfg.run.workers} data-parallel workers)")
+        return 0
     result = fit(args.store, args.out, cfg, split_csv=args.split_csv, resume=args.resume, progress=not args.quiet)
     _print_metrics(result.metrics)
     print(f"best epoch {result.best_epoch + 1} (1-based); run folder {result.run_dir}")
     return 0
+
+
+def _ray_jobs(module: str):
+    """``ray_jobs.<module>`` (installed with fastmil; needs the ``[ray]`` extra)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("this command runs on Ray: pip install 'fastmil[ray]' (or -e '.[ray]')")
+    return importlib.import_module(f"ray_jobs.{module}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    return _ray_jobs("sweep").main(args=args)
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
@@ -277,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-csv", default=None, metavar="CSV",
                    help="CLAM-style splits_k.csv (default: stratified random)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run.workers: data-parallel processes on Ray Train (default 1: this process)")
+
+    p = add("sweep", _cmd_sweep, "Hyper-parameter sweep on Ray Tune (ASHA by default); see ray_jobs/README.md.")
+    _ray_sweep_arguments(p)
 
     p = add("cv", _cmd_cv, "k-fold cross-validation with patient-level splits: one run per fold, and a summary.")
     p.add_argument("--store", required=True, help="feature store")
@@ -317,6 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=224, help="tile size in level-0 pixels (default %(default)s)")
     p.add_argument("--min-tissue", type=float, default=0.5, help="min tissue fraction per tile (default %(default)s)")
     return parser
+
+
+def _ray_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m ray_jobs.sweep``, without importing Ray for the other commands' help."""
+    p.add_argument("--config", default=None, metavar="SWEEP.yaml",
+                   help="sweep config (ray_jobs/configs/*.yaml; the demo: ray_jobs/configs/demo.yaml)")
+    p.add_argument("--store", default=None, help="feature store (overrides the config's)")
+    p.add_argument("--out", default=None, help="experiment folder (overrides the config's)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial, fractional packs several (0.25: four trials per GPU; 0 on CPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
+    p.add_argument("--folds", type=int, default=None, help="score each config by the mean over k patient folds")
+    p.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default=None, help="trial scheduler")
+    p.add_argument("--max-failures", type=int, default=None, help="restarts of a failed trial")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*\.[\w.]+=")

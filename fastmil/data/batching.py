@@ -30,6 +30,9 @@ class BagBatchSampler:
         bags_per_step: at most this many bags per step.
         shuffle: shuffle bag order each epoch (from ``seed`` and the epoch set by :meth:`set_epoch`).
         drop_last: drop a final step that holds fewer than ``bags_per_step`` bags.
+        rank, world: data-parallel sharding. Global steps pack ``world`` times the bags (and instance budget) of
+            a step; this process gets bags ``rank, rank + world, ...`` of each. Global steps with fewer than
+            ``world`` bags (the epoch's remainder) are dropped, so every process runs the same number of steps.
     """
 
     def __init__(
@@ -41,7 +44,12 @@ class BagBatchSampler:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank {rank} of {world}")
+        self.rank, self.world = rank, world
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if self.sizes.ndim != 1:
             raise ValueError("sizes must be 1-D")
@@ -68,22 +76,28 @@ class BagBatchSampler:
         return rng.permutation(len(self.sizes))
 
     def steps(self) -> list[list[int]]:
-        """All steps of the current epoch."""
+        """All steps of the current epoch (this process's share of each global step)."""
+        steps = self._global_steps()
+        if self.world == 1:
+            return steps
+        return [step[self.rank:: self.world] for step in steps if len(step) >= self.world]
+
+    def _global_steps(self) -> list[list[int]]:
         out: list[list[int]] = []
         current: list[int] = []
         load = 0
+        per_step = None if self.bags_per_step is None else self.bags_per_step * self.world
+        budget = None if self.max_instances_per_step is None else self.max_instances_per_step * self.world
         for i in self._order().tolist():
             n = int(self.sizes[i])
-            full_by_count = self.bags_per_step is not None and len(current) >= self.bags_per_step
-            full_by_budget = (
-                self.max_instances_per_step is not None and current and load + n > self.max_instances_per_step
-            )
+            full_by_count = per_step is not None and len(current) >= per_step
+            full_by_budget = budget is not None and current and load + n > budget
             if full_by_count or full_by_budget:
                 out.append(current)
                 current, load = [], 0
             current.append(i)
             load += n
-        if current and not (self.drop_last and self.bags_per_step is not None and len(current) < self.bags_per_step):
+        if current and not (self.drop_last and per_step is not None and len(current) < per_step):
             out.append(current)
         return out
 

@@ -84,10 +84,13 @@ class RunConfig:
     amp: Amp = "none"
     monitor: Monitor = "auc"
     patience: int = 10
+    workers: int = 1  # data-parallel processes (fastmil train --workers N: Ray Train, one shard of each step each)
 
     def __post_init__(self) -> None:
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 SECTIONS = ("model", "method", "optim", "data", "run")

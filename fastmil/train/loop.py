@@ -32,9 +32,10 @@ from ..data.batching import BagBatchSampler, BagLoader
 from ..data.store import FeatureStore, open_store
 from ..methods import Method, build_method
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .distributed import DataParallel
 from .epoch import train_epoch
 from .logging import EpochLogger
-from .run_folder import RunFolder, TrainState
+from .run_folder import ReadOnlyRunFolder, RunFolder, TrainState
 from .splits import labelled_slides, load_splits, make_splits
 from .step import Stepper
 from .validate import EarlyStopping, split_metrics
@@ -128,9 +129,11 @@ def _check_spatial_inputs(method: Method, store: FeatureStore, ids: list[str]) -
 
 
 def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device,
-                  neighbour_radius: int | None) -> BagLoader:
+                  neighbour_radius: int | None, distributed: DataParallel | None) -> BagLoader:
+    rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world)
     sampler = BagBatchSampler(store.sizes(ids), bags_per_step=cfg.data.bags_per_step,
-                              max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed)
+                              max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed,
+                              rank=rank, world=world)
     return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
                      neighbour_radius=neighbour_radius)
 
@@ -160,6 +163,7 @@ def fit(
     progress: bool = True,
     step_callback: Callable[[int, int, float], None] | None = None,
     callbacks: Sequence[EpochCallback] = (),
+    distributed: DataParallel | None = None,
 ) -> RunResult:
     """Train ``config.method`` (around ``config.model``) on the labelled slides of ``store`` into the run folder
     ``out``; returns the best model's metrics on every split.
@@ -171,9 +175,18 @@ def fit(
             epochs/patience continue a finished run).
         step_callback: ``step_callback(epoch, step, loss)`` after every optimiser step.
         callbacks: ``callback(record, run_folder)`` after every epoch (its checkpoints written): Ray Tune reports.
+        distributed: this process's place in a data-parallel run (an initialised ``torch.distributed`` group;
+            ``fastmil train --workers N`` through Ray Train): each process trains on its shard of every step,
+            gradients are averaged, only rank 0 writes the run folder (the others read it to resume), and only
+            rank 0 evaluates the finished run (the others return empty metrics).
     """
-    store, run = _as_store(store), RunFolder(out)
+    main = distributed is None or distributed.is_main
+    store, run = _as_store(store), (RunFolder(out) if main else ReadOnlyRunFolder(out))
     cfg = config or (TrainConfig.from_dict(run.read_config()) if resume else TrainConfig())
+    world = 1 if distributed is None else distributed.world
+    if cfg.run.workers != world:
+        raise ValueError(f"config: run.workers={cfg.run.workers} but this fit runs in {world} process(es); "
+                         "data-parallel runs start through `fastmil train --workers N` (Ray Train)")
     labels = labelled_slides(store)
     classes = store.classes or [str(c) for c in range(max(labels.values()) + 1)]
     device = select_device(cfg.run.device)
@@ -184,7 +197,7 @@ def fit(
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
     _check_spatial_inputs(method, store, [s for ids in splits.values() for s in ids])
-    stepper = Stepper(method, cfg.optim, cfg.run.amp, device)
+    stepper = Stepper(method, cfg.optim, cfg.run.amp, device, distributed)
     signature = _signature(cfg, store.dim, classes)
     if saved is not None:
         check_model_config(saved["signature"], signature, str(run.last))
@@ -193,11 +206,11 @@ def fit(
     run.start(cfg.to_dict(), splits)  # only once the run is known to be startable or resumable
     class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
                     if cfg.data.class_weighting else None)
-    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius)
+    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed)
     monitor_split = "val" if splits["val"] else "train"
     early = EarlyStopping(cfg.run.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
     logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,
-                         progress=progress, monitor=cfg.run.monitor)
+                         progress=progress and main, monitor=cfg.run.monitor, tensorboard=None if main else False)
     trained = False
     try:
         if state.stop_reason:
@@ -223,7 +236,12 @@ def fit(
                         f"{state.best_epoch + 1}")
     finally:
         logger.close()
+    if not main:
+        distributed.barrier()  # rank 0 has written best.pt and evaluates; the others are done
+        return RunResult(run.path, {}, state.history, state.best_epoch)
     metrics = evaluate(run.path, store, progress=progress)
+    if distributed is not None:
+        distributed.barrier()
     return RunResult(run.path, metrics, state.history, state.best_epoch)
 
 

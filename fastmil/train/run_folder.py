@@ -24,7 +24,7 @@ from .._atomic import write_text_atomic
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .splits import write_splits
 
-__all__ = ["RunFolder", "TrainState", "flatten_record"]
+__all__ = ["ReadOnlyRunFolder", "RunFolder", "TrainState", "flatten_record"]
 
 
 @dataclass
@@ -87,6 +87,10 @@ class RunFolder:
     def save(self, name: str, state: dict) -> None:
         save_checkpoint(self.path / name, state)
 
+    @property
+    def writable(self) -> bool:
+        return True
+
     def write_history(self, history: list[dict]) -> None:
         """``history.json`` (nested records) and ``metrics.csv`` (one flat row per epoch, union of columns)."""
         write_text_atomic(self.path / "history.json", json.dumps(history, indent=2))
@@ -99,3 +103,20 @@ class RunFolder:
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(self.path / "metrics.csv", buf.getvalue())
+
+
+class ReadOnlyRunFolder(RunFolder):
+    """The run folder as a data-parallel process other than rank 0 sees it: it reads (resume) but never writes."""
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def start(self, config: dict, splits: dict[str, list[str]]) -> None:
+        pass
+
+    def save(self, name: str, state: dict) -> None:
+        pass
+
+    def write_history(self, history: list[dict]) -> None:
+        pass

@@ -12,6 +12,7 @@ from torch import nn
 from ..bags import Bags
 from ..methods import Method, StepContext
 from .config import OptimConfig
+from .distributed import DataParallel
 
 __all__ = ["Stepper", "autocast", "lr_factor"]
 
@@ -37,11 +38,14 @@ class Stepper:
     """Owns the optimiser (AdamW over ``method.trainable_parameters()``) and the fp16 grad scaler.
 
     ``step(bags, ctx)`` runs one training step of ``method`` and returns its terms (detached scalar tensors on the
-    step's device, ``loss`` included): no host synchronisation per step.
+    step's device, ``loss`` included): no host synchronisation per step. With ``distributed``, the gradients are
+    averaged over the data-parallel processes before clipping and the optimiser step.
     """
 
-    def __init__(self, method: Method, optim: OptimConfig, amp: str, device: torch.device) -> None:
+    def __init__(self, method: Method, optim: OptimConfig, amp: str, device: torch.device,
+                 distributed: DataParallel | None = None) -> None:
         self.method, self.optim, self.amp, self.device = method, optim, amp, device
+        self.distributed = distributed
         self.params = method.trainable_parameters()
         if not self.params:
             raise ValueError(f"method {method.name!r} has no trainable parameters")
@@ -55,11 +59,11 @@ class Stepper:
             out = self.method.training_step(bags, ctx)
         loss = out.loss
         self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.distributed is not None:  # before unscaling: an overflow on any process is then seen by all
+            self.distributed.average_gradients(self.params)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip)
         stepped = True

@@ -1,0 +1,66 @@
+"""Data parallelism inside ``fit``: which share of each step a process trains on, and the gradient average.
+
+``fit(..., distributed=DataParallel(rank, world))`` runs the same training in every process of an initialised
+``torch.distributed`` process group (gloo on CPUs, NCCL on GPUs; Ray Train's ``TorchTrainer`` sets it up, see
+``ray_jobs/ddp.py``). Each global step packs ``world x bags_per_step`` bags; process ``r`` trains on bags
+``r, r + world, ...`` of it (:class:`fastmil.data.BagBatchSampler` with ``rank``/``world``), so the shards are
+disjoint and a pure function of (seed, epoch). After backward the gradients are averaged over the processes (one
+flattened all-reduce per step), so every process applies the same update and the weights stay identical: with the
+loss a mean over bags, ``world`` processes x ``b`` bags per step compute exactly the step of one process with
+``world x b`` bags (up to the reduction's rounding).
+
+Why not ``DistributedDataParallel``: DDP hooks gradient reduction into the wrapped module's ``forward``; a fastmil
+step is ``method.training_step`` (teachers, several passes, recycle networks), not one ``forward``, and the
+averaged all-reduce after ``backward`` is what DDP computes, without that constraint. The reduction runs on the
+gradients' device (NCCL for CUDA tensors, gloo for CPU ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["DataParallel"]
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel run: ``rank`` in ``[0, world)``; rank 0 writes the run folder."""
+
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"data parallel: need 0 <= rank < world, got rank {self.rank} of {self.world}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Replace every gradient by its mean over the processes (missing gradients count as zeros)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("data parallel training needs an initialised torch.distributed process group "
+                               "(fastmil train --workers N starts one through Ray Train)")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
+                flat[offset: offset + n].view_as(g))
+            offset += n
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
