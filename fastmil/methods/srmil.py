@@ -33,7 +33,7 @@ from torch import nn
 from ..bags import Bags
 from ..nn import GraphDecoder, GraphMIL, bag_neighbours
 from ..nn.graph import LayerParts
-from ..ops import reconstruction_loss, saliency_mask
+from ..ops import saliency_mask
 from .base import Method, StepContext, StepOutput, register_method
 from .mhim import MHIM
 
@@ -81,8 +81,7 @@ class MaskedReconstruction(nn.Module):
                 masked: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the masked view and reconstruct it: ``(encoder outputs [N, E], reconstruction loss)``."""
         h_masked = model.encode_parts(self.masked_parts(model, clean, masked), nbr)
-        pred = self.decoder(h_masked, nbr, masked)
-        return h_masked, reconstruction_loss(pred, features, masked, alpha)
+        return h_masked, self.decoder.reconstruction_loss(h_masked, nbr, masked, features, alpha)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 from ..bags import Bags
 from ..ops import attention_pool, graph_attention, grid_neighbours
 from ..ops.layer_norm_prelu import layer_norm_prelu
+from ..ops.reconstruction_loss import projected_reconstruction_loss, reconstruction_loss
 from .abmil import check_sizes
 from .attention import pool_with_tokens
 from .output import MILOutput
@@ -43,6 +44,14 @@ def bag_neighbours(bags: Bags, radius: int) -> torch.Tensor:
         raise ValueError(f"slides {bags.ids[:5]} have no patch coordinates; spatial models (graphmil, srmil) need "
                          "them")
     return grid_neighbours(bags.coords, bags.offsets, radius, ids=bags.ids, offsets_cpu=bags.offsets_cpu)
+
+
+def _dropout_in_place(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout on the encoder's output in place, keeping a bool mask (1 byte per element) for backward where
+    ``nn.Dropout`` keeps a float one; the output is not needed for the backward of the layer that made it
+    (:func:`fastmil.ops.layer_norm_prelu` keeps its input)."""
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    return x.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p))
 
 
 class LayerParts(NamedTuple):
@@ -110,23 +119,26 @@ class GraphAttentionLayer(nn.Module):
         clean view with those rows replaced by the token's parts (SRMIL's masked view)."""
         if self.aggregates_first:
             raise ValueError("linear_parts: this layer aggregates its input before projecting")
-        blocks = [self.proj.weight, self._score_weight()]
+        head = torch.cat([self.proj.weight, self._score_weight()])  # [out + 2H, in]
+        z_scores = self._project(x, head, pre)
+        z, scores = z_scores.split([self.out_dim, 2 * self.heads], dim=1)
         if isinstance(self.residual, nn.Linear):
-            blocks.append(self.residual.weight)
-        elif isinstance(self.residual, nn.Identity) and pre is not None:
-            blocks.append(torch.eye(self.proj.in_features, dtype=self.proj.weight.dtype, device=x.device))
-        weight = torch.cat(blocks)  # [out + 2H (+ residual), in]
-        if pre is None:
-            y = x @ weight.T.to(x.dtype)
+            # a GEMM of its own: the residual is consumed by one add, so its memory is freed right after (as one
+            # block with z it would live as long as z, which graph attention keeps for backward)
+            residual = self._project(x, self.residual.weight, pre)
+        elif isinstance(self.residual, nn.Identity):
+            residual = x if pre is None else pre(x)
         else:
-            folded = (weight @ pre.weight).T.to(x.dtype)
-            y = x @ folded if pre.bias is None else torch.addmm((weight @ pre.bias).to(x.dtype), x, folded)
-        widths = [self.out_dim, 2 * self.heads]
-        if y.shape[1] > sum(widths):
-            widths.append(y.shape[1] - sum(widths))
-        parts = y.split(widths, dim=1)  # one concatenation in backward, not a zero-filled copy per slice
-        residual = parts[2] if len(parts) == 3 else (x if self.residual is not None else None)
-        return LayerParts(parts[0], parts[1], residual)
+            residual = None
+        return LayerParts(z, scores, residual)
+
+    @staticmethod
+    def _project(x: torch.Tensor, weight: torch.Tensor, pre: nn.Linear | None) -> torch.Tensor:
+        """``x @ weight.T``, or ``pre(x) @ weight.T`` as one GEMM against ``weight @ pre.weight``."""
+        if pre is None:
+            return x @ weight.T.to(x.dtype)
+        folded = (weight @ pre.weight).T.to(x.dtype)
+        return x @ folded if pre.bias is None else torch.addmm((weight @ pre.bias).to(x.dtype), x, folded)
 
     def mix(self, parts: LayerParts, nbr: torch.Tensor) -> torch.Tensor:
         """Graph attention over the stencil table, bias, residual, LayerNorm, PReLU: ``[N, heads * head_dim]``."""
@@ -149,13 +161,18 @@ class GraphAttentionLayer(nn.Module):
             return layer_norm_prelu(out, self.norm.weight, self.norm.bias, self.act.weight, self.norm.eps)
         return self.act(self.norm(out))
 
+    def aggregate(self, x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+        """The one-head neighbour mix of the input, before the projection (layers that aggregate first):
+        ``[N, in_dim]``."""
+        scores = x @ self._score_weight().T.to(x.dtype)  # [N, 2]
+        return graph_attention(x[:, None, :], nbr, scores[:, :1], scores[:, 1:], self.negative_slope,
+                               self.self_loop, backend=self.backend)[:, 0]
+
     def forward(self, x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
         """``x [N, in_dim]``, ``nbr int64 [N, K]`` -> ``[N, heads * head_dim]`` in ``x``'s dtype."""
         if not self.aggregates_first:
             return self.mix(self.linear_parts(x), nbr)
-        scores = x @ self._score_weight().T.to(x.dtype)  # [N, 2]
-        mixed = graph_attention(x[:, None, :], nbr, scores[:, :1], scores[:, 1:], self.negative_slope,
-                                self.self_loop, backend=self.backend)[:, 0]
+        mixed = self.aggregate(x, nbr)
         out = F.linear(mixed, self.proj.weight, self.bias.to(mixed.dtype))
         return self._finish(out, None if self.residual is None else self.residual(x), has_bias=True)
 
@@ -212,12 +229,26 @@ class GraphDecoder(nn.Module):
             last_in, 1, out_dim, negative_slope=negative_slope, residual=False, norm=False, activation=False,
             backend=backend)])
 
-    def forward(self, h: torch.Tensor, nbr: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """``h [N, E]``, ``nbr [N, K]``, ``masked bool [N]`` -> ``[N, D]`` in ``h``'s dtype."""
+    def _hidden(self, h: torch.Tensor, nbr: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         x = torch.where(masked[:, None], self.token.to(h.dtype), self.proj(h))
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, nbr)
         return x
+
+    def forward(self, h: torch.Tensor, nbr: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """``h [N, E]``, ``nbr [N, K]``, ``masked bool [N]`` -> ``[N, D]`` in ``h``'s dtype."""
+        return self.layers[-1](self._hidden(h, nbr, masked), nbr)
+
+    def reconstruction_loss(self, h: torch.Tensor, nbr: torch.Tensor, masked: torch.Tensor, target: torch.Tensor,
+                            alpha: float = 1.0) -> torch.Tensor:
+        """``reconstruction_loss(self(h, nbr, masked), target, masked, alpha)``. When the last layer aggregates
+        before projecting, the projection back to ``D`` is fused into the loss
+        (:func:`fastmil.ops.projected_reconstruction_loss`): the ``[N, D]`` reconstruction is never formed."""
+        x, last = self._hidden(h, nbr, masked), self.layers[-1]
+        if last.aggregates_first and last.residual is None:
+            mixed = last.aggregate(x, nbr)
+            return projected_reconstruction_loss(mixed, last.proj.weight, last.bias, target, masked, alpha)
+        return reconstruction_loss(last(x, nbr), target, masked, alpha)
 
 
 @register_model("graphmil")
@@ -291,8 +322,7 @@ class GraphMIL(nn.Module):
         x = self.encoder[0].mix(parts, nbr)
         for layer in self.encoder[1:]:
             x = layer(x, nbr)
-        # in place: the last layer's output is not kept for its backward (layer_norm_prelu keeps its input)
-        return F.dropout(x, self.dropout.p, self.training, inplace=True) if self.dropout.p > 0 else x
+        return _dropout_in_place(x, self.dropout.p) if self.training and self.dropout.p > 0 else x
 
     def encode(self, features: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` features -> encoder outputs ``[N, heads * head_dim]`` in the parameters' dtype."""

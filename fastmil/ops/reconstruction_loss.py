@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["reconstruction_loss"]
+__all__ = ["projected_reconstruction_loss", "reconstruction_loss"]
+
+CHUNK_ROWS = 4096
+"""Rows per chunk of :func:`projected_reconstruction_loss` (its only ``[rows, D]`` temporaries)."""
 
 
 class _ScaledCosineError(torch.autograd.Function):
@@ -66,3 +69,78 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     if not alpha > 0:
         raise ValueError(f"reconstruction_loss: alpha must be > 0, got {alpha}")
     return _ScaledCosineError.apply(pred, target.detach(), mask, float(alpha))
+
+
+def _row_stats(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cosine, ``|p|`` and ``|t|`` (norms floored at ``EPS``) of two ``[rows, D]`` blocks."""
+    dot = torch.einsum("nd,nd->n", p, t)
+    p_norm = torch.einsum("nd,nd->n", p, p).sqrt().clamp_min(EPS)
+    t_norm = torch.einsum("nd,nd->n", t, t).sqrt().clamp_min(EPS)
+    return dot / (p_norm * t_norm), p_norm, t_norm
+
+
+class _ProjectedScaledCosineError(torch.autograd.Function):
+    """``(1 - cos(h W^T + b, t))^alpha`` masked mean, the projection recomputed chunk by chunk in backward: the
+    ``[N, D]`` prediction and its gradient never exist as whole tensors."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, mask, alpha: float, chunk: int):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        w, b = weight.to(acc), bias.to(acc)
+        cos = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        p_norm, t_norm = torch.empty_like(cos), torch.empty_like(cos)
+        for lo in range(0, h.shape[0], chunk):
+            hi = min(lo + chunk, h.shape[0])
+            pred = torch.addmm(b, h[lo:hi].to(acc), w.T)
+            cos[lo:hi], p_norm[lo:hi], t_norm[lo:hi] = _row_stats(pred, target[lo:hi].to(acc))
+        count = mask.sum().clamp_min(1).to(acc)
+        error = (1.0 - cos).clamp_min(0.0)
+        ctx.save_for_backward(h, weight, bias, target, mask, cos, p_norm, t_norm, count)
+        ctx.alpha, ctx.chunk = alpha, chunk
+        return torch.where(mask, error.pow(alpha), torch.zeros_like(error)).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, target, mask, cos, p_norm, t_norm, count = ctx.saved_tensors
+        alpha, acc = ctx.alpha, cos.dtype
+        error = (1.0 - cos).clamp_min(0.0)
+        d_cos = -alpha * error.pow(alpha - 1.0) if alpha != 1.0 else -torch.ones_like(error)
+        d_cos = torch.where(mask & (cos < 1.0), d_cos, torch.zeros_like(d_cos)) * (grad / count)
+        coef_t = d_cos / (p_norm * t_norm)  # dcos/dp = t / (|p| |t|) - cos p / |p|^2
+        coef_p = -d_cos * cos / (p_norm * p_norm)
+        w, b = weight.to(acc), bias.to(acc)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w)
+        grad_b = torch.zeros_like(b)
+        for lo in range(0, h.shape[0], ctx.chunk):
+            hi = min(lo + ctx.chunk, h.shape[0])
+            hc = h[lo:hi].to(acc)
+            grad_pred = torch.addmm(b, hc, w.T).mul_(coef_p[lo:hi, None])
+            grad_pred.addcmul_(coef_t[lo:hi, None], target[lo:hi].to(acc))
+            if grad_h is not None:
+                grad_h[lo:hi] = (grad_pred @ w).to(h.dtype)
+            grad_w.addmm_(grad_pred.T, hc)
+            grad_b += grad_pred.sum(0)
+        return grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None, None, None
+
+
+def projected_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                                  mask: torch.Tensor, alpha: float = 1.0, *, chunk_rows: int = CHUNK_ROWS
+                                  ) -> torch.Tensor:
+    """``reconstruction_loss(h @ weight.T + bias, target, mask, alpha)`` without forming the prediction: ``h [N, E]``,
+    ``weight [D, E]``, ``bias [D]``, ``target [N, D]``. The projection runs in chunks of ``chunk_rows`` rows,
+    forward and again in backward, so the memory it takes beyond its inputs is ``O(chunk_rows x D + N)``
+    (SRMIL's decoder ends in such a projection back to the feature width)."""
+    if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != (weight.shape[0],):
+        raise ValueError(f"projected_reconstruction_loss: need h [N, E], weight [D, E], bias [D]; got "
+                         f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
+    if target.shape != (h.shape[0], weight.shape[0]):
+        raise ValueError(f"projected_reconstruction_loss: target must be [N, D] = {(h.shape[0], weight.shape[0])}, "
+                         f"got {tuple(target.shape)}")
+    if mask.dtype != torch.bool or mask.shape != (h.shape[0],):
+        raise ValueError(f"projected_reconstruction_loss: mask must be bool [N] = [{h.shape[0]}], got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if not alpha > 0 or chunk_rows < 1:
+        raise ValueError(f"projected_reconstruction_loss: need alpha > 0 and chunk_rows >= 1, got {alpha}, "
+                         f"{chunk_rows}")
+    return _ProjectedScaledCosineError.apply(h, weight, bias, target.detach(), mask, float(alpha), int(chunk_rows))

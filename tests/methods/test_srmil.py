@@ -197,3 +197,40 @@ def test_reconstruction_loss_gradient_equals_autograd_of_the_formula():
         (err[mask].sum() / mask.sum()).backward()
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-12, rtol=1e-10)
     assert torch.autograd.gradcheck(lambda p: reconstruction_loss(p, target, mask, 2.0), pred.clone().requires_grad_())
+
+
+def test_projected_reconstruction_loss_equals_the_unfused_loss():
+    from fastmil.ops.reconstruction_loss import projected_reconstruction_loss
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(9, generator=g, dtype=torch.float64)
+    target = torch.randn(37, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(37, generator=g) > 0.3
+    for alpha in (1.0, 2.0):
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        fused = projected_reconstruction_loss(*leaves, target, mask, alpha, chunk_rows=8)  # 5 chunks, ragged tail
+        fused.backward()
+        ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        ref = reconstruction_loss(ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2], target, mask, alpha)
+        ref.backward()
+        torch.testing.assert_close(fused, ref, atol=1e-12, rtol=0)
+        for a, r in zip(leaves, ref_leaves):
+            torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_decoder_loss_fused_or_not_is_the_same():
+    from fastmil.nn import GraphDecoder
+
+    torch.manual_seed(0)
+    nbr = _bags().neighbours if _bags().neighbours is not None else grid_neighbours(
+        _bags().coords, _bags().offsets, 1)
+    n = nbr.shape[0]
+    dec = GraphDecoder(8, 20, 2, 4).double()  # the last layer: one head 8 -> 20, aggregates first
+    assert dec.layers[-1].aggregates_first
+    h, target = torch.randn(n, 8, dtype=torch.float64), torch.randn(n, 20, dtype=torch.float64)
+    masked = torch.rand(n) > 0.3
+    fused = dec.reconstruction_loss(h, nbr, masked, target, 2.0)
+    plain = reconstruction_loss(dec(h, nbr, masked), target, masked, 2.0)
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
