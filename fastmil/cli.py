@@ -357,7 +357,7 @@ def _ray_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs per trial, fractional packs several (0.25: four trials per GPU; 0 on CPU)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
     p.add_argument("--folds", type=int, default=None, help="score each config by the mean over k patient folds")
-    p.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default=None, help="trial scheduler")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default=None, help="trial scheduler (default: asha)")
     p.add_argument("--max-failures", type=int, default=None, help="restarts of a failed trial")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")

@@ -11,7 +11,7 @@ search_space:                    # section.key: {distribution: arguments}
 num_samples: 4                   # trials (times the grid, for grid_search entries)
 metric: auc                      # validation metric: val_<metric> from each epoch's record
 mode: max
-scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: pbt, perturbation_interval: 2}, fifo
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: fifo}
 resources: {cpus_per_trial: 1, gpus_per_trial: 0}                # fractional GPUs pack trials on one GPU
 max_concurrent: 2                # trials at once (null: as many as the resources allow)
 max_failures: 2                  # restarts of a failed trial, each from its last checkpoint
@@ -66,8 +66,8 @@ class SweepSpec:
             raise ValueError(f"sweep: mode must be max or min, got {self.mode!r}")
         if self.num_samples < 1 or self.max_failures < 0 or self.folds == 1 or self.folds < 0:
             raise ValueError("sweep: need num_samples >= 1, max_failures >= 0 and folds 0 or >= 2")
-        if self.scheduler.get("name", "asha") not in ("asha", "pbt", "fifo"):
-            raise ValueError(f"sweep: scheduler.name must be asha, pbt or fifo, got {self.scheduler.get('name')!r}")
+        if self.scheduler.get("name", "asha") not in ("asha", "fifo"):
+            raise ValueError(f"sweep: scheduler.name must be asha or fifo, got {self.scheduler.get('name')!r}")
         gpus = float(self.resources.get("gpus_per_trial", 0))
         if gpus < 0 or float(self.resources.get("cpus_per_trial", 1)) <= 0:
             raise ValueError("sweep: resources need cpus_per_trial > 0 and gpus_per_trial >= 0")

@@ -6,7 +6,9 @@ epoch the trial reports its flat epoch record (``val_auc``, ``train_loss``, ...)
 the run folder's state (``last.pt``, ``best.pt``, ``config.yaml``, ``splits.csv``, history); a restarted trial
 (``FailureConfig(max_failures)``: a crashed or killed worker) restores that folder from ``tune.get_checkpoint()``
 and resumes ``fit`` from its last epoch, so no finished epoch is lost or repeated. ASHA (default) stops weak trials
-early on the per-epoch metric; PBT and FIFO are available. ``--resume`` continues an interrupted sweep
+early on the per-epoch metric; FIFO runs every trial to the end. (Population-based training is not offered: it
+restarts a trial from another trial's checkpoint with changed hyper-parameters, which ``fit``'s resume refuses by
+design, since a resumed run must be the run it continues.) ``--resume`` continues an interrupted sweep
 (``Tuner.restore``: finished trials are not rerun).
 
 With ``folds: k`` a trial trains k patient-level folds (:func:`fastmil.train.cv.patient_folds`) one after another
@@ -139,15 +141,12 @@ def _train_folds(spec: dict, cfg, trial_dir: Path) -> None:
 
 
 def _scheduler(spec: SweepSpec, max_t: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     options = {k: v for k, v in spec.scheduler.items() if k != "name"}
     name = spec.scheduler.get("name", "asha")
     if name == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t, **options)
-    if name == "pbt":
-        return PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=tune_space(spec),
-                                       **options)
     return FIFOScheduler()
 
 
