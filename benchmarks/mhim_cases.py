@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines.mhim_research import ResearchMHIM  # noqa: E402
-from gated_pool_cases import _tracked_peak_bytes  # noqa: E402
+from bench_common import extra_peak_after_warmup  # noqa: E402
 
 from fastmil import Bags  # noqa: E402
 from fastmil.methods import StepContext, build_method, method_config  # noqa: E402
@@ -53,16 +53,7 @@ def make_step(kind: str, n: int, dim: int, device: str = "cpu", seed: int = 0):
 
 
 def measure_extra_peak(kind: str, n: int, dim: int, device: str) -> int:
-    step = make_step(kind, n, dim, device)
-    step()  # optimiser state, allocator warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    return _tracked_peak_bytes(step)
+    return extra_peak_after_warmup(make_step(kind, n, dim, device), device)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines.srmil_naive import NaiveSRMIL, edge_list  # noqa: E402
-from gated_pool_cases import _tracked_peak_bytes  # noqa: E402
+from bench_common import extra_peak_after_warmup  # noqa: E402
 
 from fastmil import Bags  # noqa: E402
 from fastmil.methods import StepContext, build_method, method_config  # noqa: E402
@@ -104,15 +104,7 @@ def make_step(kind: str, n: int, dim: int = 1024, device: str = "cpu", seed: int
 
 def measure_extra_peak(what: str, kind: str, n: int, device: str) -> int:
     fn = make_gat(kind, n, device) if what == "gat" else make_step(kind, n, device=device)
-    fn()  # optimiser state, allocator warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    return _tracked_peak_bytes(fn)
+    return extra_peak_after_warmup(fn, device)
 
 
 if __name__ == "__main__":

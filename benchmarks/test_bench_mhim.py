@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from baselines.mhim_research import python_set_selection
+from bench_common import run_timed
 from mhim_cases import make_step
 
 from fastmil.ops import saliency_mask
@@ -24,15 +25,6 @@ HIGH_RATIO, RANDOM_RATIO = 0.03, 0.8
 CASES = Path(__file__).with_name("mhim_cases.py")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
-
-
-def _run(benchmark, fn, device: str, rounds: int) -> None:
-    def once():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(once, rounds=20 if device == "cuda" else rounds, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -49,7 +41,7 @@ def test_saliency_mask_time(benchmark, device, kind, n):
                                    offsets_cpu=offsets_cpu)
     else:
         fn = lambda: python_set_selection(scores, HIGH_RATIO, RANDOM_RATIO, seed=next(seeds))  # noqa: E731
-    _run(benchmark, fn, device, rounds=10)
+    run_timed(benchmark, fn, device, rounds=10)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -57,7 +49,7 @@ def test_saliency_mask_time(benchmark, device, kind, n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_mhim_step_time(benchmark, device, kind, n):
     """One training step: teacher pass, masking, student forward + backward, AdamW, EMA (plain: ABMIL alone)."""
-    _run(benchmark, make_step(kind, n, DIM, device), device, rounds=3 if n >= 100_000 else 8)
+    run_timed(benchmark, make_step(kind, n, DIM, device), device, rounds=3 if n >= 100_000 else 8)
 
 
 def _extra_peak(kind: str, n: int, device: str) -> int:

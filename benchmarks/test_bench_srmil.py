@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_common import run_timed
 from srmil_cases import layout, make_gat, make_step
 
 from fastmil.ops import grid_neighbours
@@ -21,15 +22,6 @@ from fastmil.ops import grid_neighbours
 CASES = Path(__file__).with_name("srmil_cases.py")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
-
-
-def _run(benchmark, fn, device: str, rounds: int) -> None:
-    def once():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(once, rounds=20 if device == "cuda" else rounds, warmup_rounds=1)
 
 
 def _extra_peak(what: str, kind: str, n: int, device: str) -> int:
@@ -61,7 +53,7 @@ def test_graph_build_time(benchmark, kind, n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_graph_attention_time(benchmark, device, kind, n):
     """Forward + backward, 4 heads x 64 channels, K = 24 (radius 2), fp32."""
-    _run(benchmark, make_gat(kind, n, device), device, rounds=5)
+    run_timed(benchmark, make_gat(kind, n, device), device, rounds=5)
 
 
 @pytest.mark.parametrize("n", [10_000, 50_000])
@@ -82,7 +74,7 @@ STEP_CASES = [("fastmil", 20_000), ("naive", 20_000), ("fastmil", 100_000)]
 @pytest.mark.parametrize("device", DEVICES)
 def test_srmil_step_time(benchmark, device, kind, n):
     """One SRMIL training step on one bag of n x 1024: both streams, forward + backward, AdamW."""
-    _run(benchmark, make_step(kind, n, device=device), device, rounds=2 if n >= 100_000 else 3)
+    run_timed(benchmark, make_step(kind, n, device=device), device, rounds=2 if n >= 100_000 else 3)
 
 
 @pytest.mark.parametrize(("kind", "n"), STEP_CASES)

@@ -72,12 +72,7 @@ class _BagClassifier(nn.Module):
     ) -> MILOutput:
         """Pool the embedded instances ``h`` of each bag (those with ``mask`` True) and, when given, the extra
         ``tokens [B, k, E]`` of each bag (``token_valid [B]``), then classify."""
-        if tokens is None:
-            pooled, weights = self.pool(h, offsets, mask, offsets_cpu=offsets_cpu)
-        else:
-            if token_valid is None:
-                token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu)
         pooled = pooled.to(h.dtype)
         return MILOutput(self.classifier(pooled), weights, pooled, h)
 

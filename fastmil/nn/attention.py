@@ -78,7 +78,7 @@ class MeanPool(nn.Module):
 
 def pool_with_tokens(
     pool: nn.Module, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
-    tokens: torch.Tensor, token_valid: torch.Tensor, offsets_cpu: torch.Tensor | None = None,
+    tokens: torch.Tensor | None, token_valid: torch.Tensor | None = None, offsets_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention pooling of each bag's unmasked instances *and* extra tokens, without concatenating the bag.
 
@@ -87,7 +87,12 @@ def pool_with_tokens(
     instances and ``l_T`` over their tokens, ``pooled = e^(l_A - l) pooled_A + sum_j e^(s_j - l) t_j`` for
     ``l = logaddexp(l_A, l_T)``. Tokens of bags with ``token_valid`` False count for nothing. Returns
     ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax). A multi-head pool
-    (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes."""
+    (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes.
+    Without ``tokens`` it is ``pool`` alone; ``token_valid`` defaults to every bag's tokens counting."""
+    if tokens is None:
+        return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu)[:2])
+    if token_valid is None:
+        token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True)
     acc = torch.promote_types(pooled_a.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     token_scores = pool.scores(tokens).to(acc)  # [B, k] or [B, k, H]

@@ -333,12 +333,7 @@ class GraphMIL(nn.Module):
                  token_valid: torch.Tensor | None = None) -> MILOutput:
         """Supernode readout over the encoded instances ``h`` (those with ``mask`` True, plus optional extra
         ``tokens [B, k, heads * head_dim]``), then the MLP head."""
-        if tokens is None:
-            pooled, weights = self.readout(h, offsets, mask, offsets_cpu=offsets_cpu)
-        else:
-            if token_valid is None:
-                token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            pooled, weights = pool_with_tokens(self.readout, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        pooled, weights = pool_with_tokens(self.readout, h, offsets, mask, tokens, token_valid, offsets_cpu)
         pooled = self.readout.own_heads(pooled).to(h.dtype)
         return MILOutput(self.head(pooled), weights.mean(-1), pooled, h)
 
