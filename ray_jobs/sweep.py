@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ def _maybe_die(target: str | None, epoch: int) -> None:
     marker, _, at = target.rpartition(":")
     if epoch == int(at) and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
+        time.sleep(2.0)  # let the driver take the report in, so the kill lands between epochs, as a test wants
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -219,8 +221,10 @@ def _write_outputs(spec: SweepSpec, grid) -> dict[str, Any]:
                 pos = series.idxmax() if spec.mode == "max" else series.idxmin()
                 best = float(series[pos])
                 best_epoch = int(history.loc[pos, "epoch"]) if "epoch" in history else None
+        # epochs trained: a trial restored from a checkpoint may report again the epochs after it
+        trained = 0 if history is None else (history["epoch"].nunique() if "epoch" in history else len(history))
         rows.append({"trial": Path(result.path).name, **values, metric: best, "best_epoch": best_epoch,
-                     "iterations": 0 if history is None else len(history),
+                     "epochs": trained,
                      "status": "error" if result.error is not None else "done"})
     import pandas as pd
 

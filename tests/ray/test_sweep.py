@@ -53,7 +53,7 @@ def test_tiny_asha_sweep_writes_results_and_the_best_config(ray_local, store, tm
     cfg = load_config(tmp_path / "sweep" / "best_config.yaml")  # usable as fastmil train --config
     assert cfg.optim.lr == best["optim.lr"] and cfg.model.embed_dim == 16 and cfg.optim.epochs == 2
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
-    assert table["iterations"].between(1, 2).all()  # ASHA may stop a trial after its first epoch
+    assert table["epochs"].between(1, 2).all()  # ASHA may stop a trial after its first epoch
 
 
 def test_a_killed_trial_restarts_from_its_last_checkpoint(ray_local, store, tmp_path, monkeypatch):
@@ -106,5 +106,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_loca
     assert first.read_text().splitlines() == lines_before  # the finished trial did not run again
     table = pd.read_csv(tmp_path / "sweep" / "results.csv")
     assert len(table) == 3 and set(table["status"]) == {"done"}
-    assert table["iterations"].tolist() == [3, 3, 3]
+    # every trial trained all its epochs; one interrupted mid-run may have repeated the epochs after its last
+    # checkpoint that Tune had saved when the signal came (the finished trial, checked above, repeated nothing)
+    assert table["epochs"].tolist() == [3, 3, 3]
     assert summary["best_metric"] == table["val_auc"].max()
