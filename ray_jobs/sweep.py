@@ -53,7 +53,11 @@ def _train_config(spec: dict, values: dict[str, Any]):
 
 
 def _restore(checkpoint, run_dir: Path) -> bool:
-    """Put a trial checkpoint's files into ``run_dir``; True if it held a run to resume."""
+    """Put a trial checkpoint's files into ``run_dir``; True if it held a run to resume. Without a checkpoint the
+    trial starts afresh: whatever an earlier attempt left in ``run_dir`` (it may have died after writing
+    ``last.pt`` but before its first report) is removed."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     if checkpoint is None:
         return False
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,11 @@ class BagBatchSampler:
         bags_per_step: at most this many bags per step.
         shuffle: shuffle bag order each epoch (from ``seed`` and the epoch set by :meth:`set_epoch`).
         drop_last: drop a final step that holds fewer than ``bags_per_step`` bags.
-        rank, world: data-parallel sharding. Global steps pack ``world`` times the bags (and instance budget) of
-            a step; this process gets bags ``rank, rank + world, ...`` of each. Global steps with fewer than
-            ``world`` bags (the epoch's remainder) are dropped, so every process runs the same number of steps.
+        rank, world: data-parallel sharding. The epoch's steps are packed as for one process (so a bag larger than
+            the instance budget is still a step of its own), then grouped ``world`` consecutive steps at a time:
+            a group is one global step, and this process trains on its ``rank``-th step of each group. The last
+            ``len(steps) % world`` steps of an epoch (at most ``world - 1``; other bags each epoch, as the order
+            is reshuffled) are left out so that every process runs the same number of steps.
     """
 
     def __init__(
@@ -77,17 +79,16 @@ class BagBatchSampler:
 
     def steps(self) -> list[list[int]]:
         """All steps of the current epoch (this process's share of each global step)."""
-        steps = self._global_steps()
+        steps = self._pack()
         if self.world == 1:
             return steps
-        return [step[self.rank:: self.world] for step in steps if len(step) >= self.world]
+        return [steps[g + self.rank] for g in range(0, len(steps) - self.world + 1, self.world)]
 
-    def _global_steps(self) -> list[list[int]]:
+    def _pack(self) -> list[list[int]]:
         out: list[list[int]] = []
         current: list[int] = []
         load = 0
-        per_step = None if self.bags_per_step is None else self.bags_per_step * self.world
-        budget = None if self.max_instances_per_step is None else self.max_instances_per_step * self.world
+        per_step, budget = self.bags_per_step, self.max_instances_per_step
         for i in self._order().tolist():
             n = int(self.sizes[i])
             full_by_count = per_step is not None and len(current) >= per_step

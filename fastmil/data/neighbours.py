@@ -8,13 +8,15 @@ Overwriting a slide replaces its folder, and with it every cached table.
 
 The cache is derived data, so it is written even through a store opened read-only when the folder is writable;
 where it is not (a read-only file system, a shared store without write permission) the table is kept in the
-process's memory for the rest of the run, with one warning.
+process's memory (the most recent ``MEMORY_CACHE_SLIDES`` slides, checked against the coordinates like the
+files), with one warning.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["cache_path", "coords_digest", "slide_neighbours"]
 
-_memory: dict[tuple[str, str, int], np.ndarray] = {}
+_memory: OrderedDict[tuple[str, str, int], tuple[str, int, np.ndarray]] = OrderedDict()
+"""Tables of unwritable stores, most recently used last: ``(store, slide, radius) -> (coords digest, step, table)``."""
+MEMORY_CACHE_SLIDES = 256
+"""At most this many tables are kept in memory (an unwritable store's cohort may not fit)."""
 _warned: set[str] = set()
 
 
@@ -77,8 +82,9 @@ def slide_neighbours(store: FeatureStore, slide_id: str, radius: int, coords: np
     digest = coords_digest(coords)
     key = (str(store.path), slide_id, radius)
     cached = _memory.get(key)
-    if cached is not None and cached.shape[0] == len(coords):
-        return cached
+    if cached is not None and cached[:2] == (digest, step):
+        _memory.move_to_end(key)
+        return cached[2]
     path = cache_path(store, slide_id, radius)
     table = _read_cached(path, len(coords), n_slots(radius), step, digest)
     if table is not None:
@@ -94,5 +100,7 @@ def slide_neighbours(store: FeatureStore, slide_id: str, radius: int, coords: np
             _warned.add(str(store.path))
             warnings.warn(f"{store.path}: not writable; neighbour tables are kept in memory for this run only",
                           RuntimeWarning, stacklevel=2)
-        _memory[key] = table
+        _memory[key] = (digest, step, table)
+        if len(_memory) > MEMORY_CACHE_SLIDES:
+            _memory.popitem(last=False)
     return table

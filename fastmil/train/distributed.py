@@ -39,15 +39,26 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """Replace every gradient by its mean over the processes (missing gradients count as zeros)."""
-        if self.world == 1:
-            return
+    def _dist(self):
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise RuntimeError("data parallel training needs an initialised torch.distributed process group "
                                "(fastmil train --workers N starts one through Ray Train)")
+        return dist
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Replace every gradient by its mean over the processes. A parameter without a gradient on some process
+        counts as zeros there; one without a gradient on every process keeps none (so AdamW skips it, as it
+        would in one process)."""
+        if self.world == 1:
+            return
+        dist = self._dist()
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        params = [p for p, anywhere in zip(params, present.tolist()) if anywhere]
+        if not params:
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
@@ -59,8 +70,35 @@ class DataParallel:
                 flat[offset: offset + n].view_as(g))
             offset += n
 
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average the floating-point buffers of ``module`` over the processes (MHIM's recycle queries follow an
+        EMA of each process's own bags; the mean of the per-process EMA steps is the EMA step of the global
+        batch, and it keeps every process's state identical)."""
+        if self.world == 1:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        dist = self._dist()
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def from_rank0(self, values: list[float]) -> list[float]:
+        """Rank 0's ``values`` on every process (decisions such as early stopping must be one decision)."""
+        if self.world == 1:
+            return values
+        dist = self._dist()
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.broadcast(tensor, src=0)
+        return tensor.cpu().tolist()
+
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            self._dist().barrier()

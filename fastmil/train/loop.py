@@ -128,6 +128,16 @@ def _check_spatial_inputs(method: Method, store: FeatureStore, ids: list[str]) -
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
+def _agree_on_early_stopping(distributed: DataParallel, early: EarlyStopping, improved: bool) -> bool:
+    """Every process takes rank 0's early-stopping state (so all stop after the same epoch: a process that stopped
+    alone would leave the others waiting in the gradient all-reduce)."""
+    state = distributed.from_rank0([float(improved), float(early.bad_epochs), float(early.best_epoch),
+                                    float("nan") if early.best is None else float(early.best)])
+    early.bad_epochs, early.best_epoch = int(state[1]), int(state[2])
+    early.best = None if state[3] != state[3] else state[3]
+    return bool(state[0])
+
+
 def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device,
                   neighbour_radius: int | None, distributed: DataParallel | None) -> BagLoader:
     rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world)
@@ -223,7 +233,10 @@ def fit(
             started = time.perf_counter()
             val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp)
             record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
-            if early.update(epoch, val):
+            improved = early.update(epoch, val)
+            if distributed is not None:  # rank 0 decides for every process, whatever their metrics' rounding
+                improved = _agree_on_early_stopping(distributed, early, improved)
+            if improved:
                 run.save("best.pt", {"format": CHECKPOINT_FORMAT, "method_state": method.state_dict(),
                                      "signature": signature, "epoch": epoch, "fastmil_version": __version__})
             stop = "patience" if early.exhausted else "epochs" if epoch + 1 == cfg.optim.epochs else ""
@@ -239,9 +252,11 @@ def fit(
     if not main:
         distributed.barrier()  # rank 0 has written best.pt and evaluates; the others are done
         return RunResult(run.path, {}, state.history, state.best_epoch)
-    metrics = evaluate(run.path, store, progress=progress)
-    if distributed is not None:
-        distributed.barrier()
+    try:
+        metrics = evaluate(run.path, store, progress=progress)
+    finally:  # release the other processes even when the evaluation fails (rank 0 then raises)
+        if distributed is not None:
+            distributed.barrier()
     return RunResult(run.path, metrics, state.history, state.best_epoch)
 
 

@@ -76,6 +76,8 @@ class Stepper:
             self.optimizer.step()
         if stepped:  # a teacher's EMA must not move towards an unchanged student
             self.method.after_optimizer_step(ctx)
+            if self.distributed is not None:  # buffers that follow each process's own bags (recycle queries)
+                self.distributed.average_buffers(self.method)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
 
     @property

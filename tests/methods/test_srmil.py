@@ -234,3 +234,25 @@ def test_decoder_loss_fused_or_not_is_the_same():
     fused = dec.reconstruction_loss(h, nbr, masked, target, 2.0)
     plain = reconstruction_loss(dec(h, nbr, masked), target, masked, 2.0)
     torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+
+
+def test_an_unwritable_store_keeps_tables_in_memory_checked_like_the_files(store, monkeypatch):
+    from collections import OrderedDict
+
+    import fastmil.data.neighbours as nb
+
+    monkeypatch.setattr(nb.os, "access", lambda *args: False)
+    monkeypatch.setattr(nb, "_memory", OrderedDict())
+    monkeypatch.setattr(nb, "_warned", set())
+    sid = store.slide_ids[1]
+    path = cache_path(store, sid, 1)
+    path.unlink(missing_ok=True)
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        first = slide_neighbours(store, sid, 1)
+    assert not path.exists()
+    assert slide_neighbours(store, sid, 1) is first  # from memory
+    coords = store.read_coords(sid).copy()
+    coords[[0, 1]] = coords[[1, 0]]  # other coordinates (two patches swapped): the memory entry is stale
+    swapped = slide_neighbours(store, sid, 1, coords)
+    assert swapped is not first and swapped[0].tolist() == [(-1 if v < 0 else {0: 1, 1: 0}.get(v, v))
+                                                             for v in first[1].tolist()]

@@ -15,16 +15,31 @@ DATA = SynthConfig(n_slides=16, dim=12, median_instances=80, size_sigma=0.3, tum
 
 def test_sampler_shards_are_disjoint_and_cover_the_global_steps():
     sizes = [5] * 11
-    one = BagBatchSampler(sizes, bags_per_step=4, seed=3)
+    one = BagBatchSampler(sizes, bags_per_step=2, seed=3)
     shards = [BagBatchSampler(sizes, bags_per_step=2, seed=3, rank=r, world=2) for r in (0, 1)]
     for epoch in (0, 1):
         for s in (one, *shards):
             s.set_epoch(epoch)
-        full = [step for step in one.steps() if len(step) >= 2]
+        local = one.steps()  # 6 steps: 5 of two bags, one of one; global steps = consecutive pairs
         a, b = shards[0].steps(), shards[1].steps()
-        assert len(a) == len(b) == len(full)
-        for step, x, y in zip(full, a, b):
-            assert sorted(x + y) == sorted(step) and not set(x) & set(y)
+        assert len(a) == len(b) == len(local) // 2
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert x == local[2 * k] and y == local[2 * k + 1] and not set(x) & set(y)
+
+
+def test_sharding_keeps_bags_larger_than_the_budget():
+    """A bag above the instance budget is a step of its own on one process; sharded, it still trains."""
+    sizes = [60_000, 60_000, 60_000, 10_000, 120_000, 3_000]
+    trained = set()
+    for epoch in range(3):
+        shards = [BagBatchSampler(sizes, max_instances_per_step=50_000, seed=1, rank=r, world=2) for r in (0, 1)]
+        for s in shards:
+            s.set_epoch(epoch)
+        a, b = shards[0].steps(), shards[1].steps()
+        assert len(a) == len(b) >= 2
+        assert not {i for st in a for i in st} & {i for st in b for i in st}
+        trained |= {i for st in a + b for i in st}
+    assert trained == set(range(6))
 
 
 def test_two_workers_equal_one_process_with_both_bags_per_step(ray_local, tmp_path):
