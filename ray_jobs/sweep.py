@@ -221,7 +221,9 @@ def _write_outputs(spec: SweepSpec, grid) -> dict[str, Any]:
         best = best_epoch = None
         if history is not None and metric in history:
             series = history[metric].dropna()
-            if len(series):
+            if len(series) and spec.folds >= 2:  # the running mean over folds: its last value is the score
+                best = float(series.iloc[-1])
+            elif len(series):
                 pos = series.idxmax() if spec.mode == "max" else series.idxmin()
                 best = float(series[pos])
                 best_epoch = int(history.loc[pos, "epoch"]) if "epoch" in history else None

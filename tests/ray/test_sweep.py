@@ -110,3 +110,18 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_loca
     # checkpoint that Tune had saved when the signal came (the finished trial, checked above, repeated nothing)
     assert table["epochs"].tolist() == [3, 3, 3]
     assert summary["best_metric"] == table["val_auc"].max()
+
+
+def test_k_fold_scoring_reports_the_mean_best_validation_metric(ray_local, store, tmp_path):
+    from ray_jobs.sweep import run_sweep
+
+    spec, _ = _spec(store, tmp_path / "sweep", search_space={"optim.lr": {"grid": [3e-3]}}, folds=2,
+                    scheduler={"name": "fifo"})
+    summary = run_sweep(spec)
+    trial = next(p for p in (tmp_path / "sweep" / "trials").iterdir() if p.is_dir())
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert [r["folds_done"] for r in reports] == [1, 2]
+    last = sorted(trial.glob("checkpoint_*"))[-1]
+    scores = json.loads((last / "folds.json").read_text())["scores"]
+    assert len(scores) == 2 and reports[-1]["val_auc"] == pytest.approx(sum(scores) / 2)
+    assert summary["best_metric"] == pytest.approx(reports[-1]["val_auc"])  # all folds, not the running mean's max
