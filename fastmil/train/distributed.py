@@ -47,6 +47,18 @@ class DataParallel:
                                "(fastmil train --workers N starts one through Ray Train)")
         return dist
 
+    def _mean_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the processes: one flattened all-reduce for all of them."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._dist().all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Replace every gradient by its mean over the processes. A parameter without a gradient on some process
         counts as zeros there; one without a gradient on every process keeps none (so AdamW skips it, as it
@@ -57,36 +69,17 @@ class DataParallel:
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX)
         params = [p for p, anywhere in zip(params, present.tolist()) if anywhere]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset: offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
-                flat[offset: offset + n].view_as(g))
-            offset += n
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._mean_in_place([p.grad for p in params])
 
     def average_buffers(self, module: nn.Module) -> None:
         """Average the floating-point buffers of ``module`` over the processes (MHIM's recycle queries follow an
         EMA of each process's own bags; the mean of the per-process EMA steps is the EMA step of the global
         batch, and it keeps every process's state identical)."""
-        if self.world == 1:
-            return
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        dist = self._dist()
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset: offset + b.numel()].view_as(b))
-            offset += b.numel()
+        if self.world > 1:
+            self._mean_in_place([b for b in module.buffers() if b.is_floating_point()])
 
     def from_rank0(self, values: list[float]) -> list[float]:
         """Rank 0's ``values`` on every process (decisions such as early stopping must be one decision)."""
