@@ -31,7 +31,13 @@ def segment_softmax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bag softmax of ``scores [N, H]`` over unmasked rows, in fp32 (fp64 for fp64 scores); 0 on masked
     rows and in all-masked or empty bags. Also returns the per-bag log-sum-exp ``[B, H]`` (``-inf`` for a bag
-    with no unmasked row)."""
+    with no unmasked row).
+
+    Weights below the dtype's smallest normal number are flushed to 0. A peaked softmax over a large bag has many
+    subnormal weights (any row more than ~87 below its bag's maximum in fp32), and a CPU GEMM reading subnormal
+    operands runs ~100x slower (measured: a [512, 10k] x [10k, 40] product at 250 ms instead of 2.4 ms);
+    ``torch.set_flush_denormal`` does not reach the BLAS worker threads. The flushed mass is below
+    ``N * 1.2e-38`` per bag."""
     s = scores.double() if scores.dtype == torch.float64 else scores.float()
     if mask is not None:
         s = s.masked_fill(~mask[:, None], float("-inf"))
@@ -45,7 +51,8 @@ def segment_softmax(
     denom = segment_sum(e, offsets)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     lse = torch.where(denom > 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
-    return e / safe[bag], lse
+    weights = e / safe[bag]
+    return weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0), lse
 
 
 def pool_per_bag(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -97,7 +97,7 @@ class _LinearReLUDropout(torch.autograd.Function):
             rows = slice(lo, lo + CHUNK_ROWS)
             # relu and dropout gradients in one pass: y > 0 exactly where the entry was kept and positive;
             # the dropout scale goes onto the small results, not onto this chunk
-            grad_pre = grad_y[rows] * (y[rows] > 0)
+            grad_pre = torch.ops.aten.threshold_backward(grad_y[rows], y[rows], 0)  # grad_y * (y > 0) in one pass
             if need_w:
                 grad_w.addmm_(grad_pre.T.to(acc), x[rows].to(acc))
             if need_b:

@@ -31,6 +31,7 @@ __all__ = ["DataConfig", "OptimConfig", "RunConfig", "SECTIONS", "TrainConfig", 
 
 Monitor = Literal["auc", "balanced_accuracy", "macro_f1", "loss"]
 Amp = Literal["none", "bf16", "fp16"]
+HostAllocator = Literal["keep", "system"]
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RunConfig:
     monitor: Monitor = "auc"
     patience: int = 10
     workers: int = 1  # data-parallel processes (fastmil train --workers N: Ray Train, one shard of each step each)
+    host_allocator: HostAllocator = "keep"  # keep freed host memory for reuse (fastmil.train.host_memory)
 
     def __post_init__(self) -> None:
         if self.patience < 1:
@@ -96,11 +98,11 @@ class RunConfig:
 SECTIONS = ("model", "method", "optim", "data", "run")
 _FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 
-RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience"}
-"""Keys that may differ between an interrupted run and its resumption. ``run.device``, ``data.prefetch`` and
-``run.patience`` leave the numbers as they were; a different ``optim.epochs`` re-plans the cosine learning rate
-over the new total from the resumed epoch on (a finished run continued to more epochs trains again at a
-mid-schedule rate), which is the point of extending a run, not a replay."""
+RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience", "run.host_allocator"}
+"""Keys that may differ between an interrupted run and its resumption. ``run.device``, ``data.prefetch``,
+``run.patience`` and ``run.host_allocator`` leave the numbers as they were; a different ``optim.epochs`` re-plans
+the cosine learning rate over the new total from the resumed epoch on (a finished run continued to more epochs
+trains again at a mid-schedule rate), which is the point of extending a run, not a replay."""
 
 
 def _default_model() -> Any:

@@ -34,6 +34,7 @@ from ..methods import Method, build_method
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import DataParallel
 from .epoch import train_epoch
+from .host_memory import keep_freed_host_memory
 from .logging import EpochLogger
 from .run_folder import ReadOnlyRunFolder, RunFolder, TrainState
 from .splits import labelled_slides, load_splits, make_splits
@@ -181,8 +182,8 @@ def fit(
     Args:
         split_csv: CLAM-style splits file; default: a stratified random split from ``run.seed``.
         resume: continue from ``out/last.pt`` (with ``config=None``: the run's saved config; a given config must
-            match it, except ``optim.epochs``, ``run.device``, ``data.prefetch``, ``run.patience``; larger
-            epochs/patience continue a finished run).
+            match it, except ``optim.epochs``, ``run.device``, ``data.prefetch``, ``run.patience``,
+            ``run.host_allocator``; larger epochs/patience continue a finished run).
         step_callback: ``step_callback(epoch, step, loss)`` after every optimiser step.
         callbacks: ``callback(record, run_folder)`` after every epoch (its checkpoints written): Ray Tune reports.
         distributed: this process's place in a data-parallel run (an initialised ``torch.distributed`` group;
@@ -200,6 +201,8 @@ def fit(
     labels = labelled_slides(store)
     classes = store.classes or [str(c) for c in range(max(labels.values()) + 1)]
     device = select_device(cfg.run.device)
+    if cfg.run.host_allocator == "keep":
+        keep_freed_host_memory()
     if cfg.run.amp != "none" and device.type != "cuda":
         raise ValueError(f"config: run.amp={cfg.run.amp!r} needs a CUDA device (got {device})")
     splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store)

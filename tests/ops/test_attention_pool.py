@@ -358,3 +358,19 @@ def test_sliced_and_broadcast_incoming_gradients(backend, kind):
         assert per_bag_error(v.grad, v64.grad, offsets) <= TOL_GRAD_VALUES
 
 
+
+
+def test_peaked_softmax_leaves_no_subnormal_weights():
+    """A peaked softmax over a large bag underflows most weights; the torch path flushes the subnormal ones to 0
+    (a CPU GEMM on subnormal operands runs ~100x slower) and still pools like the reference."""
+    torch.manual_seed(0)
+    n, dim = 4096, 64
+    scores = torch.linspace(0.0, -120.0, n)[:, None].repeat(1, 2)  # weights from 1 down to e^-120: ~400 subnormal
+    values = torch.randn(n, dim)
+    offsets = torch.tensor([0, n])
+    pooled, weights = attention_pool(scores, values, offsets, backend="torch")
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((weights > 0) & (weights < tiny)).any()
+    assert (weights > 0).sum() > n // 2  # only the underflowing tail was flushed
+    ref_pooled, _ = attention_pool_reference(scores.double(), values.double(), offsets)
+    assert relative_error(pooled, ref_pooled) < TOL_POOLED
