@@ -30,6 +30,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         clam_coords_dir=args.clam_coords_dir,
         tumour_snr=args.tumour_snr,
         dtype=args.dtype,
+        survival=args.survival,
     )
     store = synthesize_store(cfg, args.out_store, progress=not args.quiet)
     _print_summary(store.summary())
@@ -67,8 +68,29 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"  {len(report.without_coords)} slide(s) have no coordinates (spatial methods will refuse them)")
     if report.classes is not None:
         print(f"  {report.labelled} label(s) recorded; classes: {report.classes}")
+    if args.survival:
+        _record_survival(args.out_store, args.survival, args.strict)
     _print_summary(open_store(args.out_store).summary())
     return 1 if report.failed else 0
+
+
+def _record_survival(store_path: str, csv_path: str, strict: bool) -> None:
+    """Store the survival targets of a CSV for the store's slides; slides not in the store are reported (an error
+    with ``--strict``)."""
+    from .data.store import open_store
+    from .survival.targets import read_survival_csv, write_survival_to_store
+
+    store = open_store(store_path, mode="a")
+    records = read_survival_csv(csv_path)
+    unknown = sorted(s for s in records if s not in store)
+    if unknown and strict:
+        raise ValueError(f"{csv_path}: survival targets for {len(unknown)} slide(s) not in the store: {unknown[:5]}")
+    if unknown:
+        print(f"  warning: {len(unknown)} slide(s) of {csv_path} are not in the store (left out): "
+              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}", file=sys.stderr)
+    write_survival_to_store(store, {s: r for s, r in records.items() if s in store})
+    print(f"  survival targets recorded for {len(records) - len(unknown)} slide(s), "
+          f"{len({r.case_id for s, r in records.items() if s in store})} patient(s)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -179,7 +201,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     out = predict(args.run, args.store, args.out, args.slide_ids, split=args.split, heatmaps=not args.no_heatmaps,
                   slides_dir=args.slides_dir, top_k=args.top_k, geojson=args.geojson, progress=not args.quiet)
-    print(f"predictions written to {out} (predictions.csv, metrics.json, roc/pr/confusion_<split>.png, attention/, "
+    curves = "km_<split>.png" if any(out.glob("km_*.png")) else \
+        "roc/pr/confusion_<split>.png"
+    print(f"predictions written to {out} (predictions.csv, metrics.json, {curves}, attention/, "
           f"heatmaps/, top_k/{', geojson/' if args.geojson else ''}{', overlays/' if args.slides_dir else ''})")
     return 0
 
@@ -270,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tumour feature shift in noise standard deviations (default %(default)s)")
     p.add_argument("--dtype", choices=["float16", "float32"], default=defaults["dtype"],
                    help="stored feature dtype (default %(default)s)")
+    p.add_argument("--survival", action="store_true",
+                   help="a survival cohort: patients and event times driven by tumour burden (task: survival)")
 
     p = add("ingest", _cmd_ingest, "Import TRIDENT/CLAM .h5 or CLAM/MHIM .pt feature files into a store.")
     p.add_argument("src_dir", metavar="SRC_DIR",
@@ -278,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["auto", "h5", "pt"], default="auto", help="source format (default %(default)s)")
     p.add_argument("--coords-dir", default=None, help="folder of <slide_id>.h5 coordinate files for .pt features")
     p.add_argument("--labels", default=None, metavar="CSV", help="CSV with slide_id,label columns")
+    p.add_argument("--survival", default=None, metavar="CSV",
+                   help="survival CSV (slide_id, time, event, optional case_id) recorded in the store")
     p.add_argument("--encoder", default=None, help="name of the patch encoder, recorded in slide attrs")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per feature chunk (default %(default)s)")
     p.add_argument("--dtype", choices=["float16", "float32"], default=None,

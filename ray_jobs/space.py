@@ -9,7 +9,7 @@ search_space:                    # section.key: {distribution: arguments}
   optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
   optim.weight_decay: {choice: [1.0e-5, 1.0e-4]}
 num_samples: 4                   # trials (times the grid, for grid_search entries)
-metric: auc                      # validation metric: val_<metric> from each epoch's record
+metric: auc                      # validation metric: val_<metric> from each epoch's record (survival: c_index)
 mode: max
 scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: fifo}
 resources: {cpus_per_trial: 1, gpus_per_trial: 0}                # fractional GPUs pack trials on one GPU

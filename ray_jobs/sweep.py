@@ -120,11 +120,11 @@ def _train_folds(spec: dict, cfg, trial_dir: Path) -> None:
 
     from fastmil.data import open_store
     from fastmil.train import fit
-    from fastmil.train.cv import patient_folds
-    from fastmil.train.splits import labelled_slides, write_splits
+    from fastmil.train.cv import draw_folds
+    from fastmil.train.splits import write_splits
 
     store = open_store(spec["store"])
-    folds = patient_folds(labelled_slides(store), None, spec["folds"], cfg.data.val_fraction, cfg.run.seed)
+    folds = draw_folds(store, cfg, spec["folds"])
     scores: list[float] = []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

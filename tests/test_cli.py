@@ -30,6 +30,22 @@ def test_ingest_with_labels(tmp_path, capsys):
     assert open_store(tmp_path / "s").labels() == {"a": 0, "b": 1}
 
 
+def test_ingest_with_survival_targets(tmp_path, capsys):
+    src = tmp_path / "h5"
+    src.mkdir()
+    for sid in ("a", "b"):
+        write_trident_h5(src / f"{sid}.h5", np.ones((4, 3), np.float32), grid_coords(4))
+    surv = tmp_path / "surv.csv"
+    surv.write_text("slide_id,case_id,time,event\na,p1,12.5,1\nb,p1,12.5,1\nc,p2,3,0\n")
+    assert main(["ingest", str(src), str(tmp_path / "s"), "--survival", str(surv), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "survival targets recorded for 2 slide(s), 1 patient(s)" in captured.out
+    assert "1 slide(s) of" in captured.err and "c" in captured.err  # c is not in the store: reported
+    assert open_store(tmp_path / "s").attrs["survival"] == {"a": ["p1", 12.5, True], "b": ["p1", 12.5, True]}
+    assert main(["ingest", str(src), str(tmp_path / "s"), "--survival", str(surv), "--strict", "-q"]) == 2
+    assert "not in the store" in capsys.readouterr().err
+
+
 def test_errors_are_one_clear_line_with_exit_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -30,6 +30,9 @@ class BagBatchSampler:
         bags_per_step: at most this many bags per step.
         shuffle: shuffle bag order each epoch (from ``seed`` and the epoch set by :meth:`set_epoch`).
         drop_last: drop a final step that holds fewer than ``bags_per_step`` bags.
+        groups: a group id per bag (``[S]``; e.g. the patient): the bags of a group are shuffled as one unit and
+            always packed into one step (a group larger than the budget or ``bags_per_step`` gets a step of its
+            own). None: every bag is its own group.
         rank, world: data-parallel sharding. The epoch's steps are packed as for one process (so a bag larger than
             the instance budget is still a step of its own), then grouped ``world`` consecutive steps at a time:
             a group is one global step, and this process trains on its ``rank``-th step of each group. The last
@@ -48,6 +51,7 @@ class BagBatchSampler:
         drop_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        groups: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"need 0 <= rank < world, got rank {rank} of {world}")
@@ -67,15 +71,30 @@ class BagBatchSampler:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.units = self._units(groups)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _order(self) -> np.ndarray:
+    def _units(self, groups) -> list[list[int]] | None:
+        """The bags of each group, groups in order of first appearance (None without groups)."""
+        if groups is None:
+            return None
+        groups = np.asarray(groups)
+        if groups.shape != self.sizes.shape:
+            raise ValueError(f"groups must give one group per bag ({len(self.sizes)}), got shape {groups.shape}")
+        members: dict = {}
+        for i, g in enumerate(groups.tolist()):
+            members.setdefault(g, []).append(i)
+        return list(members.values())
+
+    def _order(self) -> list[list[int]]:
+        """This epoch's units (a group's bags, or single bags) in order."""
+        units = self.units if self.units is not None else [[i] for i in range(len(self.sizes))]
         if not self.shuffle:
-            return np.arange(len(self.sizes))
+            return units
         rng = np.random.default_rng([self.seed, self.epoch])
-        return rng.permutation(len(self.sizes))
+        return [units[i] for i in rng.permutation(len(units))]
 
     def steps(self) -> list[list[int]]:
         """All steps of the current epoch (this process's share of each global step)."""
@@ -89,14 +108,14 @@ class BagBatchSampler:
         current: list[int] = []
         load = 0
         per_step, budget = self.bags_per_step, self.max_instances_per_step
-        for i in self._order().tolist():
-            n = int(self.sizes[i])
-            full_by_count = per_step is not None and len(current) >= per_step
+        for unit in self._order():
+            n = int(self.sizes[unit].sum())
+            full_by_count = per_step is not None and current and len(current) + len(unit) > per_step
             full_by_budget = budget is not None and current and load + n > budget
             if full_by_count or full_by_budget:
                 out.append(current)
                 current, load = [], 0
-            current.append(i)
+            current.extend(unit)
             load += n
         if current and not (self.drop_last and per_step is not None and len(current) < per_step):
             out.append(current)

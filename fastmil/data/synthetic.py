@@ -14,6 +14,13 @@ Model of a slide:
   in-blob modulation. A benign "confounder" blob pattern (shifted along another direction) appears in every
   slide, so attention must pick the right direction rather than any unusual patch.
 Per-instance ground truth (1 = tumour) is stored as ``instance_labels``.
+
+Survival cohorts (``survival=True``, ``fastmil synth --survival``): slides belong to patients (about 30% of
+patients have two slides); a patient's tumour burden is 0 (20% of patients) or log-uniform between
+``tumour_fraction_min`` and ``tumour_fraction_max``, the same in each of their slides. The event time is exponential
+with hazard ``ln 2 / 24 * exp(SURVIVAL_BETA * b)`` (median 24 time units at mid burden), where ``b`` is the log burden
+scaled to [-1, 1] (-1.5 without tumour), so the hazard rises with the burden; censoring is uniform on [6, 72].
+The targets are stored as the store's ``survival`` attribute (:mod:`fastmil.survival.targets`).
 """
 from __future__ import annotations
 
@@ -34,6 +41,9 @@ __all__ = ["SynthConfig", "SyntheticSlide", "bag_size", "make_slide", "synthesiz
 
 CLASSES = ["normal", "tumour"]
 _N_LATENT = 8
+SURVIVAL_BETA = 3.0
+"""Log hazard ratio per unit of scaled log tumour burden (module docstring); Harrell's C of the true burden is
+about 0.88 under this censoring (3 seeds of 300 slides: 0.876-0.884)."""
 
 
 @dataclass
@@ -56,6 +66,7 @@ class SynthConfig:
     tumour_snr: float = 8.0  # tumour patches are separable, as with foundation-model features
     correlation_length: float = 4.0  # in patches
     dtype: str = "float16"
+    survival: bool = False  # a survival cohort: patients, burden-driven event times (module docstring)
 
     def validate(self) -> None:
         if self.n_slides < 1:
@@ -182,6 +193,28 @@ def _load_clam_layouts(folder: str) -> list[tuple[str, np.ndarray, int]]:
     return layouts
 
 
+def survival_case(cfg: SynthConfig, index: int) -> tuple[str, float]:
+    """``(case_id, tumour burden)`` of slide ``index`` in a survival cohort: slides ``2p`` and ``2p + 1`` share a
+    patient with probability 0.3; the burden is 0 for 20% of patients, else log-uniform in the tumour range."""
+    pair = index // 2
+    shared = np.random.default_rng([cfg.seed, pair, 5]).random() < 0.3
+    case_id = f"synth-case-{pair:05d}" if shared else f"synth-case-{pair:05d}-{index % 2}"
+    rng = np.random.default_rng([cfg.seed, pair, 0 if shared else 1 + index % 2, 13])
+    if rng.random() < 0.2:
+        return case_id, 0.0
+    return case_id, float(np.exp(rng.uniform(np.log(cfg.tumour_fraction_min), np.log(cfg.tumour_fraction_max))))
+
+
+def survival_outcome(cfg: SynthConfig, case_id: str, burden: float) -> tuple[float, bool]:
+    """``(time, event)`` of a patient (module docstring): a pure function of the seed, the case and its burden."""
+    lo, hi = np.log(cfg.tumour_fraction_min), np.log(cfg.tumour_fraction_max)
+    scaled = -1.5 if burden <= 0 else (2.0 * (np.log(burden) - lo) / max(hi - lo, 1e-12) - 1.0)
+    rng = np.random.default_rng([cfg.seed, *case_id.encode(), 17])
+    hazard = np.log(2.0) / 24.0 * np.exp(SURVIVAL_BETA * scaled)
+    event_time, censor_time = rng.exponential(1.0 / hazard), rng.uniform(6.0, 72.0)
+    return round(float(min(event_time, censor_time)), 2), bool(event_time <= censor_time)
+
+
 def bag_size(cfg: SynthConfig, index: int) -> int:
     """Instances of procedural slide ``index``: log-normal around ``median_instances``, clipped."""
     rng = np.random.default_rng([cfg.seed, index, 1])
@@ -221,7 +254,12 @@ def make_slide(
     latent, priority, confound_field = at_cells[:, :_N_LATENT], at_cells[:, _N_LATENT], at_cells[:, _N_LATENT + 1]
 
     tumour = np.zeros(n, dtype=bool)
-    if label == 1:
+    if cfg.survival:  # the patient's burden decides, in every slide of the patient
+        burden = survival_case(cfg, index)[1]
+        label = int(burden > 0)
+        if label:
+            tumour = _grow_blobs(rng, cells, max(1, int(round(burden * n))), priority)
+    elif label == 1:
         lo, hi = np.log(cfg.tumour_fraction_min), np.log(cfg.tumour_fraction_max)
         fraction = float(np.exp(rng.uniform(lo, hi)))
         tumour = _grow_blobs(rng, cells, max(1, int(round(fraction * n))), priority)
@@ -252,8 +290,8 @@ def synthesize_store(cfg: SynthConfig, store_path: str | os.PathLike, *, progres
     store = create_store(store_path)
     wanted = {k: v for k, v in asdict(cfg).items() if k != "n_slides"}
     previous = store.attrs.get("synthetic_config")
-    if previous is not None:
-        previous = {k: v for k, v in previous.items() if k != "n_slides"}
+    if previous is not None:  # settings added since a store was made take their defaults
+        previous = {k: v for k, v in {**asdict(SynthConfig()), **previous}.items() if k != "n_slides"}
         if previous != wanted:
             changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
             raise ValueError(
@@ -283,7 +321,22 @@ def synthesize_store(cfg: SynthConfig, store_path: str | os.PathLike, *, progres
                 "patch_size_level0": s.patch_size_level0,
                 "magnification": 20,
                 "tumour_fraction": float(s.instance_labels.mean()),
+                **({"case_id": survival_case(cfg, i)[0]} if cfg.survival else {}),
             },
             s.instance_labels,
         )
+    if cfg.survival:
+        _write_survival(cfg, store)
     return store
+
+
+def _write_survival(cfg: SynthConfig, store: FeatureStore) -> None:
+    """The survival targets of every slide of the cohort in the store (one attribute update)."""
+    from ..survival.targets import SurvivalRecord, write_survival_to_store
+
+    records = {}
+    for i in range(cfg.n_slides):
+        case_id, burden = survival_case(cfg, i)
+        time, event = survival_outcome(cfg, case_id, burden)
+        records[f"synth-{i:05d}"] = SurvivalRecord(case_id, time, event)
+    write_survival_to_store(store, {s: r for s, r in records.items() if s in store})

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._registry import Registry
@@ -31,8 +32,9 @@ __all__ = ["METHODS", "Method", "StepContext", "StepOutput", "build_method", "ge
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where a training step is: ``epoch``, ``step`` within it, the totals, and the loss's class weights
-    (``[C]`` on the step's device, or None)."""
+    """Where a training step is: ``epoch``, ``step`` within it, the totals, and the supervised loss: the class
+    weights of cross-entropy (``[C]`` on the step's device, or None), or a task's own ``loss_fn(logits, bags)``
+    (``task: survival``: the censored NLL over the step's patients) logged under ``loss_name``."""
 
     epoch: int
     step: int
@@ -40,6 +42,8 @@ class StepContext:
     epochs: int
     seed: int
     class_weight: torch.Tensor | None = None
+    loss_fn: Callable[[torch.Tensor, Bags], torch.Tensor] | None = None
+    loss_name: str = "ce"
 
     @property
     def global_step(self) -> int:
@@ -49,6 +53,16 @@ class StepContext:
     def progress(self) -> float:
         """Fraction of the whole run done before this step, in [0, 1)."""
         return self.global_step / max(1, self.epochs * self.steps_per_epoch)
+
+    def supervised_loss(self, logits: torch.Tensor, bags: Bags) -> torch.Tensor:
+        """The label loss of the step's bag logits ``[B, C]``: ``loss_fn`` when set, else the (class-weighted)
+        cross-entropy against ``bags.labels``. Every method uses this for its label terms, so each works for
+        every task."""
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, bags)
+        if bags.labels is None:
+            raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
+        return F.cross_entropy(logits.float(), bags.labels, weight=self.class_weight)
 
 
 @dataclass

@@ -151,8 +151,6 @@ class MHIM(Method):
     def mhim_step(self, bags: Bags, ctx: StepContext, embed: Callable[[], torch.Tensor]) -> StepOutput:
         """The MHIM loss of one step; ``embed()`` gives the student's instance embeddings ``[N, E]`` and is called
         after the teacher pass, so the teacher's activations are freed before the student's exist."""
-        if bags.labels is None:
-            raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
         cfg = self.config
         z_teacher, salience = self._teacher_pass(bags)
         masks = saliency_mask(salience, bags.offsets, cfg.high_ratio, cfg.random_ratio,
@@ -165,11 +163,11 @@ class MHIM(Method):
             tokens = self.model.activate_tokens(raw)
         out: MILOutput = self.model.aggregate(h, bags.offsets, masks.keep, offsets_cpu=bags.offsets_cpu,
                                               tokens=tokens, token_valid=valid)
-        ce = F.cross_entropy(out.logits.float(), bags.labels, weight=ctx.class_weight)
+        ce = ctx.supervised_loss(out.logits, bags)
         target = torch.softmax(z_teacher.float() / cfg.teacher_temperature, -1)
         consistency = -(target * F.log_softmax(out.bag_embedding.float() / cfg.student_temperature, -1)).sum(-1).mean()
         n = max(1, bags.n_instances)
-        terms = {"ce": ce.detach(), "consistency": consistency.detach(),
+        terms = {ctx.loss_name: ce.detach(), "consistency": consistency.detach(),
                  "salient_frac": masks.salient.sum() / n, "random_frac": masks.random.sum() / n,
                  "keep_frac": masks.keep.sum() / n}
         return StepOutput(ce + cfg.consistency_weight * consistency, terms)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from ..bags import Bags
 from .base import Method, StepContext, StepOutput, register_method
 
@@ -13,7 +11,8 @@ __all__ = ["PlainMIL"]
 
 @register_method("plain")
 class PlainMIL(Method):
-    """``loss = CE(model(bags).logits, bags.labels)``; logged term ``ce``."""
+    """``loss = CE(model(bags).logits, bags.labels)`` (or the task's loss); logged term ``ce`` (``nll`` for
+    survival)."""
 
     @dataclass
     class Config:
@@ -22,8 +21,6 @@ class PlainMIL(Method):
         name: str = "plain"
 
     def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
-        if bags.labels is None:
-            raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
         out = self.model.forward_all(bags)
-        ce = F.cross_entropy(out.logits.float(), bags.labels, weight=ctx.class_weight)
-        return StepOutput(ce, {"ce": ce.detach()})
+        loss = ctx.supervised_loss(out.logits, bags)
+        return StepOutput(loss, {ctx.loss_name: loss.detach()})

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..bags import Bags
@@ -123,8 +122,6 @@ class SRMIL(Method):
         return [p for p in [*self.model.parameters(), *self.reconstruction.parameters()] if p.requires_grad]
 
     def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
-        if bags.labels is None:
-            raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
         cfg, model = self.config, self.model
         nbr = bag_neighbours(bags, model.neighbour_radius)
         masked = random_instance_mask(bags, cfg.mask_ratio, _stream_seed(ctx.seed, ctx.epoch, ctx.step))
@@ -132,11 +129,11 @@ class SRMIL(Method):
         h_masked, recon = self.reconstruction(model, clean, bags.features, nbr, masked, cfg.recon_alpha)
         out_masked = model.classify(h_masked, bags.offsets, offsets_cpu=bags.offsets_cpu)
         out_clean = model.classify(model.encode_parts(clean, nbr), bags.offsets, offsets_cpu=bags.offsets_cpu)
-        ce_masked = F.cross_entropy(out_masked.logits.float(), bags.labels, weight=ctx.class_weight)
-        ce_clean = F.cross_entropy(out_clean.logits.float(), bags.labels, weight=ctx.class_weight)
+        ce_masked = ctx.supervised_loss(out_masked.logits, bags)
+        ce_clean = ctx.supervised_loss(out_clean.logits, bags)
         loss = cfg.ce_weight * (ce_masked + ce_clean) + cfg.recon_weight * recon
-        return StepOutput(loss, {"ce_masked": ce_masked.detach(), "ce_clean": ce_clean.detach(),
-                                 "recon": recon.detach()})
+        return StepOutput(loss, {f"{ctx.loss_name}_masked": ce_masked.detach(),
+                                 f"{ctx.loss_name}_clean": ce_clean.detach(), "recon": recon.detach()})
 
 
 @register_method("mhim+srmil")
@@ -165,8 +162,6 @@ class MHIMSRMIL(MHIM):
         return [*super().trainable_parameters(), *(p for p in self.reconstruction.parameters() if p.requires_grad)]
 
     def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
-        if bags.labels is None:
-            raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
         cfg, model = self.config, self.model
         nbr = bag_neighbours(bags, model.neighbour_radius)
         if bags.neighbours is None:  # build the graph once for teacher and student
@@ -183,7 +178,7 @@ class MHIMSRMIL(MHIM):
         masked = random_instance_mask(bags, cfg.mask_ratio, _stream_seed(ctx.seed, ctx.epoch, ctx.step))
         h_masked, recon = self.reconstruction(model, clean, bags.features, nbr, masked, cfg.recon_alpha)
         out_masked = model.classify(h_masked, bags.offsets, offsets_cpu=bags.offsets_cpu)
-        ce_masked = F.cross_entropy(out_masked.logits.float(), bags.labels, weight=ctx.class_weight)
-        terms = {**mhim.terms, "ce_masked": ce_masked.detach(), "recon": recon.detach()}
+        ce_masked = ctx.supervised_loss(out_masked.logits, bags)
+        terms = {**mhim.terms, f"{ctx.loss_name}_masked": ce_masked.detach(), "recon": recon.detach()}
         loss = cfg.ce_weight * (mhim.loss + ce_masked) + cfg.recon_weight * recon
         return StepOutput(loss, terms)

@@ -1,4 +1,5 @@
-"""Training configuration: sections ``model``, ``method``, ``optim``, ``data``, ``run`` (YAML, CLI overrides).
+"""Training configuration: sections ``model``, ``method``, ``optim``, ``data``, ``run``, ``task`` (YAML, CLI
+overrides).
 
 ```yaml
 model:  {name: abmil, embed_dim: 512, attn_dim: 128, gated: true, dropout: 0.25}   # the model's own section
@@ -6,7 +7,8 @@ method: {name: plain}                                                           
 optim:  {lr: 2.0e-4, weight_decay: 1.0e-4, warmup_epochs: 0, epochs: 20, grad_clip: 1.0}
 data:   {bags_per_step: 1, max_instances_per_step: null, val_fraction: 0.2, test_fraction: 0.2, prefetch: 2,
          class_weighting: true}
-run:    {seed: 0, device: auto, amp: none, monitor: auc, patience: 10}
+run:    {seed: 0, device: auto, amp: none, monitor: auto, patience: 10, workers: 1, host_allocator: keep}
+task:   {name: classification, survival_csv: null, bins: 4, alpha: 0.0}                # or `task: survival`
 ```
 
 The chosen model and method validate their own sections (their ``Config`` dataclasses). Values are converted to
@@ -29,7 +31,9 @@ from ..nn import model_config
 
 __all__ = ["DataConfig", "OptimConfig", "RunConfig", "SECTIONS", "TrainConfig", "load_config", "parse_overrides"]
 
-Monitor = Literal["auc", "balanced_accuracy", "macro_f1", "loss"]
+Monitor = Literal["auto", "auc", "balanced_accuracy", "macro_f1", "loss", "c_index", "td_auc"]
+CLASSIFICATION_MONITORS = ("auc", "balanced_accuracy", "macro_f1", "loss")
+SURVIVAL_MONITORS = ("c_index", "td_auc", "loss")
 Amp = Literal["none", "bf16", "fp16"]
 HostAllocator = Literal["keep", "system"]
 
@@ -83,7 +87,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     amp: Amp = "none"
-    monitor: Monitor = "auc"
+    monitor: Monitor = "auto"  # auto: auc (classification), c_index (survival)
     patience: int = 10
     workers: int = 1  # data-parallel processes (fastmil train --workers N: Ray Train, one shard of each step each)
     host_allocator: HostAllocator = "keep"  # keep freed host memory for reuse (fastmil.train.host_memory)
@@ -95,8 +99,29 @@ class RunConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
-SECTIONS = ("model", "method", "optim", "data", "run")
-_FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+@dataclass
+class TaskConfig:
+    """What the bag head predicts: ``classification`` (labels; cross-entropy) or ``survival`` (discrete-time
+    hazards over ``bins`` time bins from the training patients' event-time quantiles; the censored NLL with weight
+    ``alpha`` on uncensored patients; targets from ``survival_csv`` or the store's own, see
+    :mod:`fastmil.survival`)."""
+
+    name: Literal["classification", "survival"] = "classification"
+    survival_csv: str | None = None
+    bins: int = 4
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bins < 2:
+            raise ValueError(f"bins must be >= 2, got {self.bins}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.name != "survival" and self.survival_csv is not None:
+            raise ValueError("survival_csv is for task survival (task: {name: survival, survival_csv: ...})")
+
+
+SECTIONS = ("model", "method", "optim", "data", "run", "task")
+_FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig, "task": TaskConfig}
 
 RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience", "run.host_allocator"}
 """Keys that may differ between an interrupted run and its resumption. ``run.device``, ``data.prefetch``,
@@ -122,6 +147,20 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        allowed = SURVIVAL_MONITORS if self.task.name == "survival" else CLASSIFICATION_MONITORS
+        if self.run.monitor != "auto" and self.run.monitor not in allowed:
+            raise ConfigError(f"run.monitor={self.run.monitor!r} is not a {self.task.name} metric; use auto or one "
+                              f"of {list(allowed)}")
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric early stopping follows (``run.monitor``, with ``auto`` resolved for the task)."""
+        if self.run.monitor != "auto":
+            return self.run.monitor
+        return "c_index" if self.task.name == "survival" else "auc"
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any] | None = None, /, **sections: Mapping[str, Any]) -> TrainConfig:
@@ -132,6 +171,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"config: unknown section {key!r}{_section_hint(str(key))}; sections: {list(SECTIONS)}"
                 )
+            if key == "task" and isinstance(value, str):  # `task: survival` for {name: survival}
+                merged[key] = value = {"name": value}
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"config: section {key!r} must be a mapping of key: value, got {value!r}")
         method = method_config(merged.get("method"))

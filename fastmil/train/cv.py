@@ -11,6 +11,12 @@ Output::
     OUT/splits/splits_<k>.csv, splits_<k>_bool.csv   the folds used (CLAM's two forms)
     OUT/fold_<k>/                                     one run folder per fold (fastmil train's layout)
     OUT/summary.csv, OUT/summary.md                   every test metric per fold, mean and sd over folds
+    OUT/km_test.png, OUT/test_risks.csv               survival (``task: survival``): Kaplan-Meier curves of the
+                                                      pooled test folds, each fold's test patients split at that
+                                                      fold's median predicted risk, with the log-rank p-value
+                                                      (also in summary.md); the patients' risks
+
+Survival folds group slides by the patients of the survival targets and stratify by the event indicator.
 
 Resumable per fold: a fold whose run folder holds a checkpoint continues from it (a finished fold is only
 evaluated again).
@@ -29,10 +35,11 @@ from tqdm.auto import tqdm
 from .._atomic import write_text_atomic
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore, open_store
+from ..survival import survival_targets
 from .config import TrainConfig
 from .splits import SPLITS, labelled_slides, write_splits
 
-__all__ = ["cross_validate", "patient_folds", "read_case_ids", "read_split_dir", "write_splits_bool"]
+__all__ = ["cross_validate", "draw_folds", "patient_folds", "read_case_ids", "read_split_dir", "write_splits_bool"]
 
 
 def read_case_ids(path: str | os.PathLike) -> dict[str, str]:
@@ -84,6 +91,21 @@ def patient_folds(labels: dict[str, int], cases: dict[str, str] | None, folds: i
         out.append({"train": [slides[i] for i in train], "val": [slides[i] for i in val],
                     "test": [slides[i] for i in test]})
     return out
+
+
+def draw_folds(store: FeatureStore, cfg: TrainConfig, folds: int,
+               cases_csv: str | os.PathLike | None = None) -> list[dict[str, list[str]]]:
+    """:func:`patient_folds` for the task of ``cfg``: classification stratifies by label (patients from
+    ``cases_csv``); survival by the event indicator, patients from the survival targets' ``case_id``."""
+    if cfg.task.name == "survival":
+        if cases_csv is not None:
+            raise ValueError("--cases is for classification; a survival run's patients come from its survival "
+                             "targets (case_id)")
+        records = survival_targets(store, cfg.task.survival_csv)
+        return patient_folds({s: int(r.event) for s, r in records.items()}, {s: r.case_id for s, r in records.items()},
+                             folds, cfg.data.val_fraction, cfg.run.seed)
+    cases = read_case_ids(cases_csv) if cases_csv is not None else None
+    return patient_folds(labelled_slides(store), cases, folds, cfg.data.val_fraction, cfg.run.seed)
 
 
 def write_splits_bool(path: str | os.PathLike, splits: dict[str, list[str]]) -> None:
@@ -203,8 +225,7 @@ def cross_validate(
             raise ValueError(f"{out} holds a {len(fold_splits)}-fold cross-validation; resume it with --folds "
                              f"{len(fold_splits)} or choose another --out")
     else:
-        cases = read_case_ids(cases_csv) if cases_csv is not None else None
-        fold_splits = patient_folds(labelled_slides(store), cases, folds, cfg.data.val_fraction, cfg.run.seed)
+        fold_splits = draw_folds(store, cfg, folds, cases_csv)
     split_files.mkdir(parents=True, exist_ok=True)
     for k, splits in enumerate(fold_splits):
         write_splits(split_files / f"splits_{k}.csv", splits)
@@ -216,4 +237,53 @@ def cross_validate(
         result = fit(store, fold_dir, None if resume else cfg, split_csv=split_files / f"splits_{k}.csv",
                      resume=resume, progress=progress)
         per_fold.append(result.metrics["test"])
-    return _write_summary(out, per_fold)
+    rows = _write_summary(out, per_fold)
+    if cfg.task.name == "survival":
+        _pooled_test_km(out, store, [out / f"fold_{k}" for k in range(len(fold_splits))])
+    return rows
+
+
+def _pooled_test_km(out: Path, store: FeatureStore, fold_dirs: list[Path]) -> float | None:
+    """Kaplan-Meier plot and log-rank p of the pooled test folds (module docstring); the p-value is appended to
+    summary.md and returned."""
+    import torch
+
+    from ..survival import risk_from_logits, save_km_plot
+    from ..survival.metrics import patient_table
+    from .loop import load_method
+    from .survival_task import SurvivalRun
+    from .validate import predict_slides
+
+    rows = []
+    for k, fold_dir in enumerate(fold_dirs):
+        method, cfg, _ = load_method(fold_dir, store)
+        survival = SurvivalRun.load(fold_dir)
+        test = _run_splits(fold_dir / "splits.csv")["test"]
+        if not test:
+            continue
+        logits, _ = predict_slides(method, store, test, next(method.parameters()).device, amp=cfg.run.amp,
+                                   output="logits")
+        cases, patient_logits, time, event = patient_table(test, logits, survival.records)
+        risk = risk_from_logits(torch.from_numpy(patient_logits)).numpy()
+        high = risk > np.median(risk)
+        rows += [(k, c, t, int(e), float(r), bool(h)) for c, t, e, r, h in zip(cases, time, event, risk, high)]
+    if not rows:
+        return None
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["fold", "case_id", "time", "event", "risk", "high_risk"])
+    writer.writerows(rows)
+    write_text_atomic(out / "test_risks.csv", buf.getvalue())
+    time, event = np.array([r[2] for r in rows]), np.array([r[3] for r in rows], bool)
+    p = save_km_plot(out / "km_test.png", time, event, np.array([r[5] for r in rows]),
+                     f"{len(fold_dirs)} test folds pooled: {len(rows)} patients, split at each fold's median risk")
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    p_text = "n/a" if p is None else f"{p:.3g}"
+    write_text_atomic(out / "summary.md", summary + f"\nKaplan-Meier of the pooled test folds (km_test.png): "
+                                                    f"log-rank p = {p_text}\n")
+    return p
+
+
+def _run_splits(path: Path) -> dict[str, list[str]]:
+    """One fold's ``splits.csv`` (the run folder's copy)."""
+    return {name: list(read_splits_csv(path).get(name, [])) for name in SPLITS}

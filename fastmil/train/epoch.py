@@ -48,12 +48,14 @@ def train_epoch(
     stepper: Stepper, loader, epoch: int, *, epochs: int, seed: int, device: torch.device,
     class_weight: torch.Tensor | None, progress: bool = False,
     step_callback: Callable[[int, int, float], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, Bags], torch.Tensor] | None = None, loss_name: str = "ce",
 ) -> EpochStats:
     """Run one epoch of ``stepper`` over ``loader`` (a :class:`fastmil.data.BagLoader`).
 
     Terms are summed on the device and read once at the end (one host synchronisation per epoch).
     ``step_callback(epoch, step, loss)``, when given, is called after every step (it reads the loss: a sync).
-    ``progress`` shows a step bar on a terminal (tqdm hides it elsewhere).
+    ``progress`` shows a step bar on a terminal (tqdm hides it elsewhere). ``loss_fn``/``loss_name``: the task's
+    supervised loss for the methods (:class:`fastmil.methods.StepContext`; default: cross-entropy, ``ce``).
     """
     torch.manual_seed(epoch_seed(seed, epoch))
     loader.set_epoch(epoch)
@@ -68,7 +70,7 @@ def train_epoch(
                                      disable=None if progress else True)):
         bags = bags.to(device, non_blocking=True)
         ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=n_steps, epochs=epochs, seed=seed,
-                          class_weight=class_weight)
+                          class_weight=class_weight, loss_fn=loss_fn, loss_name=loss_name)
         terms = stepper.step(bags, ctx)
         for key, value in terms.items():
             sums[key] = sums[key] + value if key in sums else value.float().clone()

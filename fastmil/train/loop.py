@@ -31,14 +31,16 @@ from ..checkpoint import check_model_config, load_checkpoint
 from ..data.batching import BagBatchSampler, BagLoader
 from ..data.store import FeatureStore, open_store
 from ..methods import Method, build_method
+from ..survival import survival_targets
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import DataParallel
 from .epoch import train_epoch
 from .host_memory import keep_freed_host_memory
 from .logging import EpochLogger
 from .run_folder import ReadOnlyRunFolder, RunFolder, TrainState
-from .splits import labelled_slides, load_splits, make_splits
+from .splits import labelled_slides, load_splits, make_group_splits, make_splits
 from .step import Stepper
+from .survival_task import SurvivalRun
 from .validate import EarlyStopping, split_metrics
 
 __all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "RunResult", "evaluate", "fit", "load_method", "load_model",
@@ -80,20 +82,42 @@ def _class_weight(labels: Sequence[int], n_classes: int) -> torch.Tensor:
 
 def _signature(cfg: TrainConfig, in_dim: int, classes: list[str]) -> dict:
     """What a checkpoint must match to be loaded into a freshly built method."""
-    return {"model": to_dict(cfg.model), "method": to_dict(cfg.method), "in_dim": in_dim, "n_classes": len(classes),
-            "classes": list(classes)}
+    signature = {"model": to_dict(cfg.model), "method": to_dict(cfg.method), "in_dim": in_dim,
+                 "n_classes": len(classes), "classes": list(classes)}
+    if cfg.task.name != "classification":  # (classification runs of earlier versions have no "task" key)
+        signature["task"] = cfg.task.name
+    return signature
+
+
+def _task_targets(store: FeatureStore, cfg: TrainConfig, run: RunFolder, resume: bool):
+    """``(labels, cases, classes, survival records)``: what splits stratify by (class labels; for survival the
+    event indicator), the patients (survival; else None), the head's output names, and the survival targets (a
+    resumed run reads its own copy)."""
+    if cfg.task.name != "survival":
+        labels = labelled_slides(store)
+        return labels, None, store.classes or [str(c) for c in range(max(labels.values()) + 1)], None
+    records = (SurvivalRun.load(run.path).records if resume
+               else survival_targets(store, cfg.task.survival_csv))
+    return ({s: int(r.event) for s, r in records.items()}, {s: r.case_id for s, r in records.items()},
+            [f"bin_{k}" for k in range(cfg.task.bins)], records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the parts of fit
 # ----------------------------------------------------------------------------------------------------------------
-def _open_run(run: RunFolder, cfg: TrainConfig, resume: bool, split_csv, labels: dict, store: FeatureStore):
-    """Start a new run folder, or read the state of the run to resume. Returns ``(splits, state, checkpoint)``."""
+def _open_run(run: RunFolder, cfg: TrainConfig, resume: bool, split_csv, labels: dict, store: FeatureStore,
+              cases: dict[str, str] | None = None):
+    """Start a new run folder, or read the state of the run to resume. Returns ``(splits, state, checkpoint)``.
+    With ``cases``, a random split keeps each patient's slides in one split."""
     if not resume:
         if run.holds_run():
             raise ValueError(f"{run.path}: holds a run already; pass --resume to continue it or choose another --out")
-        splits = (load_splits(split_csv, labels, store) if split_csv
-                  else make_splits(labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.run.seed))
+        if split_csv:
+            splits = load_splits(split_csv, labels, store)
+        elif cases is not None:
+            splits = make_group_splits(labels, cases, cfg.data.val_fraction, cfg.data.test_fraction, cfg.run.seed)
+        else:
+            splits = make_splits(labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.run.seed)
         return splits, TrainState(), None
     saved = run.load_last()
     if saved.get("format") != CHECKPOINT_FORMAT:
@@ -140,11 +164,12 @@ def _agree_on_early_stopping(distributed: DataParallel, early: EarlyStopping, im
 
 
 def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device,
-                  neighbour_radius: int | None, distributed: DataParallel | None) -> BagLoader:
+                  neighbour_radius: int | None, distributed: DataParallel | None,
+                  groups: list[int] | None = None) -> BagLoader:
     rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world)
     sampler = BagBatchSampler(store.sizes(ids), bags_per_step=cfg.data.bags_per_step,
                               max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed,
-                              rank=rank, world=world)
+                              rank=rank, world=world, groups=groups)
     return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
                      neighbour_radius=neighbour_radius)
 
@@ -198,15 +223,16 @@ def fit(
     if cfg.run.workers != world:
         raise ValueError(f"config: run.workers={cfg.run.workers} but this fit runs in {world} process(es); "
                          "data-parallel runs start through `fastmil train --workers N` (Ray Train)")
-    labels = labelled_slides(store)
-    classes = store.classes or [str(c) for c in range(max(labels.values()) + 1)]
+    labels, cases, classes, records = _task_targets(store, cfg, run, resume)
     device = select_device(cfg.run.device)
     if cfg.run.host_allocator == "keep":
         keep_freed_host_memory()
     if cfg.run.amp != "none" and device.type != "cuda":
         raise ValueError(f"config: run.amp={cfg.run.amp!r} needs a CUDA device (got {device})")
-    splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store)
-    _check_splits(splits, labels, classes)
+    splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store, cases)
+    survival = None if records is None else SurvivalRun.for_splits(records, splits, cfg.task)
+    if survival is None:
+        _check_splits(splits, labels, classes)
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
     _check_spatial_inputs(method, store, [s for ids in splits.values() for s in ids])
@@ -217,13 +243,16 @@ def fit(
         method.load_state_dict(saved["method_state"])
         stepper.load_state_dict(saved["stepper_state"])
     run.start(cfg.to_dict(), splits)  # only once the run is known to be startable or resumable
+    if survival is not None and run.writable and not resume:
+        survival.save(run.path)
     class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
-                    if cfg.data.class_weighting else None)
-    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed)
+                    if cfg.data.class_weighting and survival is None else None)
+    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed,
+                           None if survival is None else survival.groups(splits["train"]))
     monitor_split = "val" if splits["val"] else "train"
-    early = EarlyStopping(cfg.run.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
+    early = EarlyStopping(cfg.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
     logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,
-                         progress=progress and main, monitor=cfg.run.monitor, tensorboard=None if main else False)
+                         progress=progress and main, monitor=cfg.monitor, tensorboard=None if main else False)
     trained = False
     try:
         if state.stop_reason:
@@ -232,9 +261,15 @@ def fit(
             trained = True
             epoch = state.epochs_done
             stats = train_epoch(stepper, loader, epoch, epochs=cfg.optim.epochs, seed=cfg.run.seed, device=device,
-                                class_weight=class_weight, progress=logger.interactive, step_callback=step_callback)
+                                class_weight=class_weight, progress=logger.interactive, step_callback=step_callback,
+                                loss_fn=None if survival is None else survival.loss_fn,
+                                loss_name="ce" if survival is None else "nll")
             started = time.perf_counter()
-            val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp)
+            if survival is None:
+                val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp)
+            else:
+                val = survival.split_metrics(method, store, splits[monitor_split], splits["train"], device,
+                                             cfg.run.amp)
             record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
             improved = early.update(epoch, val)
             if distributed is not None:  # rank 0 decides for every process, whatever their metrics' rounding
@@ -248,7 +283,7 @@ def fit(
             for callback in callbacks:
                 callback(record, run)
         if trained and state.stop_reason == "patience":
-            logger.note(f"early stop after epoch {state.epochs_done}: best val {cfg.run.monitor} at epoch "
+            logger.note(f"early stop after epoch {state.epochs_done}: best val {cfg.monitor} at epoch "
                         f"{state.best_epoch + 1}")
     finally:
         logger.close()
@@ -294,7 +329,8 @@ def load_method(
             raise ValueError(
                 f"{folder.path}: model expects {sig['in_dim']}-dim features, store {store.path} has {store.dim}"
             )
-        if store.classes and list(store.classes) != list(sig["classes"]):
+        if sig.get("task", "classification") == "classification" and store.classes and list(store.classes) != list(
+                sig["classes"]):
             raise ValueError(f"{folder.path}: model classes {sig['classes']} differ from store classes {store.classes}")
     method.to(device or select_device(cfg.run.device)).eval()
     return method, cfg, sig
@@ -320,12 +356,17 @@ def evaluate(
     store = _as_store(store)
     method, cfg, sig = load_method(run, store)
     device = next(method.parameters()).device
-    labels = labelled_slides(store)
+    survival = SurvivalRun.load(run) if cfg.task.name == "survival" else None
+    labels = labelled_slides(store) if survival is None else survival.strata()
     split_ids = load_splits(run / "splits.csv", labels, store)
     class_weight = (_class_weight([labels[s] for s in split_ids["train"]], sig["n_classes"])
-                    if cfg.data.class_weighting else None)
+                    if cfg.data.class_weighting and survival is None else None)
     out = {}
     for name in tqdm(splits, desc="evaluate", unit="split", disable=None if progress else True, leave=False):
-        out[name] = split_metrics(method, store, split_ids[name], labels, device, class_weight, cfg.run.amp)
+        if survival is None:
+            out[name] = split_metrics(method, store, split_ids[name], labels, device, class_weight, cfg.run.amp)
+        else:
+            out[name] = survival.split_metrics(method, store, split_ids[name], split_ids["train"], device,
+                                               cfg.run.amp)
     write_text_atomic(run / "metrics.json", json.dumps(out, indent=2))
     return out

@@ -91,8 +91,15 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
 
 
 def format_metrics_table(metrics: dict[str, dict]) -> str:
-    """A fixed-width table of ``{split: metrics}``: n, AUC, balanced accuracy, macro F1, loss."""
+    """A fixed-width table of ``{split: metrics}``: n, AUC, balanced accuracy, macro F1, loss (survival metrics:
+    slides, patients, events, C-index, time-dependent AUC, loss)."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    if any("c_index" in m for m in metrics.values()):
+        lines = [f"{'split':<6} {'n':>4} {'patients':>8} {'events':>6} {'C-index':>7} {'tdAUC':>6} {'loss':>7}"]
+        for split, m in metrics.items():
+            lines.append(f"{split:<6} {m['n']:>4} {m.get('n_patients', 0):>8} {m.get('n_events', 0):>6} "
+                         f"{fmt(m.get('c_index')):>7} {fmt(m.get('td_auc')):>6} {fmt(m.get('loss')):>7}")
+        return "\n".join(lines)
     lines = [f"{'split':<6} {'n':>4} {'AUC':>6} {'bal.acc':>8} {'macroF1':>8} {'loss':>7}"]
     for split, m in metrics.items():
         lines.append(f"{split:<6} {m['n']:>4} {fmt(m.get('auc')):>6} {fmt(m.get('balanced_accuracy')):>8} "

@@ -16,6 +16,14 @@ Output folder::
                                    file (``slides_dir``), their crops in OUT/top_k/<slide_id>/rank_<r>.png
     OUT/overlays/<slide_id>.png    attention over the slide thumbnail (with ``slides_dir``)
     OUT/geojson/<slide_id>.geojson the patches as QuPath detections with attention measurements (``geojson``)
+
+A survival run (``task: survival``) writes instead of the class columns and classification curves::
+
+    OUT/predictions.csv            slide_id, case_id, split, time, event, risk (the slide's), patient_risk
+                                   (its patient's: mean logits of their slides), hazard_<bin>...
+    OUT/metrics.json               {split: survival metrics} (fastmil.survival.metrics), patient level
+    OUT/km_<split>.png             Kaplan-Meier curves of the split's patients above / below the split's median
+                                   risk, with the log-rank p-value
 """
 from __future__ import annotations
 
@@ -33,9 +41,12 @@ from .._atomic import write_text_atomic
 from ..data.grid import lattice_cells, patch_stride
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore, open_store
+from ..survival import risk_from_logits, save_km_plot, survival_metrics
+from ..survival.metrics import patient_table
 from .loop import load_method
 from .metrics import binary_auc, compute_metrics, pr_curve, roc_curve
 from .slide_outputs import find_slide_file, save_slide_overlay, write_geojson, write_top_k
+from .survival_task import SurvivalRun
 from .validate import predict_slides
 
 __all__ = ["SPLITS", "predict", "attention_grid", "save_confusion", "save_heatmap", "save_pr", "save_roc"]
@@ -195,38 +206,36 @@ def predict(
         ids = [s for s in ids if split_of[s] == split]
         if not ids:
             raise ValueError(f"no slide of the run's {split!r} split among the slides to predict")
+    survival = SurvivalRun.load(run) if cfg.task.name == "survival" else None
     probs, attention = predict_slides(method, store, ids, device, keep_attention=True, progress=progress,
-                                      amp=cfg.run.amp)
+                                      amp=cfg.run.amp, output="probs" if survival is None else "logits")
     classes = sig["classes"]
     out = Path(out)
     (out / "attention").mkdir(parents=True, exist_ok=True)
     labels = store.labels(ids)
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["slide_id", "split", "label", *[f"prob_{c}" for c in classes], "pred"])
-    for sid, p in zip(ids, probs):
-        y = labels[sid]
-        w.writerow([sid, split_of[sid], "" if y is None else classes[y], *[f"{v:.6f}" for v in p],
-                    classes[int(p.argmax())]])
-    write_text_atomic(out / "predictions.csv", buf.getvalue())
-    _write_split_reports(out, ids, probs, labels, split_of, classes)
+    if survival is None:
+        _write_predictions(out, ids, probs, labels, split_of, classes)
+        _write_split_reports(out, ids, probs, labels, split_of, classes)
+        titles = {sid: f"p({classes[-1]})={p[-1]:.3f}" + ("" if labels[sid] is None else
+                                                            f" label={classes[labels[sid]]}")
+                  for sid, p in zip(ids, probs)}
+    else:
+        titles = write_survival_predictions(out, ids, probs, split_of, survival, _train_ids(run))
     for sid in ids:
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
     for name, wanted in (("heatmaps", heatmaps), ("top_k", top_k > 0), ("geojson", geojson),
                          ("overlays", slides_dir is not None)):
         if wanted:
             (out / name).mkdir(exist_ok=True)
-    bar = tqdm(list(zip(ids, probs)), desc="slide outputs", unit="slide", disable=None if progress else True,
-               leave=False)
-    for sid, p in bar:
+    bar = tqdm(ids, desc="slide outputs", unit="slide", disable=None if progress else True, leave=False)
+    for sid in bar:
         coords = store.read_coords(sid)
         if coords is None:
             continue
         patch_size = store.slide_attrs(sid).get("patch_size_level0")
         stride = patch_stride(coords, patch_size)  # the lattice step (equals the patch size without overlap)
         patch_size = int(patch_size or stride)
-        y = labels[sid]
-        title = f"p({classes[-1]})={p[-1]:.3f}" + ("" if y is None else f" label={classes[y]}")
+        title = titles[sid]
         slide_file = find_slide_file(slides_dir, sid) if slides_dir is not None else None
         if heatmaps:
             save_heatmap(out / "heatmaps" / f"{sid}.png", sid, coords, attention[sid], stride,
@@ -239,6 +248,65 @@ def predict(
             save_slide_overlay(out / "overlays" / f"{sid}.png", slide_file, sid, coords, stride, attention[sid],
                                title=title)
     return out
+
+
+def _write_predictions(out: Path, ids: Sequence[str], probs: np.ndarray, labels: dict, split_of: dict[str, str],
+                       classes: Sequence[str]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "split", "label", *[f"prob_{c}" for c in classes], "pred"])
+    for sid, p in zip(ids, probs):
+        y = labels[sid]
+        w.writerow([sid, split_of[sid], "" if y is None else classes[y], *[f"{v:.6f}" for v in p],
+                    classes[int(p.argmax())]])
+    write_text_atomic(out / "predictions.csv", buf.getvalue())
+
+
+def _train_ids(run: Path) -> list[str]:
+    return read_splits_csv(run / "splits.csv").get("train", [])
+
+
+def write_survival_predictions(out: Path, ids: Sequence[str], logits: np.ndarray, split_of: dict[str, str],
+                               survival: SurvivalRun, train_ids: Sequence[str]) -> dict[str, str]:
+    """``predictions.csv``, ``metrics.json`` and ``km_<split>.png`` of a survival run (module docstring); returns
+    a heatmap title per slide. Slides without a survival target in the run get risks but no metrics."""
+    import torch
+
+    slide_risk = risk_from_logits(torch.from_numpy(np.asarray(logits, np.float64))).numpy()
+    known = [i for i, s in enumerate(ids) if s in survival.records]
+    patient_risk: dict[str, float] = {}
+    if known:
+        cases, patient_logits, _, _ = patient_table([ids[i] for i in known], logits[known], survival.records)
+        patient_risk = dict(zip(cases, risk_from_logits(torch.from_numpy(patient_logits)).numpy().tolist()))
+    hazards = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "case_id", "split", "time", "event", "risk", "patient_risk",
+                *[f"hazard_{k}" for k in range(hazards.shape[1])]])
+    titles = {}
+    for sid, risk, h in zip(ids, slide_risk, hazards):
+        rec = survival.records.get(sid)
+        w.writerow([sid, "" if rec is None else rec.case_id, split_of[sid], "" if rec is None else rec.time,
+                    "" if rec is None else int(rec.event), f"{risk:.6f}",
+                    "" if rec is None else f"{patient_risk[rec.case_id]:.6f}", *[f"{v:.6f}" for v in h]])
+        titles[sid] = f"risk={risk:.3f}" + ("" if rec is None else f" time={rec.time:g} event={int(rec.event)}")
+    write_text_atomic(out / "predictions.csv", buf.getvalue())
+    train_records = {s: survival.records[s] for s in train_ids if s in survival.records}
+    report = {}
+    for name in (*SPLITS, "none"):
+        rows = [i for i in known if split_of[ids[i]] == name]
+        if not rows:
+            continue
+        members = [ids[i] for i in rows]
+        report[name] = survival_metrics(members, logits[rows], survival.records, survival.edges, train_records,
+                                        survival.alpha)
+        cases, _, time, event = patient_table(members, logits[rows], survival.records)
+        risk = np.array([patient_risk[c] for c in cases])
+        report[name]["logrank_p"] = save_km_plot(
+            out / f"km_{name}.png", time, event, risk > np.median(risk),
+            f"{name} split: {len(cases)} patients, split at the median predicted risk")
+    write_text_atomic(out / "metrics.json", json.dumps(report, indent=2))
+    return titles
 
 
 def _write_split_reports(out: Path, ids: Sequence[str], probs: np.ndarray, labels: dict, split_of: dict[str, str],

@@ -11,7 +11,7 @@ from ..checkpoint import write_text_atomic
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore
 
-__all__ = ["labelled_slides", "make_splits", "load_splits", "write_splits"]
+__all__ = ["labelled_slides", "make_group_splits", "make_splits", "load_splits", "write_splits"]
 
 SPLITS = ("train", "val", "test")
 
@@ -53,6 +53,19 @@ def make_splits(labels: dict[str, int], val_fraction: float, test_fraction: floa
     return {k: sorted(v) for k, v in out.items()}
 
 
+def make_group_splits(strata: dict[str, int], groups: dict[str, str], val_fraction: float, test_fraction: float,
+                      seed: int) -> dict[str, list[str]]:
+    """Random split of whole groups (patients): each group's slides land in one split. Groups are stratified by
+    their first slide's ``strata`` value (survival: the event indicator), and every stratum with >= 3 groups
+    appears in train, val and test, as in :func:`make_splits`."""
+    members: dict[str, list[str]] = {}
+    for sid in sorted(strata):
+        members.setdefault(groups.get(sid, f"slide:{sid}"), []).append(sid)
+    by_group = {g: strata[ids[0]] for g, ids in members.items()}
+    group_splits = make_splits(by_group, val_fraction, test_fraction, seed)
+    return {k: sorted(s for g in group_splits[k] for s in members[g]) for k in SPLITS}
+
+
 def load_splits(path: str | os.PathLike, labels: dict[str, int], store: FeatureStore) -> dict[str, list[str]]:
     """Read a CLAM-style splits CSV and check it against the store; missing slides are an error."""
     raw = read_splits_csv(path)
@@ -66,7 +79,8 @@ def load_splits(path: str | os.PathLike, labels: dict[str, int], store: FeatureS
         )
     unlabelled = sorted(s for ids in raw.values() for s in ids if s not in labels)
     if unlabelled:
-        raise ValueError(f"{path}: slide(s) without a label in the store: {', '.join(map(repr, unlabelled[:5]))}")
+        raise ValueError(f"{path}: slide(s) without a label (or survival target): "
+                         f"{', '.join(map(repr, unlabelled[:5]))}")
     return {k: list(raw.get(k, [])) for k in SPLITS}
 
 

@@ -23,10 +23,13 @@ EVAL_INSTANCES_PER_STEP = 262_144
 @torch.no_grad()
 def predict_slides(
     method: Method, store: FeatureStore, slide_ids: Sequence[str], device: torch.device, *,
-    keep_attention: bool = False, progress: bool = False, amp: str = "none",
+    keep_attention: bool = False, progress: bool = False, amp: str = "none", output: str = "probs",
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities ``[S, C]`` (in ``slide_ids`` order) and, optionally, per-slide attention
-    ``{id: [N] or [N, H]}``, from ``method.predict`` in eval mode."""
+    """Class probabilities ``[S, C]`` (in ``slide_ids`` order; ``output="logits"``: the raw head outputs, e.g. the
+    per-bin hazard logits of a survival run) and, optionally, per-slide attention ``{id: [N] or [N, H]}``, from
+    ``method.predict`` in eval mode."""
+    if output not in ("probs", "logits"):
+        raise ValueError(f"output must be probs or logits, got {output!r}")
     method.eval()
     sampler = BagBatchSampler(store.sizes(slide_ids), max_instances_per_step=EVAL_INSTANCES_PER_STEP, shuffle=False)
     loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius)
@@ -36,7 +39,8 @@ def predict_slides(
         bags = bags.to(device)
         with autocast(amp, device):
             out = method.predict(bags)
-        p = torch.softmax(out.logits.float(), dim=-1).cpu().numpy()
+        logits = out.logits.float()
+        p = (torch.softmax(logits, dim=-1) if output == "probs" else logits).cpu().numpy()
         w = out.attention.float().cpu().numpy()
         off = bags.offsets_cpu.numpy()
         for b, sid in enumerate(bags.ids):
@@ -72,9 +76,10 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = best, best_epoch, bad_epochs
 
     def value(self, metrics: dict) -> float | None:
-        """The monitored value; with ``auc`` undefined (one class in the split) the negated loss stands in."""
+        """The monitored value; where it is undefined (``auc`` with one class in the split, ``c_index`` without a
+        comparable pair) the negated loss stands in."""
         value = metrics.get(self.monitor)
-        if self.monitor == "auc" and value is None and metrics.get("loss") is not None:
+        if self.monitor != "loss" and value is None and metrics.get("loss") is not None:
             return -metrics["loss"]
         return value
 

@@ -24,7 +24,7 @@ def test_bags_per_step_and_combined_limits():
     assert BagBatchSampler(SIZES, bags_per_step=3, shuffle=False, drop_last=True).steps()[-1] == [6, 7, 8]
     both = BagBatchSampler(SIZES, bags_per_step=2, max_instances_per_step=200, shuffle=False).steps()
     assert all(len(s) <= 2 and (SIZES[s].sum() <= 200 or len(s) == 1) for s in both)
-    assert BagBatchSampler(SIZES).steps() == [[i] for i in BagBatchSampler(SIZES)._order()]  # default: 1 bag
+    assert BagBatchSampler(SIZES).steps() == BagBatchSampler(SIZES)._order()  # default: 1 bag per step
 
 
 def test_shuffle_is_seeded_per_epoch():
@@ -87,3 +87,21 @@ def test_loader_stops_cleanly_when_consumer_breaks(tmp_path):
         if i == 1:
             break
     assert len(list(loader)) == 6  # a fresh iteration works after an abandoned one
+
+
+def test_groups_stay_in_one_step():
+    """A patient's slides (one group) are shuffled as a unit and packed into one step, whatever the limits."""
+    groups = [0, 1, 0, 2, 3, 3, 3, 4, 5, 1]
+    for kwargs in ({"bags_per_step": 1}, {"bags_per_step": 2}, {"max_instances_per_step": 150}):
+        for epoch in range(3):
+            sampler = BagBatchSampler(SIZES, groups=groups, seed=1, **kwargs)
+            sampler.set_epoch(epoch)
+            steps = sampler.steps()
+            assert sorted(i for s in steps for i in s) == list(range(len(SIZES)))
+            step_of = {i: k for k, s in enumerate(steps) for i in s}
+            for g in set(groups):
+                assert len({step_of[i] for i, gi in enumerate(groups) if gi == g}) == 1
+            if kwargs == {"bags_per_step": 1}:  # one group per step
+                assert all(len({groups[i] for i in s}) == 1 for s in steps)
+    with pytest.raises(ValueError, match="one group per bag"):
+        BagBatchSampler(SIZES, groups=[0, 1])

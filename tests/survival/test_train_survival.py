@@ -1,0 +1,112 @@
+"""task: survival end to end: fit (plain and MHIM-MIL), evaluate, predict (KM plot), cross-validation, errors."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fastmil import Bags
+from fastmil._config import ConfigError
+from fastmil.data import SynthConfig, synthesize_store
+from fastmil.survival import SurvivalRecord, group_logits, survival_nll
+from fastmil.train import TrainConfig, evaluate, fit, predict
+from fastmil.train.cv import cross_validate
+from fastmil.train.survival_task import SurvivalRun
+
+DATA = SynthConfig(n_slides=300, dim=32, median_instances=500, min_instances=200, max_instances=1500, size_sigma=0.4,
+                   survival=True, seed=1)
+SURVIVAL = {"model": {"embed_dim": 64, "attn_dim": 32, "dropout": 0.1}, "optim": {"epochs": 12, "lr": 2e-3},
+            "data": {"test_fraction": 0.3},
+            "run": {"patience": 12}, "task": "survival"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("survival")
+    return root, synthesize_store(DATA, root / "store", progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    root, store = cohort
+    return fit(store, root / "run", TrainConfig.from_dict(SURVIVAL), progress=False)
+
+
+def test_abmil_learns_burden_driven_survival(cohort, trained):
+    root, _ = cohort
+    test = trained.metrics["test"]
+    assert test["c_index"] >= 0.75, trained.metrics
+    assert test["n_patients"] <= test["n"] and test["n_events"] > 0
+    for name in ("survival.csv", "survival.json", "best.pt", "metrics.csv"):
+        assert (root / "run" / name).is_file()
+    rows = list(csv.DictReader(open(root / "run" / "metrics.csv")))
+    assert {"train_nll", "val_c_index", "val_td_auc"} <= set(rows[0])
+    edges = json.loads((root / "run" / "survival.json").read_text())["edges"]
+    assert len(edges) == 3 and edges == sorted(edges)
+    assert json.loads((root / "run" / "metrics.json").read_text())["test"]["c_index"] == test["c_index"]
+
+
+def test_patients_never_cross_splits(cohort, trained):
+    root, _ = cohort
+    run = SurvivalRun.load(root / "run")
+    from fastmil.data import read_splits_csv
+
+    owner = {s: name for name, ids in read_splits_csv(root / "run" / "splits.csv").items() for s in ids}
+    by_case = {}
+    for sid, rec in run.records.items():
+        by_case.setdefault(rec.case_id, set()).add(owner[sid])
+    assert all(len(splits) == 1 for splits in by_case.values())
+
+
+def test_step_loss_groups_a_patients_slides():
+    run = SurvivalRun({"a": SurvivalRecord("p", 5.0, True), "b": SurvivalRecord("p", 5.0, True),
+                       "c": SurvivalRecord("q", 1.0, False)}, [2.0, 4.0, 8.0], 0.25)
+    bags = Bags.from_list([torch.zeros(2, 3)] * 3, ids=["a", "c", "b"])
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    grouped = group_logits(logits, torch.tensor([0, 1, 0]))  # p = mean of a and b, q = c
+    expected = survival_nll(grouped, torch.tensor([2, 0]), torch.tensor([True, False]), 0.25)
+    assert torch.allclose(run.loss_fn(logits, bags), expected.float(), rtol=1e-6)
+
+
+def test_evaluate_and_predict_write_km_plots(cohort, trained, tmp_path):
+    root, store = cohort
+    metrics = evaluate(root / "run", store, progress=False)
+    assert metrics["test"]["c_index"] == pytest.approx(trained.metrics["test"]["c_index"])
+    out = predict(root / "run", store, tmp_path / "pred", split="test", heatmaps=False, top_k=0, progress=False)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert {"case_id", "time", "event", "risk", "patient_risk", "hazard_0", "hazard_3"} <= set(rows[0])
+    assert all(0 < float(r["hazard_0"]) < 1 for r in rows)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["test"]["c_index"] == pytest.approx(trained.metrics["test"]["c_index"])
+    assert 0 <= report["test"]["logrank_p"] <= 1
+    assert (out / "km_test.png").stat().st_size > 10_000
+
+
+def test_mhim_two_stage_survival(cohort, trained, tmp_path):
+    """The README's two-stage recipe with task: survival: the plain run's model initialises teacher and student."""
+    root, store = cohort
+    cfg = TrainConfig.from_dict({**SURVIVAL, "method": {"name": "mhim", "teacher_init": str(root / "run"),
+                                                        "high_ratio": 0.01}, "optim": {"epochs": 3, "lr": 2e-4}})
+    result = fit(store, tmp_path / "mhim", cfg, progress=False)
+    assert {"nll", "consistency", "keep_frac"} <= set(result.history[-1]["train"])
+    assert result.metrics["test"]["c_index"] >= 0.75, result.metrics
+
+
+def test_cross_validation_pools_test_folds(cohort, tmp_path):
+    _, store = cohort
+    cfg = TrainConfig.from_dict({**SURVIVAL, "optim": {"epochs": 1}})
+    rows = cross_validate(store, tmp_path / "cv", cfg, folds=2, progress=False)
+    assert {"c_index", "td_auc", "n_patients"} <= {r["metric"] for r in rows}
+    assert (tmp_path / "cv" / "km_test.png").is_file()
+    risks = list(csv.DictReader(open(tmp_path / "cv" / "test_risks.csv")))
+    assert {r["fold"] for r in risks} == {"0", "1"}
+    assert "log-rank p" in (tmp_path / "cv" / "summary.md").read_text()
+
+
+def test_survival_errors(tmp_path):
+    store = synthesize_store(SynthConfig(n_slides=6, dim=8, median_instances=30, min_instances=10), tmp_path / "s",
+                             progress=False)
+    with pytest.raises(ValueError, match="no survival targets"):
+        fit(store, tmp_path / "run", TrainConfig.from_dict({"task": "survival"}), progress=False)
+    with pytest.raises(ConfigError, match="not a survival metric"):
+        TrainConfig.from_dict({"task": "survival", "run": {"monitor": "auc"}})
