@@ -110,3 +110,36 @@ def test_survival_errors(tmp_path):
         fit(store, tmp_path / "run", TrainConfig.from_dict({"task": "survival"}), progress=False)
     with pytest.raises(ConfigError, match="not a survival metric"):
         TrainConfig.from_dict({"task": "survival", "run": {"monitor": "auc"}})
+
+
+@pytest.mark.parametrize("name", ["plain", "mhim", "srmil", "mhim+srmil"])
+def test_every_method_takes_the_survival_loss(name):
+    """Each method's label terms come from the task's loss (named nll), its own terms unchanged, and gradients
+    reach the head."""
+    from fastmil.methods import StepContext, build_method, method_config
+    from fastmil.nn import model_config
+
+    g = torch.Generator().manual_seed(0)
+    feats, coords, ids = [], [], []
+    for b, n in enumerate((30, 1, 57)):
+        cells = torch.randperm(100, generator=g)[:n]
+        coords.append(torch.stack([cells % 10 * 256, cells // 10 * 256], 1))
+        feats.append(torch.randn(n, 6, generator=g))
+        ids.append(f"s{b}")
+    bags = Bags.from_list(feats, coords=coords, ids=ids)  # no labels: survival needs none
+    run = SurvivalRun({"s0": SurvivalRecord("p", 3.0, True), "s1": SurvivalRecord("p", 3.0, True),
+                       "s2": SurvivalRecord("q", 9.0, False)}, [2.0, 5.0, 8.0], 0.0)
+    spatial = "srmil" in name
+    model = ({"name": "graphmil", "heads": 2, "head_dim": 8, "radius": 1, "head_hidden": 8, "dropout": 0.0}
+             if spatial else {"name": "abmil", "embed_dim": 16, "attn_dim": 8})
+    options = {"recycle_tokens": 2, "recycle_heads": 2} if "mhim" in name else {}
+    torch.manual_seed(0)
+    method = build_method(method_config({"name": name, **options}), model_config(model), 6, 4)
+    ctx = StepContext(epoch=0, step=0, steps_per_epoch=1, epochs=1, seed=0, loss_fn=run.loss_fn, loss_name="nll")
+    out = method.training_step(bags, ctx)
+    expected = {"plain": {"nll"}, "mhim": {"nll", "consistency"}, "srmil": {"nll_masked", "nll_clean", "recon"},
+                "mhim+srmil": {"nll", "consistency", "nll_masked", "recon"}}[name]
+    assert expected <= set(out.terms) and not any(k.startswith("ce") for k in out.terms)
+    out.loss.backward()
+    head = [p for n, p in method.model.named_parameters() if p.grad is not None]
+    assert head and all(torch.isfinite(p.grad).all() for p in head)
