@@ -1,4 +1,5 @@
-"""Print the ratios the issues ask for from a pytest-benchmark JSON file.
+"""Print the ratios the issues ask for from a pytest-benchmark JSON file, and write the run's report
+(``report.md`` beside it: tables, ratios, share of the measured GEMM rate, PNG plots; ``fastmil.bench``).
 
 Usage: python benchmarks/report.py bench_out/bench.json
 """
@@ -6,6 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from fastmil.bench import write_report
 
 # (numerator, denominator, target, what): ratios of median times measured in the same run.
 RATIOS = [
@@ -27,6 +31,13 @@ for _dev in ("cpu", "cuda"):
              f"MHIM(ABMIL) step {_dev.upper()} time / research-style step, N={_n // 1000}k D=1024"),
             (f"test_mhim_step_time[{_dev}-mhim-{_n}]", f"test_mhim_step_time[{_dev}-plain-{_n}]", 1.5,
              f"MHIM(ABMIL) step {_dev.upper()} time / fastmil plain ABMIL step, N={_n // 1000}k D=1024"),
+        ]
+
+for _dev in ("cpu", "cuda"):
+    for _n in (2_000, 10_000, 100_000):
+        RATIOS += [
+            (f"test_abmil_step_time[{_dev}-fastmil-{_n}]", f"test_abmil_step_time[{_dev}-chain-{_n}]", 0.8,
+             f"ABMIL training step {_dev.upper()} time / plain module chain, N={_n // 1000}k D=1024"),
         ]
 
 RATIOS += [
@@ -62,6 +73,11 @@ for _dev in ("cpu", "cuda"):
         ]
 
 
+for _dev in ("cpu", "cuda"):
+    MEMORY_RATIOS += [
+        (f"test_abmil_step_memory[{_dev}-fastmil-100000]", f"test_abmil_step_memory[{_dev}-chain-100000]", 0.5,
+         f"ABMIL training step {_dev.upper()} extra peak memory / plain module chain, N=100k", True),
+    ]
 MEMORY_RATIOS += [
     ("test_srmil_step_memory[cpu-fastmil-20000]", "test_srmil_step_memory[cpu-naive-20000]", 0.3,
      "SRMIL step CPU extra peak memory / straightforward torch step, N=20k D=1024", True),
@@ -96,6 +112,8 @@ def main(path: str) -> int:
         verdict = "" if target is None else f"; target <= {target}x {'OK' if a / b <= target else 'MISSED'}"
         failed |= target is not None and a / b > target
         print(f"{what}: {a / b:.2f}x ({a / 2**20:.0f} MiB vs {b / 2**20:.0f} MiB{verdict})")
+    report = write_report(path, Path(path).parent, [(num, den, target, what) for num, den, target, what in RATIOS])
+    print(f"report: {report}")
     return 1 if failed else 0
 
 

@@ -93,6 +93,23 @@ def _record_survival(store_path: str, csv_path: str, strict: bool) -> None:
           f"{len({r.case_id for s, r in records.items() if s in store})} patient(s)")
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import compare_runs, format_changes, write_report
+
+    if args.action == "compare":
+        if len(args.files) != 2:
+            raise ValueError("bench compare needs two files: A.json B.json")
+        changes, only_a, only_b = compare_runs(args.files[0], args.files[1], noise_factor=args.noise_factor,
+                                               min_change=args.min_change)
+        print(format_changes(changes, only_a, only_b))
+        return 1 if any(c.status == "regression" for c in changes) else 0
+    if len(args.files) != 1:
+        raise ValueError("bench report needs one file: RUN.json")
+    path = write_report(args.files[0], args.out or Path(args.files[0]).parent)
+    print(f"report written to {path}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .data.store import open_store
 
@@ -315,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first bad slide, and make labels for unknown slides an error")
     p.add_argument("--failures", default=None, metavar="CSV",
                    help="where to list the slides that failed (default: OUT_STORE.failures.csv)")
+
+    p = add("bench", _cmd_bench, "Compare two benchmark runs, or write the report of one (pytest-benchmark JSON).")
+    p.add_argument("action", choices=["compare", "report"],
+                   help="compare A.json B.json: per-case change, regressions beyond the measured noise flagged "
+                        "(exit 1 when there is one); report RUN.json: report.md and plots")
+    p.add_argument("files", nargs="+", metavar="JSON")
+    p.add_argument("--out", default=None, help="report: output folder (default: beside the JSON file)")
+    p.add_argument("--noise-factor", type=float, default=3.0,
+                   help="compare: a time change counts beyond this many relative IQRs (default %(default)s)")
+    p.add_argument("--min-change", type=float, default=0.05,
+                   help="compare: smallest relative change ever flagged (default %(default)s)")
 
     p = add("info", _cmd_info, "Summarise a store: slides, instance counts, dims, label counts.")
     p.add_argument("store", metavar="STORE")

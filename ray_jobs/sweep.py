@@ -38,7 +38,8 @@ from .space import SweepSpec, load_spec, tune_space
 
 __all__ = ["CHECKPOINT_FILES", "main", "run_sweep", "train_trial"]
 
-CHECKPOINT_FILES = ("last.pt", "best.pt", "config.yaml", "splits.csv", "history.json", "metrics.csv")
+CHECKPOINT_FILES = ("last.pt", "best.pt", "config.yaml", "splits.csv", "history.json", "metrics.csv",
+                    "survival.csv", "survival.json")
 """What of a run folder a trial checkpoint carries (everything ``fit(resume=True)`` reads)."""
 FAULT_ENV = "FASTMIL_SWEEP_KILL_AFTER_EPOCH"
 """Fault injection for the tests: ``"<marker file>:<epoch>"`` in the driver's environment makes the first trial
@@ -159,7 +160,13 @@ def _scheduler(spec: SweepSpec, max_t: int):
 def _tuner(spec: SweepSpec, resume: bool):
     from ray import tune
 
+    from fastmil.train.config import CLASSIFICATION_MONITORS, SURVIVAL_MONITORS
+
     base = _train_config({"train_config": spec.train_config, "base": spec.base}, {})
+    allowed = SURVIVAL_MONITORS if base.task.name == "survival" else CLASSIFICATION_MONITORS
+    if spec.metric not in allowed:
+        raise ValueError(f"metric {spec.metric!r} is not reported for task {base.task.name}; use one of "
+                         f"{list(allowed)}")
     max_t = spec.folds if spec.folds >= 2 else base.optim.epochs
     metric = f"val_{spec.metric}"
     trainable = tune.with_resources(train_trial, {"cpu": float(spec.resources.get("cpus_per_trial", 1)),

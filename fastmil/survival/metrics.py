@@ -4,7 +4,8 @@
   where the one with the shorter time had the event, the share ordered correctly by risk (ties in risk count 1/2).
 - ``td_auc``: the mean over time points of the cumulative/dynamic AUC (``sksurv.metrics.cumulative_dynamic_auc``,
   censoring handled by inverse probability weights estimated on the training patients) at the 25th, 50th and 75th
-  percentiles of the split's event times (those inside both follow-up ranges); None when no such time exists.
+  percentiles of the split's event times (those inside both follow-up ranges), over the split's patients followed
+  less long than the longest training follow-up (the weights exist only there); None when no such time exists.
 - ``loss``: the survival NLL of the split (``alpha`` as in training); ``n`` slides, ``n_patients``, ``n_events``.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from .loss import group_logits, risk_from_logits, survival_nll
 from .targets import SurvivalRecord, assign_bins
 
-__all__ = ["concordance_index", "patient_table", "survival_metrics", "time_dependent_auc"]
+__all__ = ["concordance_index", "patient_index", "patient_table", "survival_metrics", "time_dependent_auc"]
 
 
 def _structured(time: np.ndarray, event: np.ndarray) -> np.ndarray:
@@ -48,20 +49,36 @@ def time_dependent_auc(
 
     time, event = np.asarray(time, np.float64), np.asarray(event, bool)
     train_time, train_event = np.asarray(train_time, np.float64), np.asarray(train_event, bool)
-    if event.sum() < 2 or len(time) < 3 or not train_event.any():
+    if not train_event.any():
+        return None
+    # the censoring distribution is estimated on the training patients: only split patients followed less long
+    # than the longest training follow-up can be weighted (scikit-survival refuses the others)
+    inside = time < train_time.max()
+    time, event, risk = time[inside], event[inside], np.asarray(risk, np.float64)[inside]
+    if event.sum() < 2 or len(time) < 3:
         return None
     candidates = np.quantile(time[event], [0.25, 0.5, 0.75])
-    upper = min(time.max(), train_time[train_event].max() if train_event.any() else train_time.max())
-    times = np.unique(candidates[(candidates >= time.min()) & (candidates < upper)])
+    times = np.unique(candidates[(candidates >= time.min()) & (candidates < min(time.max(), train_time.max()))])
     if times.size == 0:
         return None
     # an AUC at time t needs a patient with the event by t and one still at risk after it
     times = np.array([t for t in times if (event & (time <= t)).any() and (time > t).any()])
     if times.size == 0:
         return None
-    aucs, _ = cumulative_dynamic_auc(_structured(train_time, train_event), _structured(time, event),
-                                     np.asarray(risk, np.float64), times)
+    aucs, _ = cumulative_dynamic_auc(_structured(train_time, train_event), _structured(time, event), risk, times)
     return [float(t) for t in times], [float(a) for a in aucs]
+
+
+def patient_index(slide_ids: Sequence[str], records: Mapping[str, SurvivalRecord]
+                  ) -> tuple[list[int], list[SurvivalRecord]]:
+    """``(patient index of each slide, one record per patient)``, patients in order of first appearance."""
+    missing = [s for s in slide_ids if s not in records]
+    if missing:
+        raise ValueError(f"no survival target for slide(s) {missing[:5]}")
+    index: dict[str, int] = {}
+    groups = [index.setdefault(records[s].case_id, len(index)) for s in slide_ids]
+    first = {records[s].case_id: records[s] for s in reversed(slide_ids)}
+    return groups, [first[c] for c in index]
 
 
 def patient_table(
@@ -69,17 +86,11 @@ def patient_table(
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Group slide logits ``[S, K]`` by patient (mean): ``(case_ids, patient logits [P, K], times [P], events [P])``,
     patients in order of first appearance."""
-    missing = [s for s in slide_ids if s not in records]
-    if missing:
-        raise ValueError(f"no survival target for slide(s) {missing[:5]}")
-    cases: dict[str, int] = {}
-    groups = np.array([cases.setdefault(records[s].case_id, len(cases)) for s in slide_ids], dtype=np.int64)
-    first = {records[s].case_id: records[s] for s in slide_ids}
-    patient_logits = group_logits(torch.from_numpy(np.asarray(logits, np.float64)), torch.from_numpy(groups),
-                                  len(cases)).numpy()
-    ids = list(cases)
-    return (ids, patient_logits, np.array([first[c].time for c in ids], np.float64),
-            np.array([first[c].event for c in ids], bool))
+    groups, patients = patient_index(slide_ids, records)
+    patient_logits = group_logits(torch.from_numpy(np.asarray(logits, np.float64)), torch.tensor(groups),
+                                  len(patients)).numpy()
+    return ([p.case_id for p in patients], patient_logits, np.array([p.time for p in patients], np.float64),
+            np.array([p.event for p in patients], bool))
 
 
 def survival_metrics(

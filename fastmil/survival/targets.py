@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from .._atomic import write_text_atomic
 __all__ = ["SurvivalRecord", "assign_bins", "check_patients", "read_survival_csv", "survival_targets",
            "time_bin_edges", "write_survival_csv", "write_survival_to_store"]
 
-_EVENT_WORDS = {"1": True, "true": True, "dead": True, "deceased": True, "event": True,
-                "0": False, "false": False, "alive": False, "censored": False}
+_EVENT_WORDS = {"1": True, "1.0": True, "true": True, "dead": True, "deceased": True, "event": True,
+                "0": False, "0.0": False, "false": False, "alive": False, "censored": False}
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _from_store(store) -> dict[str, SurvivalRecord]:
         if not (isinstance(value, list) and len(value) == 3):
             raise ValueError(f"{store.path}: damaged survival attribute for slide {sid!r}: {value!r}")
         out[sid] = SurvivalRecord(str(value[0]), _parse_time(str(value[1]), str(store.path), sid),
-                                  bool(value[2]))
+                                  _parse_event(str(value[2]), str(store.path), sid))
     return out
 
 
@@ -133,13 +134,16 @@ def survival_targets(store, csv_path: str | os.PathLike | None = None) -> dict[s
     """The survival targets of the store's slides: from ``csv_path`` when given (slides not in the store are
     skipped), else the store's own ``survival`` attribute. Errors when no slide has one."""
     if csv_path is not None:
-        records = {s: r for s, r in read_survival_csv(csv_path).items() if s in store}
-        source = str(csv_path)
+        given, source = read_survival_csv(csv_path), str(csv_path)
     else:
-        records = {s: r for s, r in _from_store(store).items() if s in store}
-        source = f"{store.path} (no task.survival_csv given)"
+        given, source = _from_store(store), f"{store.path} (no task.survival_csv given)"
+    records = {s: r for s, r in given.items() if s in store}
     if not records:
         raise ValueError(f"{source}: no survival targets for the slides of {store.path}")
+    unknown, untargeted = len(given) - len(records), len(store.slide_ids) - len(records)
+    if unknown or untargeted:
+        warnings.warn(f"{source}: {unknown} target(s) for slides not in the store and {untargeted} store slide(s) "
+                      f"without a target are left out", stacklevel=2)
     return records
 
 
@@ -156,7 +160,11 @@ def time_bin_edges(records: Mapping[str, SurvivalRecord], n_bins: int) -> list[f
     if times.size < n_bins:
         raise ValueError(f"{n_bins} time bins need at least {n_bins} patients with an observed event in the "
                          f"training split; it has {times.size}")
-    return [float(v) for v in np.quantile(times, np.arange(1, n_bins) / n_bins)]
+    edges = [float(v) for v in np.quantile(times, np.arange(1, n_bins) / n_bins)]
+    if len(set(edges)) < len(edges):
+        raise ValueError(f"{n_bins} time bins from the training patients' event times give repeated edges {edges} "
+                         f"(too few distinct event times, {len(np.unique(times))}); use fewer task.bins")
+    return edges
 
 
 def assign_bins(times: np.ndarray, edges: list[float]) -> np.ndarray:

@@ -246,10 +246,7 @@ def cross_validate(
 def _pooled_test_km(out: Path, store: FeatureStore, fold_dirs: list[Path]) -> float | None:
     """Kaplan-Meier plot and log-rank p of the pooled test folds (module docstring); the p-value is appended to
     summary.md and returned."""
-    import torch
-
-    from ..survival import risk_from_logits, save_km_plot
-    from ..survival.metrics import patient_table
+    from ..survival import save_km_plot
     from .loop import load_method
     from .survival_task import SurvivalRun
     from .validate import predict_slides
@@ -263,8 +260,7 @@ def _pooled_test_km(out: Path, store: FeatureStore, fold_dirs: list[Path]) -> fl
             continue
         logits, _ = predict_slides(method, store, test, next(method.parameters()).device, amp=cfg.run.amp,
                                    output="logits")
-        cases, patient_logits, time, event = patient_table(test, logits, survival.records)
-        risk = risk_from_logits(torch.from_numpy(patient_logits)).numpy()
+        cases, time, event, risk = survival.patient_risks(test, logits)
         high = risk > np.median(risk)
         rows += [(k, c, t, int(e), float(r), bool(h)) for c, t, e, r, h in zip(cases, time, event, risk, high)]
     if not rows:

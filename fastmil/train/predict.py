@@ -42,14 +42,14 @@ from ..data.grid import lattice_cells, patch_stride
 from ..data.labels import read_splits_csv
 from ..data.store import FeatureStore, open_store
 from ..survival import risk_from_logits, save_km_plot, survival_metrics
-from ..survival.metrics import patient_table
 from .loop import load_method
 from .metrics import binary_auc, compute_metrics, pr_curve, roc_curve
 from .slide_outputs import find_slide_file, save_slide_overlay, write_geojson, write_top_k
 from .survival_task import SurvivalRun
 from .validate import predict_slides
 
-__all__ = ["SPLITS", "predict", "attention_grid", "save_confusion", "save_heatmap", "save_pr", "save_roc"]
+__all__ = ["SPLITS", "predict", "attention_grid", "save_confusion", "save_heatmap", "save_pr", "save_roc",
+           "write_survival_predictions"]
 
 SPLITS = ("train", "val", "test")
 
@@ -207,20 +207,20 @@ def predict(
         if not ids:
             raise ValueError(f"no slide of the run's {split!r} split among the slides to predict")
     survival = SurvivalRun.load(run) if cfg.task.name == "survival" else None
-    probs, attention = predict_slides(method, store, ids, device, keep_attention=True, progress=progress,
-                                      amp=cfg.run.amp, output="probs" if survival is None else "logits")
+    outputs, attention = predict_slides(method, store, ids, device, keep_attention=True, progress=progress,
+                                        amp=cfg.run.amp, output="probs" if survival is None else "logits")
     classes = sig["classes"]
     out = Path(out)
     (out / "attention").mkdir(parents=True, exist_ok=True)
     labels = store.labels(ids)
-    if survival is None:
-        _write_predictions(out, ids, probs, labels, split_of, classes)
-        _write_split_reports(out, ids, probs, labels, split_of, classes)
+    if survival is None:  # outputs: class probabilities
+        _write_predictions(out, ids, outputs, labels, split_of, classes)
+        _write_split_reports(out, ids, outputs, labels, split_of, classes)
         titles = {sid: f"p({classes[-1]})={p[-1]:.3f}" + ("" if labels[sid] is None else
                                                             f" label={classes[labels[sid]]}")
-                  for sid, p in zip(ids, probs)}
-    else:
-        titles = write_survival_predictions(out, ids, probs, split_of, survival, _train_ids(run))
+                  for sid, p in zip(ids, outputs)}
+    else:  # outputs: per-bin hazard logits
+        titles = write_survival_predictions(out, ids, outputs, split_of, survival, _train_ids(run))
     for sid in ids:
         np.save(out / "attention" / f"{sid}.npy", attention[sid].astype(np.float32))
     for name, wanted in (("heatmaps", heatmaps), ("top_k", top_k > 0), ("geojson", geojson),
@@ -276,8 +276,8 @@ def write_survival_predictions(out: Path, ids: Sequence[str], logits: np.ndarray
     known = [i for i, s in enumerate(ids) if s in survival.records]
     patient_risk: dict[str, float] = {}
     if known:
-        cases, patient_logits, _, _ = patient_table([ids[i] for i in known], logits[known], survival.records)
-        patient_risk = dict(zip(cases, risk_from_logits(torch.from_numpy(patient_logits)).numpy().tolist()))
+        cases, _, _, risks = survival.patient_risks([ids[i] for i in known], logits[known])
+        patient_risk = dict(zip(cases, risks.tolist()))
     hazards = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -293,15 +293,14 @@ def write_survival_predictions(out: Path, ids: Sequence[str], logits: np.ndarray
     write_text_atomic(out / "predictions.csv", buf.getvalue())
     train_records = {s: survival.records[s] for s in train_ids if s in survival.records}
     report = {}
-    for name in (*SPLITS, "none"):
+    for name in SPLITS:  # (slides outside the run's splits have no target in the run)
         rows = [i for i in known if split_of[ids[i]] == name]
         if not rows:
             continue
         members = [ids[i] for i in rows]
         report[name] = survival_metrics(members, logits[rows], survival.records, survival.edges, train_records,
                                         survival.alpha)
-        cases, _, time, event = patient_table(members, logits[rows], survival.records)
-        risk = np.array([patient_risk[c] for c in cases])
+        cases, time, event, risk = survival.patient_risks(members, logits[rows])
         report[name]["logrank_p"] = save_km_plot(
             out / f"km_{name}.png", time, event, risk > np.median(risk),
             f"{name} split: {len(cases)} patients, split at the median predicted risk")

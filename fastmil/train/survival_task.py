@@ -27,11 +27,13 @@ from ..survival import (
     assign_bins,
     group_logits,
     read_survival_csv,
+    risk_from_logits,
     survival_metrics,
     survival_nll,
     time_bin_edges,
     write_survival_csv,
 )
+from ..survival.metrics import patient_index, patient_table
 from .config import TaskConfig
 from .validate import predict_slides
 
@@ -54,51 +56,62 @@ class SurvivalRun:
         missing = [s for s in members if s not in records]
         if missing:
             raise ValueError(f"{len(missing)} slide(s) of the splits have no survival target: {missing[:5]}")
+        seen: dict[str, tuple[str, str]] = {}  # patient -> (split, slide)
+        for name, ids in splits.items():
+            for sid in ids:
+                split, first = seen.setdefault(records[sid].case_id, (name, sid))
+                if split != name:
+                    raise ValueError(f"patient {records[sid].case_id!r} has slides in two splits: {first!r} in "
+                                     f"{split!r} and {sid!r} in {name!r}; a patient's slides must share a split")
         if not splits["train"]:
             raise ValueError("the train split is empty")
         edges = time_bin_edges({s: records[s] for s in splits["train"]}, task.bins)
         return cls({s: records[s] for s in members}, edges, task.alpha)
 
     def save(self, run: Path) -> None:
+        """Write ``RUN/survival.csv`` and ``RUN/survival.json`` (what :meth:`load` reads)."""
         write_survival_csv(run / "survival.csv", self.records)
         write_text_atomic(run / "survival.json", json.dumps({"edges": self.edges, "alpha": self.alpha}, indent=2))
 
     @classmethod
     def load(cls, run: str | Path) -> SurvivalRun:
+        """The targets, edges and alpha a survival run folder was trained with."""
         run = Path(run)
         meta_path = run / "survival.json"
         if not meta_path.is_file() or not (run / "survival.csv").is_file():
             raise ValueError(f"{run}: a survival run folder needs survival.csv and survival.json")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return cls(read_survival_csv(run / "survival.csv"), meta["edges"], meta["alpha"])
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            edges, alpha = [float(e) for e in meta["edges"]], float(meta["alpha"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{meta_path}: damaged ({exc!r}); expected {{\"edges\": [...], \"alpha\": ...}}") from None
+        return cls(read_survival_csv(run / "survival.csv"), edges, alpha)
 
     # --------------------------------------------------------------------------------------------- training
     def strata(self) -> dict[str, int]:
         """``{slide: event (0/1)}``: what random splits and folds stratify by."""
         return {s: int(r.event) for s, r in self.records.items()}
 
-    def cases(self) -> dict[str, str]:
-        return {s: r.case_id for s, r in self.records.items()}
-
     def groups(self, slide_ids: Sequence[str]) -> list[int]:
         """Patient index of each slide (for the sampler: a patient's slides go into one step)."""
-        index: dict[str, int] = {}
-        return [index.setdefault(self.records[s].case_id, len(index)) for s in slide_ids]
+        return patient_index(slide_ids, self.records)[0]
 
     def loss_fn(self, logits: torch.Tensor, bags: Bags) -> torch.Tensor:
         """The NLL of a step: slide logits ``[B, K]`` averaged per patient, then the censored NLL over them."""
-        recs = [self.records[s] for s in bags.ids]
-        index: dict[str, int] = {}
-        groups = torch.tensor([index.setdefault(r.case_id, len(index)) for r in recs], dtype=torch.int64)
-        first = {r.case_id: r for r in recs}
-        patients = [first[c] for c in index]
+        groups, patients = patient_index(bags.ids, self.records)
         bins = torch.from_numpy(assign_bins(np.array([r.time for r in patients]), self.edges))
         events = torch.tensor([r.event for r in patients])
         device = logits.device
-        grouped = group_logits(logits.float(), groups.to(device), len(index))
+        grouped = group_logits(logits.float(), torch.tensor(groups, device=device), len(patients))
         return survival_nll(grouped, bins.to(device), events.to(device), self.alpha)
 
     # --------------------------------------------------------------------------------------------- metrics
+    def patient_risks(self, slide_ids: Sequence[str], logits: np.ndarray
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """``(case ids, times, events, risks)`` of the patients of ``slide_ids`` from their slide logits."""
+        cases, patient_logits, time, event = patient_table(slide_ids, logits, self.records)
+        return cases, time, event, risk_from_logits(torch.from_numpy(patient_logits)).numpy()
+
     def split_metrics(self, method: Method, store: FeatureStore, ids: Sequence[str], train_ids: Sequence[str],
                       device: torch.device, amp: str = "none") -> dict:
         """Patient-level survival metrics of ``method`` on the slides ``ids`` (:mod:`fastmil.survival.metrics`)."""

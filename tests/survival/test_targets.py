@@ -49,7 +49,8 @@ def test_store_copy_and_missing_targets(tmp_path):
     write_survival_to_store(store, {"a": SurvivalRecord("p", 2.0, True)})
     assert survival_targets(store) == {"a": SurvivalRecord("p", 2.0, True)}
     csv_path = _csv(tmp_path, "slide_id,time,event\na,5,0\nother,1,1\n")
-    assert survival_targets(store, csv_path) == {"a": SurvivalRecord("a", 5.0, False)}  # the CSV wins
+    with pytest.warns(UserWarning, match="1 target\\(s\\) for slides not in the store and 0 store slide"):
+        assert survival_targets(store, csv_path) == {"a": SurvivalRecord("a", 5.0, False)}  # the CSV wins
 
 
 def test_group_splits_keep_patients_together():
