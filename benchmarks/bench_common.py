@@ -1,11 +1,29 @@
-"""Helpers shared by the step benchmarks: a timed case (synchronised on CUDA) and the extra peak memory of one
-call after a warm-up call (the optimiser state and the allocator's first blocks then exist already)."""
+"""Helpers shared by the step benchmarks: the devices, a timed case (synchronised on CUDA), the extra peak memory of
+one call after a warm-up call (the optimiser state and the allocator's first blocks then exist already), and that
+measurement run in a fresh process."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 from gated_pool_cases import _tracked_peak_bytes
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
+"""The devices a case runs on: the CPU always, CUDA when present."""
+
+
+def probe_extra_peak(script: Path, *args: object) -> int:
+    """Run ``script *args`` in a fresh Python process and return the ``extra_peak_bytes`` it prints (a clean
+    allocator per case); its stderr is shown when it fails."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({script.name} {' '.join(map(str, args))}):\n{proc.stderr[-3000:]}")
+    return int(proc.stdout.split("extra_peak_bytes")[1])
 
 
 def run_timed(benchmark, fn: Callable[[], None], device: str, rounds: int) -> None:

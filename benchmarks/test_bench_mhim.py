@@ -7,14 +7,12 @@ stored in the memory benchmark's ``extra_info``; ``report.py`` prints the ratios
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from baselines.mhim_research import python_set_selection
-from bench_common import run_timed
+from bench_common import DEVICES, probe_extra_peak, run_timed
 from mhim_cases import make_step
 
 from fastmil.ops import saliency_mask
@@ -23,8 +21,6 @@ DIM = 1024
 SIZES = [10_000, 100_000]
 HIGH_RATIO, RANDOM_RATIO = 0.03, 0.8
 CASES = Path(__file__).with_name("mhim_cases.py")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -52,14 +48,6 @@ def test_mhim_step_time(benchmark, device, kind, n):
     run_timed(benchmark, make_step(kind, n, DIM, device), device, rounds=3 if n >= 100_000 else 8)
 
 
-def _extra_peak(kind: str, n: int, device: str) -> int:
-    proc = subprocess.run([sys.executable, str(CASES), kind, str(n), str(DIM), device],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed ({kind} {n} x {DIM} on {device}):\n{proc.stderr[-3000:]}")
-    return int(proc.stdout.split("extra_peak_bytes")[1])
-
-
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("kind", ["mhim", "research", "plain"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,7 +56,7 @@ def test_mhim_step_memory(benchmark, device, kind, n):
     result = {}
 
     def probe():
-        result["bytes"] = _extra_peak(kind, n, device)
+        result["bytes"] = probe_extra_peak(CASES, kind, n, DIM, device)
 
     benchmark.pedantic(probe, rounds=1)
     benchmark.extra_info["extra_peak_bytes"] = result["bytes"]

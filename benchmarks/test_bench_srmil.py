@@ -7,29 +7,17 @@ kept for backward) exceed this machine's memory.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from bench_common import run_timed
+from bench_common import DEVICES, probe_extra_peak, run_timed
 from srmil_cases import layout, make_gat, make_step
 
 from fastmil.ops import grid_neighbours
 
 CASES = Path(__file__).with_name("srmil_cases.py")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
-
-
-def _extra_peak(what: str, kind: str, n: int, device: str) -> int:
-    proc = subprocess.run([sys.executable, str(CASES), what, kind, str(n), device], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed ({what} {kind} {n} on {device}):\n{proc.stderr[-3000:]}")
-    return int(proc.stdout.split("extra_peak_bytes")[1])
 
 
 @pytest.mark.parametrize("n", [17_729, 100_000])
@@ -61,7 +49,7 @@ def test_graph_attention_time(benchmark, device, kind, n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_graph_attention_memory(benchmark, device, kind, n):
     result = {}
-    benchmark.pedantic(lambda: result.setdefault("bytes", _extra_peak("gat", kind, n, device)), rounds=1)
+    benchmark.pedantic(lambda: result.setdefault("bytes", probe_extra_peak(CASES, "gat", kind, n, device)), rounds=1)
     benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
     benchmark.extra_info["grad_h_bytes"] = 0
     assert result["bytes"] > 0
@@ -81,7 +69,7 @@ def test_srmil_step_time(benchmark, device, kind, n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_srmil_step_memory(benchmark, device, kind, n):
     result = {}
-    benchmark.pedantic(lambda: result.setdefault("bytes", _extra_peak("step", kind, n, device)), rounds=1)
+    benchmark.pedantic(lambda: result.setdefault("bytes", probe_extra_peak(CASES, "step", kind, n, device)), rounds=1)
     benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
     benchmark.extra_info["grad_h_bytes"] = 0
     assert result["bytes"] > 0

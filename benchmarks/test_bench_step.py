@@ -3,20 +3,15 @@ N in {2k, 10k, 100k}, time and extra peak memory, with the algorithm's GEMM work
 report shows the step's share of the GEMM rate measured in the same run (``test_bench_gemm.py``)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from bench_common import run_timed
+from bench_common import DEVICES, probe_extra_peak, run_timed
 from step_cases import abmil_step_gflop, make_plain_step
 
 DIM = 1024
 SIZES = [2_000, 10_000, 100_000]
 CASES = Path(__file__).with_name("step_cases.py")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -35,11 +30,7 @@ def test_abmil_step_memory(benchmark, device, kind, n):
     result = {}
 
     def probe():
-        proc = subprocess.run([sys.executable, str(CASES), kind, str(n), str(DIM), device], capture_output=True,
-                              text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe failed ({kind} {n} on {device}):\n{proc.stderr[-3000:]}")
-        result["bytes"] = int(proc.stdout.split("extra_peak_bytes")[1])
+        result["bytes"] = probe_extra_peak(CASES, kind, n, DIM, device)
 
     benchmark.pedantic(probe, rounds=1)
     benchmark.extra_info["extra_peak_bytes"] = result["bytes"]

@@ -17,11 +17,17 @@ def test_synth_then_info(tmp_path, capsys):
     assert summary["slides"] == 3 and summary["dims"] == [8] and summary["classes"] == ["normal", "tumour"]
 
 
-def test_ingest_with_labels(tmp_path, capsys):
+def _h5_slides(tmp_path):
+    """A folder with TRIDENT files of slides a and b."""
     src = tmp_path / "h5"
     src.mkdir()
     for sid in ("a", "b"):
         write_trident_h5(src / f"{sid}.h5", np.ones((4, 3), np.float32), grid_coords(4))
+    return src
+
+
+def test_ingest_with_labels(tmp_path, capsys):
+    src = _h5_slides(tmp_path)
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\na,0\nb,1\n")
     assert main(["ingest", str(src), str(tmp_path / "s"), "--labels", str(labels), "-q"]) == 0
@@ -31,10 +37,7 @@ def test_ingest_with_labels(tmp_path, capsys):
 
 
 def test_ingest_with_survival_targets(tmp_path, capsys):
-    src = tmp_path / "h5"
-    src.mkdir()
-    for sid in ("a", "b"):
-        write_trident_h5(src / f"{sid}.h5", np.ones((4, 3), np.float32), grid_coords(4))
+    src = _h5_slides(tmp_path)
     surv = tmp_path / "surv.csv"
     surv.write_text("slide_id,case_id,time,event\na,p1,12.5,1\nb,p1,12.5,1\nc,p2,3,0\n")
     assert main(["ingest", str(src), str(tmp_path / "s"), "--survival", str(surv), "-q"]) == 0
