@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..bags import Bags
+from .cache import CohortCache
 from .store import FeatureStore
 
 __all__ = ["BagBatchSampler", "BagLoader"]
@@ -144,6 +145,8 @@ class BagLoader:
         pin_memory: pin host memory (for asynchronous copies to a GPU).
         neighbour_radius: attach each slide's spatial stencil table of this radius (``Bags.neighbours``; built
             once per slide and cached in the store), for models that need the patch graph.
+        cache: a :class:`fastmil.data.cache.CohortCache`: each slide is read from the store once, later steps
+            take it from memory (a device cache packs the step on the GPU and nothing is pinned).
 
     Errors raised on the reader thread are re-raised in the consumer, never swallowed.
     """
@@ -158,6 +161,7 @@ class BagLoader:
         dtype: torch.dtype | None = None,
         pin_memory: bool = False,
         neighbour_radius: int | None = None,
+        cache: CohortCache | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
@@ -170,6 +174,7 @@ class BagLoader:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.neighbour_radius = neighbour_radius
+        self.cache = cache
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -179,8 +184,8 @@ class BagLoader:
 
     def _load(self, step: list[int]) -> Bags:
         bags = self.store.load_bags([self.slide_ids[i] for i in step], dtype=self.dtype,
-                                    neighbour_radius=self.neighbour_radius)
-        return bags.pin_memory() if self.pin_memory else bags
+                                    neighbour_radius=self.neighbour_radius, cache=self.cache)
+        return bags.pin_memory() if self.pin_memory and bags.features.device.type == "cpu" else bags
 
     def __iter__(self) -> Iterator[Bags]:
         steps = self.sampler.steps()

@@ -30,7 +30,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ import zarr
 
 from .._atomic import write_text_atomic
 from ..bags import Bags
+
+if TYPE_CHECKING:
+    from .cache import CohortCache
 
 __all__ = ["FeatureStore", "StoreError", "open_store", "create_store", "validate_slide_id"]
 
@@ -247,6 +250,11 @@ class FeatureStore:
     def n_instances(self, slide_id: str) -> int:
         return self._meta(slide_id)["n"]
 
+    def feature_nbytes(self, slide_id: str) -> int:
+        """Bytes of the slide's ``[N, D]`` features in their stored dtype (what reading them allocates)."""
+        meta = self._meta(slide_id)
+        return meta["n"] * meta["dim"] * np.dtype(meta["dtype"]).itemsize
+
     def sizes(self, slide_ids: Sequence[str] | None = None) -> np.ndarray:
         """``int64 [S]`` instance counts of ``slide_ids`` (default: all slides)."""
         ids = self.slide_ids if slide_ids is None else slide_ids
@@ -347,24 +355,31 @@ class FeatureStore:
         with_coords: bool = True,
         with_labels: bool = True,
         neighbour_radius: int | None = None,
+        cache: CohortCache | None = None,
     ) -> Bags:
-        """Read ``slide_ids`` and pack them into one :class:`Bags` (CPU tensors).
+        """Read ``slide_ids`` and pack them into one :class:`Bags` (CPU tensors; on the GPU from a device cache).
 
         Labels are attached only when every slide in the batch has one. ``neighbour_radius``: also attach each
         slide's spatial stencil table of that radius (cached in the store, :mod:`fastmil.data.neighbours`); a
-        slide without coordinates is then an error naming it.
+        slide without coordinates is then an error naming it. ``cache``: take slides from the cohort cache, which
+        reads each slide from the store once (:mod:`fastmil.data.cache`).
         """
         from .neighbours import slide_neighbours
 
         feats, coords, labels, nbrs = [], [], [], []
         for sid in slide_ids:
-            f, c = self.read(sid)
-            t = torch.from_numpy(f)
+            if cache is not None:
+                t, c_t, nbr = cache.get(self, sid, neighbour_radius)
+            else:
+                f, c = self.read(sid)
+                t, c_t = torch.from_numpy(f), None if c is None else torch.from_numpy(c)
+                nbr = (None if neighbour_radius is None
+                       else torch.from_numpy(slide_neighbours(self, sid, neighbour_radius, c)))
             feats.append(t if dtype is None else t.to(dtype))
-            coords.append(None if c is None else torch.from_numpy(c))
+            coords.append(c_t)
             labels.append(self.label(sid))
             if neighbour_radius is not None:
-                nbrs.append(torch.from_numpy(slide_neighbours(self, sid, neighbour_radius, c)))
+                nbrs.append(nbr)
         use_coords = with_coords and all(c is not None for c in coords)
         use_labels = with_labels and all(y is not None for y in labels)
         classes = self.classes

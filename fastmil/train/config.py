@@ -6,7 +6,7 @@ model:  {name: abmil, embed_dim: 512, attn_dim: 128, gated: true, dropout: 0.25}
 method: {name: plain}                                                               # the method's own section
 optim:  {lr: 2.0e-4, weight_decay: 1.0e-4, warmup_epochs: 0, epochs: 20, grad_clip: 1.0}
 data:   {bags_per_step: 1, max_instances_per_step: null, val_fraction: 0.2, test_fraction: 0.2, prefetch: 2,
-         class_weighting: true}
+         class_weighting: true, cache: none}
 run:    {seed: 0, device: auto, amp: none, monitor: auto, patience: 10, workers: 1, host_allocator: keep}
 task:   {name: classification, survival_csv: null, bins: 4, alpha: 0.0}                # or `task: survival`
 ```
@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from .._config import ConfigError, build, closest, suggest, to_dict
+from ..data.cache import CacheTier
 from ..methods import get_method, method_config
 from ..nn import model_config
 
@@ -69,6 +70,7 @@ class DataConfig:
     test_fraction: float = 0.2
     prefetch: int = 2
     class_weighting: bool = True
+    cache: CacheTier = "none"  # keep the train and validation slides in memory: host | device | auto (data/cache.py)
 
     def __post_init__(self) -> None:
         if self.bags_per_step is None and self.max_instances_per_step is None:
@@ -123,11 +125,13 @@ class TaskConfig:
 SECTIONS = ("model", "method", "optim", "data", "run", "task")
 _FIXED = {"optim": OptimConfig, "data": DataConfig, "run": RunConfig, "task": TaskConfig}
 
-RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "run.patience", "run.host_allocator"}
+RESUMABLE_CHANGES = {"optim.epochs", "run.device", "data.prefetch", "data.cache", "run.patience",
+                     "run.host_allocator"}
 """Keys that may differ between an interrupted run and its resumption. ``run.device``, ``data.prefetch``,
-``run.patience`` and ``run.host_allocator`` leave the numbers as they were; a different ``optim.epochs`` re-plans
-the cosine learning rate over the new total from the resumed epoch on (a finished run continued to more epochs
-trains again at a mid-schedule rate), which is the point of extending a run, not a replay."""
+``data.cache``, ``run.patience`` and ``run.host_allocator`` leave the numbers as they were; a different
+``optim.epochs`` re-plans the cosine learning rate over the new total from the resumed epoch on (a finished run
+continued to more epochs trains again at a mid-schedule rate), which is the point of extending a run, not a
+replay."""
 
 
 def _default_model() -> Any:

@@ -29,6 +29,7 @@ from .._atomic import write_text_atomic
 from .._config import ConfigError, to_dict
 from ..checkpoint import check_model_config, load_checkpoint
 from ..data.batching import BagBatchSampler, BagLoader
+from ..data.cache import CohortCache, cohort_bytes, open_cache
 from ..data.store import FeatureStore, open_store
 from ..methods import Method, build_method
 from ..survival import survival_targets
@@ -165,13 +166,13 @@ def _agree_on_early_stopping(distributed: DataParallel, early: EarlyStopping, im
 
 def _train_loader(store: FeatureStore, ids: list[str], cfg: TrainConfig, device: torch.device,
                   neighbour_radius: int | None, distributed: DataParallel | None,
-                  groups: list[int] | None = None) -> BagLoader:
+                  groups: list[int] | None = None, cache: CohortCache | None = None) -> BagLoader:
     rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world)
     sampler = BagBatchSampler(store.sizes(ids), bags_per_step=cfg.data.bags_per_step,
                               max_instances_per_step=cfg.data.max_instances_per_step, shuffle=True, seed=cfg.run.seed,
                               rank=rank, world=world, groups=groups)
     return BagLoader(store, ids, sampler, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
-                     neighbour_radius=neighbour_radius)
+                     neighbour_radius=neighbour_radius, cache=cache)
 
 
 def _last_state(method: Method, stepper: Stepper, state: TrainState, cfg: TrainConfig, signature: dict,
@@ -207,8 +208,8 @@ def fit(
     Args:
         split_csv: CLAM-style splits file; default: a stratified random split from ``run.seed``.
         resume: continue from ``out/last.pt`` (with ``config=None``: the run's saved config; a given config must
-            match it, except ``optim.epochs``, ``run.device``, ``data.prefetch``, ``run.patience``,
-            ``run.host_allocator``; larger epochs/patience continue a finished run).
+            match it, except ``optim.epochs``, ``run.device``, ``data.prefetch``, ``data.cache``,
+            ``run.patience``, ``run.host_allocator``; larger epochs/patience continue a finished run).
         step_callback: ``step_callback(epoch, step, loss)`` after every optimiser step.
         callbacks: ``callback(record, run_folder)`` after every epoch (its checkpoints written): Ray Tune reports.
         distributed: this process's place in a data-parallel run (an initialised ``torch.distributed`` group;
@@ -247,13 +248,20 @@ def fit(
         survival.save(run.path)
     class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
                     if cfg.data.class_weighting and survival is None else None)
-    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed,
-                           None if survival is None else survival.groups(splits["train"]))
     monitor_split = "val" if splits["val"] else "train"
+    cached_ids = sorted({*splits["train"], *splits[monitor_split]})
+    cache = open_cache(cfg.data.cache, store, cached_ids, device, method.neighbour_radius)
+    loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed,
+                           None if survival is None else survival.groups(splits["train"]), cache)
     early = EarlyStopping(cfg.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
     logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,
                          progress=progress and main, monitor=cfg.monitor, tensorboard=None if main else False)
     trained = False
+    if cfg.data.cache != "none":
+        size = cohort_bytes(store, cached_ids, method.neighbour_radius) / 2**30
+        logger.note(f"data.cache={cfg.data.cache}: " + (
+            f"nothing fits the {size:.2f} GiB; slides are read from the store every epoch" if cache is None
+            else f"{cache.tier} tier, {size:.2f} GiB for {len(cached_ids)} slides"))
     try:
         if state.stop_reason:
             logger.note(_nothing_left(state, cfg))
@@ -266,10 +274,11 @@ def fit(
                                 loss_name="ce" if survival is None else "nll")
             started = time.perf_counter()
             if survival is None:
-                val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp)
+                val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp,
+                                    cache)
             else:
                 val = survival.split_metrics(method, store, splits[monitor_split], splits["train"], device,
-                                             cfg.run.amp)
+                                             cfg.run.amp, cache)
             record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
             improved = early.update(epoch, val)
             if distributed is not None:  # rank 0 decides for every process, whatever their metrics' rounding

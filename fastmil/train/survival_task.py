@@ -20,6 +20,7 @@ import torch
 
 from .._atomic import write_text_atomic
 from ..bags import Bags
+from ..data.cache import CohortCache
 from ..data.store import FeatureStore
 from ..methods import Method
 from ..survival import (
@@ -113,10 +114,10 @@ class SurvivalRun:
         return cases, time, event, risk_from_logits(torch.from_numpy(patient_logits)).numpy()
 
     def split_metrics(self, method: Method, store: FeatureStore, ids: Sequence[str], train_ids: Sequence[str],
-                      device: torch.device, amp: str = "none") -> dict:
+                      device: torch.device, amp: str = "none", cache: CohortCache | None = None) -> dict:
         """Patient-level survival metrics of ``method`` on the slides ``ids`` (:mod:`fastmil.survival.metrics`)."""
         if not ids:
             return {"n": 0}
-        logits, _ = predict_slides(method, store, ids, device, amp=amp, output="logits")
+        logits, _ = predict_slides(method, store, ids, device, amp=amp, output="logits", cache=cache)
         return survival_metrics(ids, logits, self.records, self.edges, {s: self.records[s] for s in train_ids},
                                 self.alpha)

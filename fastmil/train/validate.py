@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.batching import BagBatchSampler, BagLoader
+from ..data.cache import CohortCache
 from ..data.store import FeatureStore
 from ..methods import Method
 from .metrics import compute_metrics
@@ -24,15 +25,16 @@ EVAL_INSTANCES_PER_STEP = 262_144
 def predict_slides(
     method: Method, store: FeatureStore, slide_ids: Sequence[str], device: torch.device, *,
     keep_attention: bool = False, progress: bool = False, amp: str = "none", output: str = "probs",
+    cache: CohortCache | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class probabilities ``[S, C]`` (in ``slide_ids`` order; ``output="logits"``: the raw head outputs, e.g. the
     per-bin hazard logits of a survival run) and, optionally, per-slide attention ``{id: [N] or [N, H]}``, from
-    ``method.predict`` in eval mode."""
+    ``method.predict`` in eval mode. ``cache``: the run's cohort cache (validation slides are read once)."""
     if output not in ("probs", "logits"):
         raise ValueError(f"output must be probs or logits, got {output!r}")
     method.eval()
     sampler = BagBatchSampler(store.sizes(slide_ids), max_instances_per_step=EVAL_INSTANCES_PER_STEP, shuffle=False)
-    loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius)
+    loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius, cache=cache)
     probs: dict[str, np.ndarray] = {}
     attention: dict[str, np.ndarray] = {}
     for bags in tqdm(loader, desc="predict", unit="step", disable=None if progress else True, leave=False):
@@ -52,13 +54,13 @@ def predict_slides(
 
 def split_metrics(
     method: Method, store: FeatureStore, ids: Sequence[str], labels: dict[str, int], device: torch.device,
-    class_weight: torch.Tensor | None, amp: str = "none",
+    class_weight: torch.Tensor | None, amp: str = "none", cache: CohortCache | None = None,
 ) -> dict:
     """Metrics of ``method`` on the slides ``ids`` (``{"n": 0}`` for an empty split), with the (class-weighted)
     cross-entropy as ``loss``."""
     if not ids:
         return {"n": 0}
-    probs, _ = predict_slides(method, store, ids, device, amp=amp)
+    probs, _ = predict_slides(method, store, ids, device, amp=amp, cache=cache)
     y = np.array([labels[s] for s in ids])
     metrics = compute_metrics(y, probs)
     logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
