@@ -255,7 +255,7 @@ def _print_summary(s: dict) -> None:
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The training config options shared by ``train`` and ``cv``."""
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="config with sections model/method/optim/data/run (see fastmil.train.config)")
+                   help="config with sections model/method/optim/data/run/task (see fastmil.train.config)")
     p.add_argument("--model", default=None,
                    help="model.name: abmil (default), meanmil or graphmil (SRMIL's network, the default of method "
                         "srmil and mhim+srmil)")
