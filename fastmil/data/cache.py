@@ -73,6 +73,7 @@ class CohortCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
         return sum(t.numel() * t.element_size() for entry in self._slides.values() for t in entry if t is not None)
 
     def _keep(self, array: np.ndarray | None) -> torch.Tensor | None:
@@ -81,7 +82,9 @@ class CohortCache:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         return tensor.to(self.device) if self.tier == "device" else tensor
 
-    def get(self, store: FeatureStore, slide_id: str, neighbour_radius: int | None = None):
+    def get(self, store: FeatureStore, slide_id: str, neighbour_radius: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The slide's ``(features, coords, neighbour table)``, read from ``store`` on the first request only."""
         with self._lock:
             entry = self._slides.get(slide_id)
         if entry is not None and (neighbour_radius is None or entry[2] is not None):
