@@ -26,6 +26,17 @@ def probe_extra_peak(script: Path, *args: object) -> int:
     return int(proc.stdout.split("extra_peak_bytes")[1])
 
 
+def record_extra_peak(benchmark, script: Path, *args: object) -> int:
+    """A memory case: :func:`probe_extra_peak` run once under ``benchmark``, its bytes stored as
+    ``extra_info["extra_peak_bytes"]`` (with ``grad_h_bytes`` 0: a training step returns no input gradient)."""
+    result = {}
+    benchmark.pedantic(lambda: result.setdefault("bytes", probe_extra_peak(script, *args)), rounds=1)
+    benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
+    benchmark.extra_info["grad_h_bytes"] = 0
+    assert result["bytes"] > 0
+    return result["bytes"]
+
+
 def run_timed(benchmark, fn: Callable[[], None], device: str, rounds: int) -> None:
     """``benchmark.pedantic`` over ``fn`` (20 rounds on CUDA, ``rounds`` on the CPU), one warm-up round."""
     def once():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bench_common import DEVICES, probe_extra_peak, run_timed
+from bench_common import DEVICES, record_extra_peak, run_timed
 from srmil_cases import layout, make_gat, make_step
 
 from fastmil.ops import grid_neighbours
@@ -48,11 +48,7 @@ def test_graph_attention_time(benchmark, device, kind, n):
 @pytest.mark.parametrize("kind", ["fastmil", "naive"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_graph_attention_memory(benchmark, device, kind, n):
-    result = {}
-    benchmark.pedantic(lambda: result.setdefault("bytes", probe_extra_peak(CASES, "gat", kind, n, device)), rounds=1)
-    benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
-    benchmark.extra_info["grad_h_bytes"] = 0
-    assert result["bytes"] > 0
+    record_extra_peak(benchmark, CASES, "gat", kind, n, device)
 
 
 STEP_CASES = [("fastmil", 20_000), ("naive", 20_000), ("fastmil", 100_000)]
@@ -68,8 +64,4 @@ def test_srmil_step_time(benchmark, device, kind, n):
 @pytest.mark.parametrize(("kind", "n"), STEP_CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_srmil_step_memory(benchmark, device, kind, n):
-    result = {}
-    benchmark.pedantic(lambda: result.setdefault("bytes", probe_extra_peak(CASES, "step", kind, n, device)), rounds=1)
-    benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
-    benchmark.extra_info["grad_h_bytes"] = 0
-    assert result["bytes"] > 0
+    record_extra_peak(benchmark, CASES, "step", kind, n, device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench_common import DEVICES, probe_extra_peak, run_timed
+from bench_common import DEVICES, record_extra_peak, run_timed
 from step_cases import abmil_step_gflop, make_plain_step
 
 DIM = 1024
@@ -27,11 +27,4 @@ def test_abmil_step_time(benchmark, device, kind, n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_abmil_step_memory(benchmark, device, kind, n):
     """Extra peak memory of one step after a warm-up step, in a fresh subprocess (step_cases.py)."""
-    result = {}
-
-    def probe():
-        result["bytes"] = probe_extra_peak(CASES, kind, n, DIM, device)
-
-    benchmark.pedantic(probe, rounds=1)
-    benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
-    assert result["bytes"] > 0
+    record_extra_peak(benchmark, CASES, kind, n, DIM, device)
