@@ -9,9 +9,11 @@ Contract::
     score_i = w . (tanh(V h_i + bv) * sigmoid(U h_i + bu)) + bw;   weights = per-bag softmax over unmasked rows;
     pooled_b = sum_i weights_i h_i.   All-masked or empty bags give zeros, never NaN.
 
-Differentiable in ``h`` and all six parameters. Neither path keeps an ``N x HID`` activation for backward:
-forward saves ``h``, the parameters, ``weights [N]`` and ``pooled [B, D]`` (plus, on Triton, the per-bag
-log-sum-exp), and backward recomputes the gated activations from ``h``.
+Differentiable in ``h`` and all six parameters. Forward saves ``h``, the parameters, ``weights [N]`` and
+``pooled [B, D]`` (plus, on Triton, the per-bag log-sum-exp). The Triton path keeps no ``N x HID`` activation:
+its backward recomputes them from ``h`` (cheap on a GPU). The torch path keeps ``[tanh | sigmoid]`` of the computed
+rows when they fit ``KEEP_ACTIVATIONS_BYTES`` (on a CPU the recompute GEMM costs more time than they cost memory)
+and recomputes above it.
 
 - **triton** (``fastmil.kernels.gated_attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
   online softmax statistics, partial weighted sum) + a merge kernel per bag + a weight-normalisation kernel.
@@ -20,10 +22,11 @@ log-sum-exp), and backward recomputes the gated activations from ``h``.
   summed in a fixed order (deterministic, no atomics). ``dpre`` (``N x 2 HID`` fp32) lives only inside
   backward: the weight gradients are a reduction over all rows that needs it as a GEMM operand. Inputs of any
   strides are accepted (passed in a checked layout, ``kernels._launch.canonical``); outputs have their own.
-- **torch** (CPU, or ``backend="torch"``): the same recompute strategy in row chunks of ``CHUNK_ROWS``. V and U
-  run as one ``[2 HID, D]`` GEMM; in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute
-  GEMM also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written straight into ``grad_h``.
-  Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs and ``grad_h``. On the CPU, a mask that
+- **torch** (CPU, or ``backend="torch"``): row chunks of ``CHUNK_ROWS``. V and U run as one ``[2 HID, D]`` GEMM;
+  in backward, for a chunk inside one bag, ``[V; U; g_b]`` makes the recompute GEMM (when activations were not
+  kept; else one ``h g_b`` product) also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written
+  straight into ``grad_h``. Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs, ``grad_h`` and
+  the kept activations. On the CPU, a mask that
   keeps under half the rows (MHIM's student) makes the score GEMMs of both passes (the recompute included) run
   over the gathered unmasked rows only; the pooling GEMM and the zero-filled ``grad_h`` still span all rows.
 """
@@ -91,32 +94,44 @@ def gated_attention_pool_reference(
 # torch path
 # ----------------------------------------------------------------------------------------------------------------
 class _GatedPoolTorch(torch.autograd.Function):
-    """Chunked recompute on the torch side; see the module docstring. Computes in fp32 (fp64 for fp64 ``h``)."""
+    """Chunked torch path (activations kept or recomputed); see the module docstring. Computes in fp32 (fp64 for
+    fp64 ``h``). ``keep``: backward will run (grad enabled and an input requires grad)."""
 
     @staticmethod
-    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu):
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu, keep):
         hidden = v_weight.shape[0]
         acc = _accumulation_dtype(h)
         w2 = torch.cat([v_weight, u_weight]).to(acc)  # [2 HID, D]
         b2 = torch.cat([v_bias, u_bias]).to(acc)
         w_vec, bw = w_weight[0].to(acc), w_bias.to(acc)
         rows = _compact_rows(h, mask)
+        n_rows = h.shape[0] if rows is None else rows.numel()
+        # [tanh | sigmoid] of the computed rows, in chunk order, when backward will need them and they fit
+        acts = None
+        if keep and n_rows * 2 * hidden * torch.finfo(acc).bits // 8 <= KEEP_ACTIVATIONS_BYTES:
+            acts = torch.empty(n_rows, 2 * hidden, dtype=acc, device=h.device)
         scores = torch.zeros(h.shape[0], dtype=acc, device=h.device)  # rows left out are masked
-        for part in _row_chunks(h.shape[0], rows):
+        for i, part in enumerate(_row_chunks(h.shape[0], rows)):
             pre = torch.addmm(b2, h[part].to(acc), w2.T)
-            gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
+            if acts is None:
+                gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
+            else:
+                chunk = acts[i * CHUNK_ROWS : i * CHUNK_ROWS + pre.shape[0]]
+                t, sg = torch.tanh(pre[:, :hidden], out=chunk[:, :hidden]), torch.sigmoid(pre[:, hidden:],
+                                                                                        out=chunk[:, hidden:])
+                gate = torch.mul(t, sg, out=pre[:, :hidden])
             scores[part] = torch.addmv(bw, gate, w_vec)
         weights, lse = segment_softmax(scores[:, None], offsets, mask)  # [N, 1], [B, 1]
         pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
         weights = weights[:, 0]
-        ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets)
+        ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts)
         ctx.rows = rows
         ctx.set_materialize_grads(False)
         return pooled, weights, lse[:, 0]
 
     @staticmethod
     def backward(ctx, grad_pooled, grad_weights, grad_lse):
-        h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets = ctx.saved_tensors
+        h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts = ctx.saved_tensors
         need = ctx.needs_input_grad
         hidden = v_weight.shape[0]
         k2 = 2 * hidden
@@ -140,26 +155,34 @@ class _GatedPoolTorch(torch.autograd.Function):
         grad_b2 = torch.zeros(k2, dtype=acc, device=h.device)
         grad_wv = torch.zeros_like(w_vec)
         grad_bw = torch.zeros(1, dtype=acc, device=h.device)
+        one = torch.ones((), dtype=acc, device=h.device)
         row_bag = -1  # the bag whose g is in w3's last row
-        for part in _row_chunks(h.shape[0], rows):
+        for i, part in enumerate(_row_chunks(h.shape[0], rows)):
             x = h[part].to(acc)
             part_bag = bag[part]
             first, last = int(part_bag[0]), int(part_bag[-1])
             single_bag = first == last  # the common case; small bags share chunks and take the gather path
             if single_bag and first != row_bag:
                 w3[k2], row_bag = g[first], first
-            pre = torch.addmm(b3, x, w3.T)  # [chunk, 2H + 1]
-            t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:k2])
-            a = weights[part]
             g_rows = None if single_bag else g[part_bag]
-            u = pre[:, k2] if single_bag else torch.einsum("nd,nd->n", x, g_rows)
+            if acts is None:  # recompute
+                pre = torch.addmm(b3, x, w3.T)  # [chunk, 2H + 1]
+                t, sg = torch.tanh(pre[:, :hidden]), torch.sigmoid(pre[:, hidden:k2])
+                u = pre[:, k2] if single_bag else torch.einsum("nd,nd->n", x, g_rows)
+            else:  # kept by forward: only u = x . g_b is new
+                chunk = acts[i * CHUNK_ROWS : i * CHUNK_ROWS + x.shape[0]]
+                t, sg = chunk[:, :hidden], chunk[:, hidden:]
+                pre = torch.empty(x.shape[0], k2 + 1, dtype=acc, device=h.device)
+                u = torch.mv(x, g[first]) if single_bag else torch.einsum("nd,nd->n", x, g_rows)
+            a = weights[part]
             if grad_weights is not None:
                 u = u + grad_weights[part].to(acc)
             ds = a * (u - bag_dot[part_bag])
             dz = ds[:, None] * w_vec[None, :]
-            # reuse `pre` as the buffer of [dpre_v | dpre_u | a]
-            torch.mul(dz * sg, 1.0 - t * t, out=pre[:, :hidden])
-            torch.mul(dz * t, sg * (1.0 - sg), out=pre[:, hidden:k2])
+            # reuse `pre` as the buffer of [dpre_v | dpre_u | a], three in-place passes per half:
+            # dpre_v = dz sg (1 - t^2), dpre_u = dz t sg (1 - sg)
+            torch.addcmul(one, t, t, value=-1, out=pre[:, :hidden]).mul_(sg).mul_(dz)
+            torch.addcmul(sg, sg, sg, value=-1, out=pre[:, hidden:k2]).mul_(t).mul_(dz)
             pre[:, k2] = a
             dpre = pre[:, :k2]
             grad_w2.addmm_(dpre.T, x)
@@ -187,12 +210,20 @@ class _GatedPoolTorch(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 COMPACT_BELOW = 0.5
 """The torch path computes scores only for unmasked rows (gathered) when they are fewer than this share of the
 batch (MHIM's student keeps ~20%); denser masks run over all rows in place."""
+
+
+KEEP_ACTIVATIONS_BYTES = 256 * 2**20
+"""The torch path keeps the gated activations ``[rows, 2 HID]`` (tanh and sigmoid of the computed rows) for backward
+when they take at most this many bytes (100k rows at HID 128 in fp32: 100 MiB), instead of recomputing them with a
+``[rows, D] x [D, 2 HID]`` GEMM: on a CPU the GEMM costs more time than the memory costs (measured: ~8% of an ABMIL
+step at every bag size). Larger inputs recompute, so memory stays ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
 
 
 def _compact_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -334,5 +365,7 @@ def gated_attention_pool(
             )
         pooled, weights, lse = _GatedPoolTriton.apply(*args)
     else:
-        pooled, weights, lse = _GatedPoolTorch.apply(*args)
+        # keep the activations only when backward will run (the forward itself runs with grad disabled)
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in args[:7])
+        pooled, weights, lse = _GatedPoolTorch.apply(*args, keep)
     return (pooled, weights, lse) if return_lse else (pooled, weights)

@@ -90,6 +90,19 @@ def _reference(h, params, offsets, mask, grads, rounding):
     return pooled, weights, h64.grad, [p.grad for p in p64]
 
 
+BACKENDS = ["torch", "torch/recompute", "triton"]
+"""``torch/recompute``: the torch path with no activation budget, so its backward recomputes the gated activations
+(the path of inputs over ``KEEP_ACTIVATIONS_BYTES``); ``torch`` keeps them (every test size fits the budget)."""
+
+
+def _select(backend, monkeypatch):
+    """The op's backend argument for a ``BACKENDS`` entry (setting the budget for ``torch/recompute``)."""
+    if backend == "torch/recompute":
+        monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 0)
+        return "torch"
+    return backend
+
+
 def _upstream(n_bags, n, dim, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n_bags, dim, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
@@ -113,8 +126,9 @@ def _check(actual, expected, offsets, mask, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "sparse", "all-masked-bag"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backend, monkeypatch):
+    backend = _select(backend, monkeypatch)
     h, params, offsets, mask = _case(SIZES, dtype, mask_kind)
     grads = _upstream(len(SIZES), sum(SIZES), DIM)
     actual = _run(h, params, offsets, mask, backend, grads)
@@ -157,13 +171,18 @@ def test_strided_inputs_and_outputs(layout, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_mask_over_chunks_of_one_bag(dtype, monkeypatch):
-    """The torch path's gathered rows (a mask keeping ~20%) in chunks that lie inside one large bag (the
-    single-bag GEMM path), after a bag of 3 that shares the first chunk; fp32 and a bf16 ``grad_h`` (cast on write)."""
+@pytest.mark.parametrize("mask_kind", ["sparse", "random"])
+@pytest.mark.parametrize("backend", ["torch", "torch/recompute"])
+def test_chunks_of_one_bag(dtype, mask_kind, backend, monkeypatch):
+    """The torch path in chunks that lie inside one large bag (the single-bag GEMM path), after a bag of 3 that
+    shares the first chunk: gathered rows (a mask keeping ~20%) or all rows in place (a mask keeping ~half), with
+    the activations kept (each chunk reads its own rows of them) or recomputed; fp32 and a bf16 ``grad_h`` (cast
+    on write)."""
     monkeypatch.setattr(gated_module, "CHUNK_ROWS", 128)
+    _select(backend, monkeypatch)
     sizes = [3, 3000]
-    h, params, offsets, mask = _case(sizes, dtype, "sparse", seed=11)
-    mask[1] = True  # the bag of 3 keeps a row, so the first gathered chunk spans two bags
+    h, params, offsets, mask = _case(sizes, dtype, mask_kind, seed=11)
+    mask[1] = True  # the bag of 3 keeps a row, so the first chunk spans two bags
     assert int(mask[3:].sum()) > 3 * 128
     grads = _upstream(len(sizes), sum(sizes), DIM)
     actual = _run(h, params, offsets, mask, "torch", grads)
@@ -190,9 +209,11 @@ def test_edge_bags_and_grad_of_params_only(backend):
         assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_n_by_hidden_tensor_is_saved_for_backward(backend):
-    """The recompute strategy: nothing with N x hidden elements (or larger, except h itself) is kept."""
+@pytest.mark.parametrize("backend", ["torch/recompute", "triton"])
+def test_no_n_by_hidden_tensor_is_saved_for_backward(backend, monkeypatch):
+    """The recompute strategy (Triton; torch over its activation budget): nothing with N x hidden elements (or
+    larger, except h itself) is kept."""
+    backend = _select(backend, monkeypatch)
     n, dim, hidden = 300, 16, 64  # hidden > dim, so an N x hidden activation would be the largest tensor
     h, params, offsets, _ = _case([100, 200], torch.float32, "none", dim=dim, hidden=hidden)
     h = h.requires_grad_()
@@ -209,6 +230,29 @@ def test_no_n_by_hidden_tensor_is_saved_for_backward(backend):
         numel = int(torch.Size(shape).numel())
         assert numel < n * hidden or ptr == h.data_ptr(), f"saved a {shape} tensor"
     pooled.sum().backward()
+
+
+def _saved_shapes(h, params, offsets, mask):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        gated_attention_pool(h, *params, offsets, mask, backend="torch")
+    return saved
+
+
+def test_torch_path_keeps_activations_within_budget(monkeypatch):
+    """Under the budget the torch path saves one ``[rows, 2 hidden]`` tensor (the gathered rows only, for a sparse
+    mask) instead of recomputing; at exactly the budget still, one byte below it not."""
+    sizes, hidden = [100, 200], 24
+    h, params, offsets, mask = _case(sizes, torch.float32, "sparse", seed=3, hidden=hidden)
+    h = h.requires_grad_()
+    rows = int(mask.sum())
+    assert rows < 0.5 * h.shape[0]  # the gathered path
+    assert (rows, 2 * hidden) in _saved_shapes(h, params, offsets, mask)
+    assert (300, 2 * hidden) in _saved_shapes(h, params, offsets, None)
+    monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 300 * 2 * hidden * 4)
+    assert (300, 2 * hidden) in _saved_shapes(h, params, offsets, None)
+    monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 300 * 2 * hidden * 4 - 1)
+    assert (300, 2 * hidden) not in _saved_shapes(h, params, offsets, None)
 
 
 def test_module_matches_unfused_chain():
