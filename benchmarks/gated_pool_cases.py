@@ -3,7 +3,8 @@
 ``fused``: :class:`fastmil.nn.GatedAttentionPool` (the fused op: Triton on CUDA, chunked recompute on CPU).
 ``chain``: the plain torch module chain as ABMIL code usually writes it: ``Linear -> tanh``, ``Linear -> sigmoid``,
 product, ``Linear`` to a score, ``softmax`` over the bag, weighted sum ``a @ h``; autograd keeps every
-intermediate. Both see one bag of N instances. ``h`` requires grad (as after an embedding layer, where both
+intermediate. ``fused-bf16`` and ``chain-bf16`` (CUDA only: ``BF16_KINDS``): ``h`` in bf16, the chain under
+``torch.autocast(bfloat16)``, the comparison ``docs/performance.md`` predicts for. All see one bag of N instances. ``h`` requires grad (as after an embedding layer, where both
 must return an ``N x D`` gradient) or not (pooling straight over stored features).
 
 Run as a script it measures the extra peak memory of ONE forward+backward in a fresh process, so that nothing
@@ -23,11 +24,18 @@ import torch
 from fastmil.nn import GatedAttentionPool
 
 
-def make_case(n: int, dim: int, hidden: int, device: str = "cpu", seed: int = 0, h_grad: bool = True):
-    """``(pool module, h [n, dim] fp32, offsets [0, n])`` on ``device``; ``h`` requires grad if ``h_grad``."""
+BF16_KINDS = ("fused-bf16", "chain-bf16")
+"""Cases run on CUDA only (the CPUs these benchmarks run on have no bf16 GEMM)."""
+
+
+def make_case(n: int, dim: int, hidden: int, device: str = "cpu", seed: int = 0, h_grad: bool = True,
+              kind: str = "fused"):
+    """``(pool module, h [n, dim], offsets [0, n])`` on ``device``; ``h`` in bf16 for ``BF16_KINDS``, else fp32,
+    requiring grad if ``h_grad``."""
     torch.manual_seed(seed)
     pool = GatedAttentionPool(dim, hidden).to(device)
-    h = torch.randn(n, dim, device=device).requires_grad_(h_grad)
+    dtype = torch.bfloat16 if kind in BF16_KINDS else torch.float32
+    h = torch.randn(n, dim, device=device).to(dtype).requires_grad_(h_grad)
     offsets = torch.tensor([0, n], device=device)
     return pool, h, offsets
 
@@ -43,7 +51,12 @@ def step_chain(pool: GatedAttentionPool, h: torch.Tensor, offsets: torch.Tensor)
     pooled.sum().backward()
 
 
-STEPS = {"fused": step_fused, "chain": step_chain}
+def step_chain_bf16(pool: GatedAttentionPool, h: torch.Tensor, offsets: torch.Tensor) -> None:
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        step_chain(pool, h, offsets)
+
+
+STEPS = {"fused": step_fused, "chain": step_chain, "fused-bf16": step_fused, "chain-bf16": step_chain_bf16}
 
 
 def _tracked_peak_bytes(step) -> int:
@@ -68,7 +81,7 @@ def _tracked_peak_bytes(step) -> int:
 
 def measure_extra_peak(kind: str, n: int, dim: int, hidden: int, device: str, h_grad: bool) -> int:
     """Extra peak bytes of one forward+backward (see the module docstring)."""
-    pool, h, offsets = make_case(n, dim, hidden, device, h_grad=h_grad)
+    pool, h, offsets = make_case(n, dim, hidden, device, h_grad=h_grad, kind=kind)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

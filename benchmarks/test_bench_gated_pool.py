@@ -1,7 +1,7 @@
 """GatedAttentionPool forward+backward: fused op vs the plain torch module chain (time and peak memory).
 
 N in {1k, 10k, 100k}, D in {512, 1024}, hidden 128, fp32, one bag. CPU runs always; the CUDA variants run when a
-GPU is present (pedantic mode, synchronised). Peak memory is measured in a fresh subprocess per case
+GPU is present (pedantic mode, synchronised), and add bf16 ``h`` for both (the chain under bf16 autocast). Peak memory is measured in a fresh subprocess per case
 (``gated_pool_cases.py``) and stored in each memory benchmark's ``extra_info``; ``report.py`` prints the ratios.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gated_pool_cases import STEPS, make_case
+from gated_pool_cases import BF16_KINDS, STEPS, make_case
 
 HIDDEN = 128
 SIZES = [1_000, 10_000, 100_000]
@@ -34,13 +34,19 @@ def _extra_peak(kind: str, n: int, dim: int, device: str, h_grad: bool) -> int:
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 
+def _cuda_only_bf16(device: str, kind: str) -> None:
+    if kind in BF16_KINDS and device != "cuda":
+        pytest.skip("bf16 cases run on CUDA only (no bf16 GEMM on these CPUs)")
+
+
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kind", ["fused", "chain"])
+@pytest.mark.parametrize("kind", list(STEPS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_gated_pool_time(benchmark, device, kind, n, dim):
     """One forward+backward; on CUDA pedantic rounds end with a synchronise so the time is the GPU's."""
-    pool, h, offsets = make_case(n, dim, HIDDEN, device)
+    _cuda_only_bf16(device, kind)
+    pool, h, offsets = make_case(n, dim, HIDDEN, device, kind=kind)
 
     def step():
         h.grad = None
@@ -57,11 +63,12 @@ def test_gated_pool_time(benchmark, device, kind, n, dim):
 
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kind", ["fused", "chain"])
+@pytest.mark.parametrize("kind", list(STEPS))
 @pytest.mark.parametrize("h_grad", [True, False], ids=["hgrad", "nohgrad"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gated_pool_memory(benchmark, device, kind, n, dim, h_grad):
     """Extra peak memory of one forward+backward, measured in a fresh subprocess (see gated_pool_cases.py)."""
+    _cuda_only_bf16(device, kind)
     result = {}
 
     def probe():
@@ -70,5 +77,5 @@ def test_gated_pool_memory(benchmark, device, kind, n, dim, h_grad):
     benchmark.pedantic(probe, rounds=1)
     benchmark.extra_info["extra_peak_bytes"] = result["bytes"]
     # the h gradient that both variants must return, counted inside extra_peak_bytes when h requires grad
-    benchmark.extra_info["grad_h_bytes"] = n * dim * 4 if h_grad else 0
+    benchmark.extra_info["grad_h_bytes"] = n * dim * (2 if kind in BF16_KINDS else 4) if h_grad else 0
     assert result["bytes"] > 0

@@ -12,8 +12,8 @@ Contract::
 Differentiable in ``h`` and all six parameters. Forward saves ``h``, the parameters, ``weights [N]`` and
 ``pooled [B, D]`` (plus, on Triton, the per-bag log-sum-exp). The Triton path keeps no ``N x HID`` activation:
 its backward recomputes them from ``h`` (cheap on a GPU). The torch path keeps ``[tanh | sigmoid]`` of the computed
-rows when they fit ``KEEP_ACTIVATIONS_BYTES`` (on a CPU the recompute GEMM costs more time than they cost memory)
-and recomputes above it.
+rows when ``h`` requires grad and they fit ``KEEP_ACTIVATIONS_BYTES`` (on a CPU the recompute GEMM costs more time
+than they cost memory, next to the ``N x D`` ``grad_h`` that backward allocates anyway), and recomputes otherwise.
 
 - **triton** (``fastmil.kernels.gated_attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
   online softmax statistics, partial weighted sum) + a merge kernel per bag + a weight-normalisation kernel.
@@ -95,7 +95,7 @@ def gated_attention_pool_reference(
 # ----------------------------------------------------------------------------------------------------------------
 class _GatedPoolTorch(torch.autograd.Function):
     """Chunked torch path (activations kept or recomputed); see the module docstring. Computes in fp32 (fp64 for
-    fp64 ``h``). ``keep``: backward will run (grad enabled and an input requires grad)."""
+    fp64 ``h``). ``keep``: backward will run and return ``grad_h`` (grad enabled and ``h`` requires grad)."""
 
     @staticmethod
     def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu, keep):
@@ -223,7 +223,9 @@ KEEP_ACTIVATIONS_BYTES = 256 * 2**20
 """The torch path keeps the gated activations ``[rows, 2 HID]`` (tanh and sigmoid of the computed rows) for backward
 when they take at most this many bytes (100k rows at HID 128 in fp32: 100 MiB), instead of recomputing them with a
 ``[rows, D] x [D, 2 HID]`` GEMM: on a CPU the GEMM costs more time than the memory costs (measured: ~8% of an ABMIL
-step at every bag size). Larger inputs recompute, so memory stays ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
+step at every bag size). Only when ``h`` requires grad: then backward allocates the ``N x D`` ``grad_h`` anyway
+(``2 HID / D`` of it is kept here: a quarter at D = 1024, HID = 128). Larger inputs, and ``h`` without grad (pooling
+stored features), recompute, so memory stays ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
 
 
 def _compact_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -365,7 +367,9 @@ def gated_attention_pool(
             )
         pooled, weights, lse = _GatedPoolTriton.apply(*args)
     else:
-        # keep the activations only when backward will run (the forward itself runs with grad disabled)
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in args[:7])
+        # keep the activations only when backward will run and return grad_h (the forward itself runs with grad
+        # disabled): its N x D buffer dwarfs the N x 2 HID kept floats, while pooling stored features (no grad_h)
+        # would otherwise hold almost nothing beyond its outputs
+        keep = torch.is_grad_enabled() and h.requires_grad
         pooled, weights, lse = _GatedPoolTorch.apply(*args, keep)
     return (pooled, weights, lse) if return_lse else (pooled, weights)

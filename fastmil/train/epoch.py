@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bags import Bags
+from ..data.transfer import device_batches
 from ..methods import StepContext
 from .step import Stepper
 
@@ -65,10 +66,9 @@ def train_epoch(
     counts: dict[str, int] = {}
     clock = {"data": 0.0}
     start = time.perf_counter()
-    batches = _timed(loader, clock)
+    batches = device_batches(_timed(loader, clock), device)  # on CUDA, copies overlap the previous step
     for step, bags in enumerate(tqdm(batches, desc=f"epoch {epoch}", unit="step", total=n_steps, leave=False,
                                      disable=None if progress else True)):
-        bags = bags.to(device, non_blocking=True)
         ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=n_steps, epochs=epochs, seed=seed,
                           class_weight=class_weight, loss_fn=loss_fn, loss_name=loss_name)
         terms = stepper.step(bags, ctx)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..data.batching import BagBatchSampler, BagLoader
 from ..data.cache import CohortCache
 from ..data.store import FeatureStore
+from ..data.transfer import device_batches
 from ..methods import Method
 from .metrics import compute_metrics
 from .step import autocast
@@ -34,11 +35,13 @@ def predict_slides(
         raise ValueError(f"output must be probs or logits, got {output!r}")
     method.eval()
     sampler = BagBatchSampler(store.sizes(slide_ids), max_instances_per_step=EVAL_INSTANCES_PER_STEP, shuffle=False)
-    loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius, cache=cache)
+    loader = BagLoader(store, slide_ids, sampler, neighbour_radius=method.neighbour_radius, cache=cache,
+                       pin_memory=device.type == "cuda")
     probs: dict[str, np.ndarray] = {}
     attention: dict[str, np.ndarray] = {}
-    for bags in tqdm(loader, desc="predict", unit="step", disable=None if progress else True, leave=False):
-        bags = bags.to(device)
+    batches = device_batches(loader, device)
+    for bags in tqdm(batches, desc="predict", unit="step", total=len(loader), disable=None if progress else True,
+                     leave=False):
         with autocast(amp, device):
             out = method.predict(bags)
         logits = out.logits.float()

@@ -240,8 +240,9 @@ def _saved_shapes(h, params, offsets, mask):
 
 
 def test_torch_path_keeps_activations_within_budget(monkeypatch):
-    """Under the budget the torch path saves one ``[rows, 2 hidden]`` tensor (the gathered rows only, for a sparse
-    mask) instead of recomputing; at exactly the budget still, one byte below it not."""
+    """Under the budget, with ``h`` requiring grad, the torch path saves one ``[rows, 2 hidden]`` tensor (the gathered
+    rows only, for a sparse mask) instead of recomputing; at exactly the budget still, one byte below it not; for
+    ``h`` without grad (pooling stored features) not."""
     sizes, hidden = [100, 200], 24
     h, params, offsets, mask = _case(sizes, torch.float32, "sparse", seed=3, hidden=hidden)
     h = h.requires_grad_()
@@ -249,6 +250,8 @@ def test_torch_path_keeps_activations_within_budget(monkeypatch):
     assert rows < 0.5 * h.shape[0]  # the gathered path
     assert (rows, 2 * hidden) in _saved_shapes(h, params, offsets, mask)
     assert (300, 2 * hidden) in _saved_shapes(h, params, offsets, None)
+    with_param_grads = [p.clone().requires_grad_() for p in params]
+    assert (300, 2 * hidden) not in _saved_shapes(h.detach(), with_param_grads, offsets, None)
     monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 300 * 2 * hidden * 4)
     assert (300, 2 * hidden) in _saved_shapes(h, params, offsets, None)
     monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 300 * 2 * hidden * 4 - 1)
