@@ -1,14 +1,15 @@
-"""The two implementations the gated-pooling benchmarks compare, and a one-shot peak-memory probe.
+"""The implementations the gated-pooling benchmarks compare, and a one-shot peak-memory probe.
 
 ``fused``: :class:`fastmil.nn.GatedAttentionPool` (the fused op: Triton on CUDA, chunked recompute on CPU).
 ``chain``: the plain torch module chain as ABMIL code usually writes it: ``Linear -> tanh``, ``Linear -> sigmoid``,
 product, ``Linear`` to a score, ``softmax`` over the bag, weighted sum ``a @ h``; autograd keeps every
 intermediate. ``fused-bf16`` and ``chain-bf16`` (CUDA only: ``BF16_KINDS``): ``h`` in bf16, the chain under
-``torch.autocast(bfloat16)``, the comparison ``docs/performance.md`` predicts for. All see one bag of N instances. ``h`` requires grad (as after an embedding layer, where both
-must return an ``N x D`` gradient) or not (pooling straight over stored features).
+``torch.autocast(bfloat16)``, the comparison ``docs/performance.md`` predicts for. All see one bag of N instances.
+``h`` requires grad (as after an embedding layer, where both must return an ``N x D`` gradient) or not (pooling
+straight over stored features).
 
 Run as a script it measures the extra peak memory of ONE forward+backward in a fresh process, so that nothing
-else shares the peak: ``python benchmarks/gated_pool_cases.py {fused|chain} N D HIDDEN {cpu|cuda} {1|0}``
+else shares the peak: ``python benchmarks/gated_pool_cases.py KIND N D HIDDEN {cpu|cuda} {1|0}``
 (last: whether h requires grad) prints
 ``extra_peak_bytes``: CPU, the peak of live tensor bytes allocated during the step, from torch's allocator
 events (``torch.profiler`` with ``profile_memory=True``); CUDA, ``torch.cuda.max_memory_allocated`` above the
@@ -22,7 +23,6 @@ import sys
 import torch
 
 from fastmil.nn import GatedAttentionPool
-
 
 BF16_KINDS = ("fused-bf16", "chain-bf16")
 """Cases run on CUDA only (the CPUs these benchmarks run on have no bf16 GEMM)."""

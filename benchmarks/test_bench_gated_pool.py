@@ -1,8 +1,9 @@
 """GatedAttentionPool forward+backward: fused op vs the plain torch module chain (time and peak memory).
 
 N in {1k, 10k, 100k}, D in {512, 1024}, hidden 128, fp32, one bag. CPU runs always; the CUDA variants run when a
-GPU is present (pedantic mode, synchronised), and add bf16 ``h`` for both (the chain under bf16 autocast). Peak memory is measured in a fresh subprocess per case
-(``gated_pool_cases.py``) and stored in each memory benchmark's ``extra_info``; ``report.py`` prints the ratios.
+GPU is present (pedantic mode, synchronised), and add bf16 ``h`` for both (the chain under bf16 autocast). Peak
+memory is measured in a fresh subprocess per case (``gated_pool_cases.py``) and stored in each memory benchmark's
+``extra_info``; ``report.py`` prints the ratios.
 """
 from __future__ import annotations
 
