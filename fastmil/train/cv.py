@@ -14,7 +14,8 @@ Output::
     OUT/km_test.png, OUT/test_risks.csv               survival (``task: survival``): Kaplan-Meier curves of the
                                                       pooled test folds, each fold's test patients split at that
                                                       fold's median predicted risk, with the log-rank p-value
-                                                      (also in summary.md); the patients' risks
+                                                      (also in the summaries, as ``logrank_p_pooled``); the
+                                                      patients' risks
 
 Survival folds group slides by the patients of the survival targets and stratify by the event indicator.
 
@@ -173,7 +174,9 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
             and k != "n"}
 
 
-def _write_summary(out: Path, per_fold: list[dict]) -> list[dict]:
+def _write_summary(out: Path, per_fold: list[dict], pooled: dict[str, float | None] | None = None) -> list[dict]:
+    """summary.csv and summary.md: one row per test metric (mean, sd, each fold), then one row per ``pooled``
+    statistic of all folds' test slides together (its value under ``mean``, no sd or fold values)."""
     names = sorted({k for m in per_fold for k in _scalar_metrics(m)})
     rows = []
     for name in names:
@@ -182,6 +185,8 @@ def _write_summary(out: Path, per_fold: list[dict]) -> list[dict]:
         rows.append({"metric": name, "mean": float(np.mean(defined)) if defined else None,
                      "sd": float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
                      **{f"fold_{k}": v for k, v in enumerate(values)}})
+    for name, value in (pooled or {}).items():
+        rows.append({"metric": name, "mean": value, "sd": None, **{f"fold_{k}": None for k in range(len(per_fold))}})
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=["metric", "mean", "sd", *[f"fold_{k}" for k in range(len(per_fold))]])
     writer.writeheader()
@@ -192,9 +197,11 @@ def _write_summary(out: Path, per_fold: list[dict]) -> list[dict]:
              f"{', '.join(str(m['n']) for m in per_fold)} test slides)", "",
              "| metric | mean ± sd | " + " | ".join(f"fold {k}" for k in range(len(per_fold))) + " |",
              "|---|---|" + "---|" * len(per_fold)]
-    for row in rows:
+    for row in rows[: len(names)]:
         lines.append(f"| {row['metric']} | {fmt(row['mean'])} ± {fmt(row['sd'])} | "
                      + " | ".join(fmt(row[f"fold_{k}"]) for k in range(len(per_fold))) + " |")
+    for name, value in (pooled or {}).items():
+        lines += ["", f"Pooled over the test folds: {name} = {'n/a' if value is None else f'{value:.3g}'}"]
     write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
     return rows
 
@@ -237,15 +244,15 @@ def cross_validate(
         result = fit(store, fold_dir, None if resume else cfg, split_csv=split_files / f"splits_{k}.csv",
                      resume=resume, progress=progress)
         per_fold.append(result.metrics["test"])
-    rows = _write_summary(out, per_fold)
+    pooled = None
     if cfg.task.name == "survival":
-        _pooled_test_km(out, store, [out / f"fold_{k}" for k in range(len(fold_splits))])
-    return rows
+        pooled = {"logrank_p_pooled": _pooled_test_km(out, store, [out / f"fold_{k}" for k in range(len(fold_splits))])}
+    return _write_summary(out, per_fold, pooled)
 
 
 def _pooled_test_km(out: Path, store: FeatureStore, fold_dirs: list[Path]) -> float | None:
-    """Kaplan-Meier plot and log-rank p of the pooled test folds (module docstring); the p-value is appended to
-    summary.md and returned."""
+    """Kaplan-Meier plot (km_test.png) and patients' risks (test_risks.csv) of the pooled test folds (module
+    docstring); returns the log-rank p (None when no fold has test patients or the p is undefined)."""
     from ..survival import save_km_plot
     from .loop import load_method
     from .survival_task import SurvivalRun
@@ -273,10 +280,6 @@ def _pooled_test_km(out: Path, store: FeatureStore, fold_dirs: list[Path]) -> fl
     time, event = np.array([r[2] for r in rows]), np.array([r[3] for r in rows], bool)
     p = save_km_plot(out / "km_test.png", time, event, np.array([r[5] for r in rows]),
                      f"{len(fold_dirs)} test folds pooled: {len(rows)} patients, split at each fold's median risk")
-    summary = (out / "summary.md").read_text(encoding="utf-8")
-    p_text = "n/a" if p is None else f"{p:.3g}"
-    write_text_atomic(out / "summary.md", summary + f"\nKaplan-Meier of the pooled test folds (km_test.png): "
-                                                    f"log-rank p = {p_text}\n")
     return p
 
 

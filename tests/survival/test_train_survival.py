@@ -100,7 +100,10 @@ def test_cross_validation_pools_test_folds(cohort, tmp_path):
     assert (tmp_path / "cv" / "km_test.png").is_file()
     risks = list(csv.DictReader(open(tmp_path / "cv" / "test_risks.csv")))
     assert {r["fold"] for r in risks} == {"0", "1"}
-    assert "log-rank p" in (tmp_path / "cv" / "summary.md").read_text()
+    summary = {r["metric"]: r for r in csv.DictReader(open(tmp_path / "cv" / "summary.csv"))}
+    p = float(summary["logrank_p_pooled"]["mean"])
+    assert 0 <= p <= 1 and summary["logrank_p_pooled"]["fold_0"] == ""
+    assert f"logrank_p_pooled = {p:.3g}" in (tmp_path / "cv" / "summary.md").read_text()
 
 
 def test_survival_errors(tmp_path):
