@@ -8,18 +8,36 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["ConfigError", "build", "closest", "coerce", "suggest", "to_dict"]
+import yaml
+
+__all__ = ["ConfigError", "build", "closest", "coerce", "read_yaml_mapping", "suggest", "to_dict"]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used; the message names the key (``section.key``)."""
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (an empty file: ``{}``); ``ConfigError`` naming the file when it is not valid
+    YAML or not a mapping (``what`` says what the file should be, e.g. "a training config")."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must be a mapping of key: value, got {type(data).__name__}")
+    return data
 
 
 def closest(key: str, known: Iterable[str]) -> str | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from fastmil._config import read_yaml_mapping
 
 __all__ = ["DISTRIBUTIONS", "SweepSpec", "load_spec", "tune_space"]
 
@@ -75,12 +75,7 @@ class SweepSpec:
 
 def load_spec(path: str | os.PathLike | None, **overrides: Any) -> SweepSpec:
     """The sweep of a YAML file (or of ``overrides`` alone), with command-line ``overrides`` (None = keep)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a sweep config is a mapping (see ray_jobs/space.py)")
+    data = {} if path is None else read_yaml_mapping(path, "a sweep config (see ray_jobs/space.py)")
     data.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(data) - set(SweepSpec.__dataclass_fields__))
     if unknown:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .._config import ConfigError, build, closest, suggest, to_dict
+from .._config import ConfigError, build, closest, read_yaml_mapping, suggest, to_dict
 from ..data.cache import CacheTier
 from ..methods import get_method, method_config
 from ..nn import model_config
@@ -245,13 +245,7 @@ def load_config(
     path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
 ) -> TrainConfig:
     """Read a YAML config (or the defaults) and apply ``section.key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: config must be a mapping of section: {{key: value}}")
-        data = loaded
+    data = {} if path is None else read_yaml_mapping(path, "a training config (section: {key: value})")
     try:
         cfg = TrainConfig.from_dict(data)
     except ConfigError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .._atomic import write_text_atomic
+from .._config import read_yaml_mapping
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .splits import write_splits
 
@@ -81,8 +82,7 @@ class RunFolder:
         cfg = self.path / "config.yaml"
         if not cfg.is_file():
             raise ValueError(f"{self.path}: not a fastmil run folder (no config.yaml)")
-        with open(cfg, encoding="utf-8") as fh:
-            return yaml.safe_load(fh) or {}
+        return read_yaml_mapping(cfg, "a run's config.yaml")
 
     def save(self, name: str, state: dict) -> None:
         save_checkpoint(self.path / name, state)

@@ -100,3 +100,27 @@ def test_cli_imports_a_module_that_registers_a_method(tmp_path, monkeypatch, cap
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["name"] == "plain-copy"
     assert main(["train", "--import", "no_such_module_xyz", *args[1:]]) == 2
     assert "--import no_such_module_xyz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, error", [
+    ("optim: {lr: [1e-4\n", "not valid YAML"),  # truncated
+    ("- optim\n- run\n", "must be a mapping of key: value, got list"),
+])
+def test_broken_yaml_files_name_the_file(tmp_path, text, error):
+    """A truncated or non-mapping YAML file is a ConfigError naming the file: a training config, a run folder's
+    config.yaml and a sweep config (all read by one helper)."""
+    from fastmil.train.run_folder import RunFolder
+    from ray_jobs.space import load_spec
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=error) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    run = RunFolder(tmp_path / "run")
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=error):
+        run.read_config()
+    with pytest.raises(ConfigError, match=error):
+        load_spec(path, store="s", out="o")
