@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from ..data.cache import CohortCache, cohort_bytes, open_cache
 from ..data.store import FeatureStore, open_store
 from ..methods import Method, build_method
 from ..survival import survival_targets
+from .classification_task import ClassificationRun
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import DataParallel
 from .epoch import train_epoch
@@ -42,7 +42,7 @@ from .run_folder import ReadOnlyRunFolder, RunFolder, TrainState
 from .splits import labelled_slides, load_splits, make_group_splits, make_splits
 from .step import Stepper
 from .survival_task import SurvivalRun
-from .validate import EarlyStopping, split_metrics
+from .validate import EarlyStopping
 
 __all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "RunResult", "evaluate", "fit", "load_method", "load_model",
            "select_device"]
@@ -73,12 +73,6 @@ def select_device(name: str) -> torch.device:
 
 def _as_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
     return store if isinstance(store, FeatureStore) else open_store(store)
-
-
-def _class_weight(labels: Sequence[int], n_classes: int) -> torch.Tensor:
-    counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
-    weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weight, dtype=torch.float32)
 
 
 def _signature(cfg: TrainConfig, in_dim: int, classes: list[str]) -> dict:
@@ -134,14 +128,6 @@ def _open_run(run: RunFolder, cfg: TrainConfig, resume: bool, split_csv, labels:
     elif state.stop_reason == "patience" and state.bad_epochs < cfg.run.patience:
         state.stop_reason = ""  # a larger run.patience continues an early-stopped run
     return saved["splits"], state, saved
-
-
-def _check_splits(splits: dict, labels: dict, classes: list[str]) -> None:
-    if not splits["train"]:
-        raise ValueError("the train split is empty")
-    train_classes = {labels[s] for s in splits["train"]}
-    if len(train_classes) < 2:
-        raise ValueError(f"the train split holds one class only ({classes[next(iter(train_classes))]!r})")
 
 
 def _check_spatial_inputs(method: Method, store: FeatureStore, ids: list[str]) -> None:
@@ -231,9 +217,8 @@ def fit(
     if cfg.run.amp != "none" and device.type != "cuda":
         raise ValueError(f"config: run.amp={cfg.run.amp!r} needs a CUDA device (got {device})")
     splits, state, saved = _open_run(run, cfg, resume, split_csv, labels, store, cases)
-    survival = None if records is None else SurvivalRun.for_splits(records, splits, cfg.task)
-    if survival is None:
-        _check_splits(splits, labels, classes)
+    task = (ClassificationRun.for_splits(labels, classes, splits, cfg.data.class_weighting, device)
+            if records is None else SurvivalRun.for_splits(records, splits, cfg.task))
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, store.dim, len(classes)).to(device)
     _check_spatial_inputs(method, store, [s for ids in splits.values() for s in ids])
@@ -244,15 +229,13 @@ def fit(
         method.load_state_dict(saved["method_state"])
         stepper.load_state_dict(saved["stepper_state"])
     run.start(cfg.to_dict(), splits)  # only once the run is known to be startable or resumable
-    if survival is not None and run.writable and not resume:
-        survival.save(run.path)
-    class_weight = (_class_weight([labels[s] for s in splits["train"]], len(classes)).to(device)
-                    if cfg.data.class_weighting and survival is None else None)
+    if run.writable and not resume:
+        task.save(run.path)
     monitor_split = "val" if splits["val"] else "train"
     cached_ids = sorted({*splits["train"], *splits[monitor_split]})
     cache = open_cache(cfg.data.cache, store, cached_ids, device, method.neighbour_radius)
     loader = _train_loader(store, splits["train"], cfg, device, method.neighbour_radius, distributed,
-                           None if survival is None else survival.groups(splits["train"]), cache)
+                           task.groups(splits["train"]), cache)
     early = EarlyStopping(cfg.monitor, cfg.run.patience, state.best, state.best_epoch, state.bad_epochs)
     logger = EpochLogger(run, state.history, epochs=cfg.optim.epochs, start_epoch=state.epochs_done,
                          progress=progress and main, monitor=cfg.monitor, tensorboard=None if main else False)
@@ -269,16 +252,10 @@ def fit(
             trained = True
             epoch = state.epochs_done
             stats = train_epoch(stepper, loader, epoch, epochs=cfg.optim.epochs, seed=cfg.run.seed, device=device,
-                                class_weight=class_weight, progress=logger.interactive, step_callback=step_callback,
-                                loss_fn=None if survival is None else survival.loss_fn,
-                                loss_name="ce" if survival is None else "nll")
+                                class_weight=task.class_weight, progress=logger.interactive,
+                                step_callback=step_callback, loss_fn=task.loss_fn, loss_name=task.loss_name)
             started = time.perf_counter()
-            if survival is None:
-                val = split_metrics(method, store, splits[monitor_split], labels, device, class_weight, cfg.run.amp,
-                                    cache)
-            else:
-                val = survival.split_metrics(method, store, splits[monitor_split], splits["train"], device,
-                                             cfg.run.amp, cache)
+            val = task.split_metrics(method, store, splits[monitor_split], splits["train"], device, cfg.run.amp, cache)
             record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
             improved = early.update(epoch, val)
             if distributed is not None:  # rank 0 decides for every process, whatever their metrics' rounding
@@ -368,14 +345,10 @@ def evaluate(
     survival = SurvivalRun.load(run) if cfg.task.name == "survival" else None
     labels = labelled_slides(store) if survival is None else survival.strata()
     split_ids = load_splits(run / "splits.csv", labels, store)
-    class_weight = (_class_weight([labels[s] for s in split_ids["train"]], sig["n_classes"])
-                    if cfg.data.class_weighting and survival is None else None)
+    task = survival or ClassificationRun.for_splits(labels, sig["classes"], split_ids, cfg.data.class_weighting,
+                                                    device, check=False)
     out = {}
     for name in tqdm(splits, desc="evaluate", unit="split", disable=None if progress else True, leave=False):
-        if survival is None:
-            out[name] = split_metrics(method, store, split_ids[name], labels, device, class_weight, cfg.run.amp)
-        else:
-            out[name] = survival.split_metrics(method, store, split_ids[name], split_ids["train"], device,
-                                               cfg.run.amp)
+        out[name] = task.split_metrics(method, store, split_ids[name], split_ids["train"], device, cfg.run.amp)
     write_text_atomic(run / "metrics.json", json.dumps(out, indent=2))
     return out

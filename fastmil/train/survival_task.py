@@ -45,6 +45,9 @@ class SurvivalRun:
     """The survival targets (``records``: slide -> :class:`SurvivalRecord`), time-bin ``edges`` and NLL ``alpha``
     of one run."""
 
+    loss_name = "nll"
+    class_weight = None  # (the task interface of fastmil.train.classification_task.ClassificationRun)
+
     def __init__(self, records: Mapping[str, SurvivalRecord], edges: Sequence[float], alpha: float) -> None:
         self.records, self.edges, self.alpha = dict(records), [float(e) for e in edges], float(alpha)
 
