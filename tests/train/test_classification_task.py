@@ -22,7 +22,8 @@ def test_for_splits_checks_the_train_split_and_weights_on_the_device():
     torch.testing.assert_close(task.class_weight, balanced_class_weight([0, 0, 1], 3))
     assert task.loss_fn is None and task.loss_name == "ce" and task.groups(["a"]) is None
     assert task.strata() == LABELS
-    assert ClassificationRun.for_splits(LABELS, ["x", "y", "z"], splits, False, torch.device("cpu")).class_weight is None
+    unweighted = ClassificationRun.for_splits(LABELS, ["x", "y", "z"], splits, False, torch.device("cpu"))
+    assert unweighted.class_weight is None
     with pytest.raises(ValueError, match="one class only .'x'."):
         ClassificationRun.for_splits(LABELS, ["x", "y", "z"], {**splits, "train": ["a", "b"]}, True,
                                      torch.device("cpu"))
