@@ -1,6 +1,6 @@
 """The implementations the gated-pooling benchmarks compare, and a one-shot peak-memory probe.
 
-``fused``: :class:`fastmil.nn.GatedAttentionPool` (the fused op: Triton on CUDA, chunked recompute on CPU).
+``fused``: :class:`fastmil.nn.GatedAttentionPool` (the fused op: Triton on CUDA, the chunked torch path on CPU).
 ``chain``: the plain torch module chain as ABMIL code usually writes it: ``Linear -> tanh``, ``Linear -> sigmoid``,
 product, ``Linear`` to a score, ``softmax`` over the bag, weighted sum ``a @ h``; autograd keeps every
 intermediate. ``fused-bf16`` and ``chain-bf16`` (CUDA only: ``BF16_KINDS``): ``h`` in bf16, the chain under

@@ -19,6 +19,9 @@ RATIOS = [
      "GatedAttentionPool fwd+bwd CPU time, fused / plain chain, N=100k D=1024 hidden=128"),
     ("test_gated_pool_time[cuda-fused-100000-1024]", "test_gated_pool_time[cuda-chain-100000-1024]", 1.0,
      "GatedAttentionPool fwd+bwd CUDA time, fused / plain chain, N=100k D=1024 hidden=128"),
+    ("test_gated_pool_time[cuda-fused-bf16-100000-1024]", "test_gated_pool_time[cuda-chain-bf16-100000-1024]", None,
+     "GatedAttentionPool fwd+bwd CUDA time, bf16 h, fused / chain under bf16 autocast, N=100k D=1024 (the "
+     "comparison docs/performance.md predicts 2-3.5x for)"),
 ]
 for _dev in ("cpu", "cuda"):
     RATIOS += [

@@ -11,9 +11,10 @@ Contract::
 
 Differentiable in ``h`` and all six parameters. Forward saves ``h``, the parameters, ``weights [N]`` and
 ``pooled [B, D]`` (plus, on Triton, the per-bag log-sum-exp). The Triton path keeps no ``N x HID`` activation:
-its backward recomputes them from ``h`` (cheap on a GPU). The torch path keeps ``[tanh | sigmoid]`` of the computed
-rows when ``h`` requires grad and they fit ``KEEP_ACTIVATIONS_BYTES`` (on a CPU the recompute GEMM costs more time
-than they cost memory, next to the ``N x D`` ``grad_h`` that backward allocates anyway), and recomputes otherwise.
+its backward recomputes them from ``h`` (cheap on a GPU). The torch path on CPU tensors keeps ``[tanh | sigmoid]``
+of the computed rows when ``h`` requires grad and they fit ``KEEP_ACTIVATIONS_BYTES`` (on a CPU the recompute GEMM
+costs more time than they cost memory, next to the ``N x D`` ``grad_h`` that backward allocates anyway), and
+recomputes otherwise.
 
 - **triton** (``fastmil.kernels.gated_attention_pool``): forward = one fused tile kernel (score GEMM with ``tl.dot``,
   online softmax statistics, partial weighted sum) + a merge kernel per bag + a weight-normalisation kernel.
@@ -36,6 +37,7 @@ import torch
 
 from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HIDDEN
+from ._autocast import no_autocast
 from ._backend import resolve_backend
 from ._segments import bag_grad_dot, bag_index, lse_grad_rows, pool_per_bag, segment_softmax
 from ._tiles import build_tiles, finish_tiled_pool, host_offsets
@@ -98,6 +100,7 @@ class _GatedPoolTorch(torch.autograd.Function):
     fp64 ``h``). ``keep``: backward will run and return ``grad_h`` (grad enabled and ``h`` requires grad)."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu, keep):
         hidden = v_weight.shape[0]
         acc = _accumulation_dtype(h)
@@ -130,6 +133,7 @@ class _GatedPoolTorch(torch.autograd.Function):
         return pooled, weights, lse[:, 0]
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_pooled, grad_weights, grad_lse):
         h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -220,12 +224,13 @@ batch (MHIM's student keeps ~20%); denser masks run over all rows in place."""
 
 
 KEEP_ACTIVATIONS_BYTES = 256 * 2**20
-"""The torch path keeps the gated activations ``[rows, 2 HID]`` (tanh and sigmoid of the computed rows) for backward
-when they take at most this many bytes (100k rows at HID 128 in fp32: 100 MiB), instead of recomputing them with a
-``[rows, D] x [D, 2 HID]`` GEMM: on a CPU the GEMM costs more time than the memory costs (measured: ~8% of an ABMIL
-step at every bag size). Only when ``h`` requires grad: then backward allocates the ``N x D`` ``grad_h`` anyway
-(``2 HID / D`` of it is kept here: a quarter at D = 1024, HID = 128). Larger inputs, and ``h`` without grad (pooling
-stored features), recompute, so memory stays ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
+"""On CPU tensors the torch path keeps the gated activations ``[rows, 2 HID]`` (tanh and sigmoid of the computed
+rows) for backward when they take at most this many bytes (100k rows at HID 128 in fp32: 100 MiB), instead of
+recomputing them with a ``[rows, D] x [D, 2 HID]`` GEMM: on a CPU the GEMM costs more time than the memory costs
+(measured: ~8% of an ABMIL step at every bag size). Only when ``h`` requires grad: then backward allocates the
+``N x D`` ``grad_h`` anyway, of which the kept floats are ``2 HID / D`` (half for ABMIL's 512-wide embeddings at
+HID 128). Larger inputs, ``h`` without grad (pooling stored features) and GPU tensors recompute, so memory stays
+``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
 
 
 def _compact_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -367,9 +372,9 @@ def gated_attention_pool(
             )
         pooled, weights, lse = _GatedPoolTriton.apply(*args)
     else:
-        # keep the activations only when backward will run and return grad_h (the forward itself runs with grad
-        # disabled): its N x D buffer dwarfs the N x 2 HID kept floats, while pooling stored features (no grad_h)
-        # would otherwise hold almost nothing beyond its outputs
-        keep = torch.is_grad_enabled() and h.requires_grad
+        # keep the activations only on the CPU (KEEP_ACTIVATIONS_BYTES) and when backward will run and return grad_h
+        # (the forward itself runs with grad disabled): its N x D buffer dwarfs the N x 2 HID kept floats, while
+        # pooling stored features (no grad_h) would otherwise hold almost nothing beyond its outputs
+        keep = torch.is_grad_enabled() and h.requires_grad and h.device.type == "cpu"
         pooled, weights, lse = _GatedPoolTorch.apply(*args, keep)
     return (pooled, weights, lse) if return_lse else (pooled, weights)

@@ -28,10 +28,9 @@ ReLU) have ``mean / sigma`` of order 1.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from ._autocast import no_autocast
 from ._backend import check_torch_only
 from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax, segment_sum
 from ._tiles import check_offsets, host_offsets
@@ -77,24 +76,11 @@ def normalized_attention_pool_reference(
     return pooled, weights
 
 
-def _no_autocast(fn):
-    """Run an autograd Function's forward/backward with autocast off: its GEMMs accumulate in fp32 (or fp64) and
-    write into preallocated outputs of that dtype, under a caller's ``torch.autocast`` too."""
-
-    def wrapper(ctx, *args):
-        # forward's first argument is x; in backward every incoming gradient may be None, the saved x is not
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None) or ctx.saved_tensors[0].device
-        with torch.autocast(device.type, enabled=False):
-            return fn(ctx, *args)
-
-    return functools.wraps(fn)(wrapper)
-
-
 class _NormalizedAttentionPool(torch.autograd.Function):
     """See the module docstring; computes in fp32 (fp64 for fp64 ``x``)."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x, directions, offsets, mask, eps, bounds):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(acc)
@@ -115,7 +101,7 @@ class _NormalizedAttentionPool(torch.autograd.Function):
         return pooled, weights
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_pooled, grad_weights):
         x, u, offsets, mean, inv_sigma, weights, logits, pooled = ctx.saved_tensors
         bounds = ctx.bounds

@@ -41,15 +41,32 @@ def test_errors_of_the_source_reach_the_consumer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_copies_on_a_side_stream_that_the_compute_stream_waits_for():
+def test_cuda_copies_on_a_side_stream_one_step_ahead(monkeypatch):
+    """Each copy runs on a stream other than the compute stream, batch i+1's copy is issued before batch i is
+    yielded, and kernels of the compute stream read the copied values (a side stream slowed down by a sleep
+    kernel before every copy would expose a missing wait)."""
     device = torch.device("cuda")
     batches = [b.pin_memory() for b in _batches(4)]
-    default = torch.cuda.current_stream(device)
+    compute = torch.cuda.current_stream(device)
+    copy_streams, issued = [], []
+    original = Bags.to
+
+    def spying_to(self, target, non_blocking=False):
+        if isinstance(target, torch.device) and target.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            copy_streams.append(stream)
+            torch.cuda._sleep(10**7)  # ~ms of GPU time on the copy's stream before the copy
+            issued.append(self.ids[0])
+        return original(self, target, non_blocking)
+
+    monkeypatch.setattr(Bags, "to", spying_to)
     results = []
-    for bags in device_batches(iter(batches), device):
+    for k, bags in enumerate(device_batches(iter(batches), device)):
+        assert issued[-1] == batches[min(k + 1, len(batches) - 1)].ids[0]  # one ahead
         assert bags.features.device.type == "cuda"
         results.append((bags.features * 2).sum())  # a kernel on the compute stream reading the copied batch
-    assert torch.cuda.current_stream(device) == default
+    assert all(stream != compute for stream in copy_streams)
+    assert torch.cuda.current_stream(device) == compute
     torch.cuda.synchronize()
     for got, bags in zip(results, batches):
         torch.testing.assert_close(got.cpu(), (bags.features * 2).sum())

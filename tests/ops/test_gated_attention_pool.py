@@ -175,7 +175,7 @@ def test_strided_inputs_and_outputs(layout, backend):
 @pytest.mark.parametrize("backend", ["torch", "torch/recompute"])
 def test_chunks_of_one_bag(dtype, mask_kind, backend, monkeypatch):
     """The torch path in chunks that lie inside one large bag (the single-bag GEMM path), after a bag of 3 that
-    shares the first chunk: gathered rows (a mask keeping ~20%) or all rows in place (a mask keeping ~half), with
+    shares the first chunk: gathered rows (a mask keeping ~20%) or all rows in place (a mask keeping ~70%), with
     the activations kept (each chunk reads its own rows of them) or recomputed; fp32 and a bf16 ``grad_h`` (cast
     on write)."""
     monkeypatch.setattr(gated_module, "CHUNK_ROWS", 128)
@@ -256,6 +256,43 @@ def test_torch_path_keeps_activations_within_budget(monkeypatch):
     assert (300, 2 * hidden) in _saved_shapes(h, params, offsets, None)
     monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 300 * 2 * hidden * 4 - 1)
     assert (300, 2 * hidden) not in _saved_shapes(h, params, offsets, None)
+
+
+def _backward_addmm_count(monkeypatch, budget):
+    """``aten.addmm`` calls in the backward of one fused pooling (the recompute is one per chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", budget)
+    h, params, offsets, _ = _case([100, 200], torch.float32, "none", seed=3)
+    pooled, _ = gated_attention_pool(h.requires_grad_(), *params, offsets, backend="torch")
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.addmm.default:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        pooled.sum().backward()
+    return len(calls)
+
+
+def test_kept_activations_are_not_recomputed(monkeypatch):
+    assert _backward_addmm_count(monkeypatch, 0) >= 1  # the recompute GEMM
+    assert _backward_addmm_count(monkeypatch, 2**30) == 0
+
+
+def test_torch_path_under_cpu_autocast_computes_in_fp32():
+    """Under a caller's CPU bf16 autocast the op's own GEMMs still run in fp32 (no mixed-dtype error), with the
+    numbers of the fp32 run."""
+    h, params, offsets, mask = _case([5, 70], torch.float32, "random", seed=13)
+    grads = _upstream(2, 75, DIM)
+    expected = _run(h, params, offsets, mask, "torch", grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = _run(h, params, offsets, mask, "torch", grads)
+    for got, want in zip(actual[:3], expected[:3]):
+        torch.testing.assert_close(got, want)
 
 
 def test_module_matches_unfused_chain():

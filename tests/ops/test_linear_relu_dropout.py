@@ -9,6 +9,7 @@ relative (outputs and gradients).
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,33 +80,18 @@ def test_dropped_share_is_binomial_per_column_and_reproducible():
     assert dropout_threshold(0.25) == -32768 + 16384
 
 
-def test_split_draw_is_reproducible_binomial_in_every_part_and_independent_of_threads(monkeypatch):
-    """The CPU draw split over ``RANDOM_PARTS`` generators (here from 1024 words on): every part drops ``p``
-    within 5 sigma and the parts differ (a shared seed would repeat one part's bits); the same seed gives the same
-    mask with 1 thread or 2."""
-    monkeypatch.setattr(op_module, "PARALLEL_WORDS", 1024)
-    x, weight, bias = _case(n=4000, e=50)
+def test_cpu_draw_is_pcg64_keyed_by_two_draws_of_the_generator():
+    """The CPU keep mask is PCG64's raw output keyed by two int64 draws of the caller's generator (an independent
+    re-implementation of the draw here), read as int16 against the threshold, chunk by chunk."""
+    x, weight, bias = _case(n=300, e=50)
     bias = bias.abs() + 10  # every pre-activation positive: dropped <=> output 0
     p = 0.3
-    threads = torch.get_num_threads()
-    masks = []
-    try:
-        for n_threads in (1, 2):
-            torch.set_num_threads(n_threads)
-            torch.manual_seed(11)
-            masks.append(linear_relu_dropout(x, weight, bias, p, training=True) == 0)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(masks[0], masks[1])
-    parts = masks[0].flatten().tensor_split(op_module.RANDOM_PARTS)
-    for part in parts:
-        sigma = math.sqrt(p * (1 - p) / part.numel())
-        assert abs(float(part.double().mean()) - p) <= 5 * sigma
-    size = min(part.numel() for part in parts)
-    assert all(not torch.equal(parts[0][:size], other[:size]) for other in parts[1:])
-    monkeypatch.setattr(op_module, "PARALLEL_WORDS", 1 << 62)  # the serial draw: other bits, so the split ran above
-    torch.manual_seed(11)
-    assert not torch.equal(masks[0], linear_relu_dropout(x, weight, bias, p, training=True) == 0)
+    dropped = linear_relu_dropout(x, weight, bias, p, training=True, generator=torch.Generator().manual_seed(7)) == 0
+    g = torch.Generator().manual_seed(7)
+    key = torch.empty(2, dtype=torch.int64).random_(generator=g).tolist()
+    words = np.random.PCG64(np.random.SeedSequence(key)).random_raw((300 * 50 + 3) // 4)
+    bits = torch.from_numpy(words.view(np.int16)[: 300 * 50].copy()).view(300, 50)
+    assert torch.equal(dropped, bits < dropout_threshold(p))
 
 
 @pytest.mark.parametrize("mode", ["eval", "p0"])
