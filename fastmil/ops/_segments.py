@@ -33,11 +33,12 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def segment_softmax(
-    scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None
+    scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None, bounds: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bag softmax of ``scores [N, H]`` over unmasked rows, in fp32 (fp64 for fp64 scores); 0 on masked
     rows and in all-masked or empty bags. Also returns the per-bag log-sum-exp ``[B, H]`` (``-inf`` for a bag
-    with no unmasked row).
+    with no unmasked row). ``bounds`` (``offsets`` as a host list): on the CPU, a loop over the bags' row ranges
+    (a few passes over each bag, no per-row gathers of per-bag values: 1.6 against 2.1-4.2 ms at [10k, 40]).
 
     Weights below the dtype's smallest normal number are flushed to 0. A peaked softmax over a large bag has many
     subnormal weights (any row more than ~87 below its bag's maximum in fp32), and a CPU GEMM reading subnormal
@@ -47,6 +48,8 @@ def segment_softmax(
     s = scores.double() if scores.dtype == torch.float64 else scores.float()
     if mask is not None:
         s = s.masked_fill(~mask[:, None], float("-inf"))
+    if bounds is not None and s.device.type == "cpu":
+        return _softmax_per_bag(s, bounds)
     n, heads = s.shape
     n_bags = offsets.numel() - 1
     bag = bag_index(offsets, n)
@@ -58,6 +61,24 @@ def segment_softmax(
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     lse = torch.where(denom > 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
     weights = e / safe[bag]
+    return weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0), lse
+
+
+def _softmax_per_bag(s: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_softmax` of ``s [N, H]`` (masked rows already ``-inf``) bag by bag over host ``bounds``; the
+    sum of each bag's exponentials accumulates in fp64, as :func:`segment_sum` does."""
+    weights = torch.empty_like(s)
+    lse = s.new_full((len(bounds) - 1, s.shape[1]), float("-inf"))
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi == lo:
+            continue
+        rows = s[lo:hi]
+        top = rows.amax(0)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all masked: exp(-inf - 0) = 0
+        e = torch.sub(rows, top, out=weights[lo:hi]).exp_()
+        denom = e.sum(0, dtype=torch.float64)
+        e.div_(torch.where(denom > 0, denom, torch.ones_like(denom)).to(s.dtype))
+        lse[b] = torch.where(denom > 0, top + torch.log(denom).to(s.dtype), lse[b])
     return weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0), lse
 
 

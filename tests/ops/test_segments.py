@@ -1,0 +1,49 @@
+"""segment_softmax, both paths (vectorised over rows; per bag over host bounds) against a per-bag fp64 reference:
+ragged bags with empty, all-masked and single-row bags, several heads, peaked scores whose tiny weights are
+flushed to 0, fp32 and fp64."""
+import pytest
+import torch
+
+from fastmil.ops._segments import segment_softmax
+from tests.ragged import offsets_of
+
+SIZES = [0, 1, 5, 0, 300, 2, 7]
+
+
+def _reference(scores, bounds, mask):
+    weights = torch.zeros_like(scores, dtype=torch.float64)
+    lse = torch.full((len(bounds) - 1, scores.shape[1]), float("-inf"), dtype=torch.float64)
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = torch.arange(lo, hi)[mask[lo:hi]]
+        if rows.numel():
+            s = scores[rows].double()
+            weights[rows] = torch.softmax(s, 0)
+            lse[b] = torch.logsumexp(s, 0)
+    return weights, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_bag", [False, True], ids=["vectorised", "per-bag"])
+def test_matches_reference_with_empty_masked_and_peaked_bags(dtype, per_bag):
+    g = torch.Generator().manual_seed(0)
+    n = sum(SIZES)
+    scores = (torch.randn(n, 3, generator=g) * 4).to(dtype)
+    scores[10:20, 1] += 120 if dtype == torch.float32 else 800  # peaked: most of the 300-row bag's weights in
+    # head 1 fall below the dtype's smallest normal number and are flushed to 0
+    offsets = offsets_of(SIZES)
+    bounds = offsets.tolist()
+    mask = torch.rand(n, generator=g) < 0.7
+    mask[bounds[5] : bounds[6]] = False  # an all-masked bag of 2
+    mask[bounds[1]] = True  # the bag of one keeps its row
+    weights, lse = segment_softmax(scores, offsets, mask, bounds if per_bag else None)
+    ref_w, ref_lse = _reference(scores, bounds, mask)
+    assert weights.dtype == lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tiny = torch.finfo(weights.dtype).tiny
+    expected = torch.where(ref_w < tiny, torch.zeros_like(ref_w), ref_w)
+    torch.testing.assert_close(weights.double(), expected, rtol=2e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert torch.all(weights[~mask] == 0) and int((weights[:, 1] == 0).sum()) > int((~mask).sum())
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)  # -inf exactly for empty and all-masked bags
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                               atol=0)
+    assert weights[bounds[1]].tolist() == [1.0, 1.0, 1.0]
