@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--cache", type=Path, default=Path("bench_out/aot-cache.json"),
+    parser.add_argument("--cache", default="bench_out/aot-cache.json",
                         help="results cache (default %(default)s); --cache '' disables it")
     parser.add_argument("--verbose", action="store_true", help="print every build, not only the problems")
     parser.add_argument("--matrix", type=Path, nargs="+", default=None, metavar="JSON",
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     specs = collect_specialisations(args.kernel)
-    cache_path = args.cache if str(args.cache) else None
+    cache_path = Path(args.cache) if args.cache else None  # (Path("") would be ".", never empty)
     cache = _load_cache(cache_path)
     jobs, results, keys = [], {}, {}
     for spec in specs:

@@ -39,8 +39,9 @@ def test_every_kernel_of_every_module_is_discovered_and_covered():
 
 
 def test_runtime_launches_are_exactly_the_checked_specialisations():
-    """Run both ops, forward and backward, through their real launch code on many argument shapes (dtypes,
-    heads, hidden sizes, masks, strided/misaligned/transposed views, a bag of one row, grads of the weights)
+    """Run the three ops, forward and backward, through their real launch code on many argument shapes (dtypes,
+    heads, hidden sizes, embedding widths, masks, strided/misaligned/transposed views, a bag of one row, grads of
+    the weights, dropout on and off)
     with the launches recorded instead of run, and derive each one's specialisation with Triton's binder (what
     the GPU runtime would compile): every one must be among those ``make aot`` compiles."""
     proc = _run_clean("""
@@ -48,7 +49,7 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
         import fastmil.ops._backend as backend
         from fastmil import aot
         from fastmil.kernels._launch import Launch
-        from fastmil.ops import attention_pool, gated_attention_pool
+        from fastmil.ops import attention_pool, gated_attention_pool, linear_relu_dropout
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
 
@@ -56,7 +57,8 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
         Launch.__call__ = lambda self: seen.append(self)  # record instead of running (no GPU here)
         backend.resolve_backend = lambda *a, **k: "triton"  # the GPU dispatch, on CPU tensors
         import importlib
-        for name in ("fastmil.ops.attention_pool", "fastmil.ops.gated_attention_pool"):
+        for name in ("attention_pool", "gated_attention_pool", "linear_relu_dropout"):
+            name = f"fastmil.ops.{name}"
             importlib.import_module(name).resolve_backend = backend.resolve_backend
 
         def views(n, d, dtype):
@@ -85,6 +87,14 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
                         x = h.detach().requires_grad_()
                         pooled, w = gated_attention_pool(x, *params, offsets, mask)
                         (pooled.sum() + (w * 2).sum()).backward()
+                    if masked:
+                        continue
+                    for out_dim in (512, 45):
+                        weight = torch.randn(out_dim, d).to(dtype).requires_grad_()
+                        bias = torch.randn(out_dim).to(dtype).requires_grad_()
+                        for b, (training, p) in itertools.product((bias, None), ((True, 0.25), (True, 0.1),
+                                                                                   (False, 0.25))):
+                            linear_relu_dropout(h.detach(), weight, b, p, training).float().sum().backward()
         torch.backends.cuda.matmul.allow_tf32 = False
         be = make_backend(GPUTarget("cuda", 90, 32))
         runtime = {aot.specialise(launch, be) for launch in seen}

@@ -26,6 +26,12 @@ Here:
   requires grad (features from the store do not);
 - the elementwise passes run in row chunks of ``CHUNK_ROWS`` (see there).
 
+Backends: ``torch`` (the above; the CPU path) and ``triton`` (``fastmil.kernels.linear_relu_dropout``, the default on
+CUDA): one GEMM kernel whose epilogue adds the bias, applies ReLU, dropout and scale in registers and stores ``y``
+once; its keep mask comes from Philox draws of ``(seed, entry index)`` with the same threshold rule, the seed drawn
+from ``generator`` (default: the device's) on the device, without a host synchronisation. Under CUDA autocast the
+kernel runs in the autocast dtype. The backward is the same for both: it reads ``y``.
+
 Random numbers come from ``generator`` (default: torch's global generator of ``x``'s device), so a run seeded per
 (seed, epoch) replays its masks, as ``nn.Dropout`` would; the masks differ from ``nn.Dropout``'s.
 """
@@ -34,7 +40,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._backend import check_torch_only
+from ..kernels._launch import canonical
+from ._backend import resolve_backend
+from ._triton import HAS_TRITON, check_triton_inputs
 
 __all__ = ["check_dropout", "dropout_threshold", "effective_p", "linear_relu_dropout"]
 
@@ -74,12 +82,36 @@ reused from the allocator, instead of fresh N x E buffers that a large bag pays 
 100k x 512: ~0.4 s for one bool-to-float promotion of the whole matrix, against ~40 ms in chunks)."""
 
 
+def _forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropping: bool, scale: float,
+                    threshold: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``y`` from the fused GEMM kernel, in the CUDA autocast dtype when autocast is on, else in ``x``'s dtype."""
+    from ..kernels.linear_relu_dropout import linear_relu_dropout_launch
+
+    dtype = x.dtype
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    xs = canonical(x.to(dtype), strided=True)
+    ws = canonical(weight.to(dtype))
+    bs = None if bias is None else canonical(bias.to(dtype))
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=dtype, device=x.device)
+    seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if dropping:  # drawn on the device from its generator: no host synchronisation
+        seed.random_(generator=generator)
+    linear_relu_dropout_launch(xs, ws, bs, y, seed, threshold, scale, dropping)()
+    return y
+
+
 class _LinearReLUDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, p, training, generator):
+    def forward(ctx, x, weight, bias, p, training, generator, use_triton):
         p = effective_p(p)
         dropping = training and p > 0.0
         scale = 1.0 / (1.0 - p) if dropping else 1.0
+        if use_triton:
+            y = _forward_triton(x, weight, bias, dropping, scale, dropout_threshold(p), generator)
+            ctx.save_for_backward(x, weight, y)
+            ctx.scale, ctx.has_bias = scale, bias is not None
+            return y
         w = weight * scale if dropping else weight  # [E, D]: the scale costs nothing here
         if bias is None:
             y = x @ w.T
@@ -120,7 +152,7 @@ class _LinearReLUDropout(torch.autograd.Function):
             if need_x:
                 grad_x[rows] = grad_pre @ w_scaled
         return (grad_x, None if grad_w is None else grad_w.mul_(scale).to(weight.dtype),
-                None if grad_b is None else grad_b.mul_(scale).to(weight.dtype), None, None, None)
+                None if grad_b is None else grad_b.mul_(scale).to(weight.dtype), None, None, None, None)
 
 
 def check_dropout(p: float) -> None:
@@ -133,11 +165,17 @@ def linear_relu_dropout(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float, training: bool,
     generator: torch.Generator | None = None, backend: str = "auto",
 ) -> torch.Tensor:
-    """See the module docstring. ``x`` and ``weight`` share a dtype (under autocast the GEMM's). A torch-only op:
-    ``backend`` may be ``auto`` or ``torch``."""
-    check_torch_only(backend, "linear_relu_dropout")
+    """See the module docstring. ``x`` and ``weight`` share a dtype (under autocast the GEMM's). ``backend``:
+    ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``; ``FASTMIL_BACKEND`` overrides
+    ``"auto"``."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_relu_dropout: x [N, D] and weight [E, D] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     check_dropout(p)
-    return _LinearReLUDropout.apply(x, weight, bias, p, training, generator)
+    use_triton = resolve_backend(backend, "linear_relu_dropout", x.device, has_triton=HAS_TRITON) == "triton"
+    if use_triton:
+        check_triton_inputs("linear_relu_dropout", x.dtype, x.shape[1], x, weight, bias)
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise TypeError(f"linear_relu_dropout: x, weight and bias must share a dtype on the Triton path, got "
+                            f"{x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
+    return _LinearReLUDropout.apply(x, weight, bias, p, training, generator, use_triton)
