@@ -15,18 +15,11 @@ import pytest
 import torch
 
 from fastmil.ops import linear_relu_dropout
+from tests.ops.test_linear_relu_dropout import _case
 from tests.ragged import relative_error
 
 kernel_module = importlib.import_module("fastmil.kernels.linear_relu_dropout")
 TOL = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def _case(n=300, d=37, e=45, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    weight = torch.randn(e, d, generator=g, dtype=torch.float64) / d**0.5
-    bias = torch.randn(e, generator=g, dtype=torch.float64) * 0.1
-    return x.to(dtype), weight.to(dtype), bias.to(dtype)
 
 
 def _run(x, weight, bias, p, training=True, seed=5):
