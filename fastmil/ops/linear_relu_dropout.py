@@ -30,7 +30,8 @@ Backends: ``torch`` (the above; the CPU path) and ``triton`` (``fastmil.kernels.
 CUDA): one GEMM kernel whose epilogue adds the bias, applies ReLU, dropout and scale in registers and stores ``y``
 once; its keep mask comes from Philox draws of ``(seed, entry index)`` with the same threshold rule, the seed drawn
 from ``generator`` (default: the device's) on the device, without a host synchronisation. Under CUDA autocast the
-kernel runs in the autocast dtype. The backward is the same for both: it reads ``y``.
+kernel runs in the autocast dtype (weights cast, features of any float dtype converted in registers). NaN propagates
+on both paths. The backward is the same for both: it reads ``y``.
 
 Random numbers come from ``generator`` (default: torch's global generator of ``x``'s device), so a run seeded per
 (seed, epoch) replays its masks, as ``nn.Dropout`` would; the masks differ from ``nn.Dropout``'s.
@@ -82,15 +83,23 @@ reused from the allocator, instead of fresh N x E buffers that a large bag pays 
 100k x 512: ~0.4 s for one bool-to-float promotion of the whole matrix, against ~40 ms in chunks)."""
 
 
+def _autocasting(device_type: str) -> bool:
+    return device_type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def compute_dtype(device_type: str, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton path multiplies in and returns: the autocast dtype under CUDA autocast (the kernel
+    converts ``x`` in registers, so features of any float dtype need no copy), else ``x``'s dtype."""
+    return torch.get_autocast_dtype("cuda") if _autocasting(device_type) else x_dtype
+
+
 def _forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropping: bool, scale: float,
                     threshold: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``y`` from the fused GEMM kernel, in the CUDA autocast dtype when autocast is on, else in ``x``'s dtype."""
+    """``y`` from the fused GEMM kernel, in :func:`compute_dtype`."""
     from ..kernels.linear_relu_dropout import linear_relu_dropout_launch
 
-    dtype = x.dtype
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    xs = canonical(x.to(dtype), strided=True)
+    dtype = compute_dtype(x.device.type, x.dtype)
+    xs = canonical(x, strided=True)
     ws = canonical(weight.to(dtype))
     bs = None if bias is None else canonical(bias.to(dtype))
     y = torch.empty(x.shape[0], weight.shape[0], dtype=dtype, device=x.device)
@@ -172,10 +181,13 @@ def linear_relu_dropout(
         raise ValueError(f"linear_relu_dropout: x [N, D] and weight [E, D] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     check_dropout(p)
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"linear_relu_dropout: the generator is on {generator.device}, the tensors on {x.device}")
     use_triton = resolve_backend(backend, "linear_relu_dropout", x.device, has_triton=HAS_TRITON) == "triton"
     if use_triton:
         check_triton_inputs("linear_relu_dropout", x.dtype, x.shape[1], x, weight, bias)
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        mixed = weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+        if mixed and not _autocasting(x.device.type):  # under autocast any float dtypes (the autocast dtype's)
             raise TypeError(f"linear_relu_dropout: x, weight and bias must share a dtype on the Triton path, got "
                             f"{x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
     return _LinearReLUDropout.apply(x, weight, bias, p, training, generator, use_triton)

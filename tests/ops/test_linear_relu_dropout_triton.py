@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastmil.ops import linear_relu_dropout
 from tests.ops.test_linear_relu_dropout import _case
@@ -100,3 +102,67 @@ def test_triton_path_refuses_mixed_dtypes_and_bad_widths():
         linear_relu_dropout(x, weight.double(), bias, 0.1, True, backend="triton")
     with pytest.raises(ValueError, match="D >= 2"):
         linear_relu_dropout(x[:, :1], weight[:, :1], bias, 0.1, True, backend="triton")
+
+
+@triton.jit
+def _philox_bits_kernel(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Reference draws: ``tl.randint(seed, i)`` for every entry index ``i`` (what the keep rule reads)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + idx, tl.randint(tl.load(seed_ptr), idx.to(tl.int64)), mask=idx < n)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.1])
+def test_mask_is_exactly_the_philox_rule_on_each_entry_index(p):
+    """The dropped entries are exactly those whose draw ``randint(seed, row * E + col)`` has low 16 bits, taken as
+    a uniform value in [-32768, 32767], below ``-32768 + round(p 65536)``, with the seed the op draws from its
+    generator (replayed here)."""
+    n, e = 200, 70
+    x, weight, bias = _case(n=n, d=20, e=e)
+    bias = bias.abs() + 10  # every pre-activation positive: dropped <=> output 0
+    y, _ = _run(x, weight, bias, p, seed=3)
+    seed = torch.zeros(1, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(3))
+    bits = torch.zeros(n * e, dtype=torch.int32)
+    _philox_bits_kernel[(triton.cdiv(n * e, 1024),)](seed, bits, n * e, BLOCK=1024)
+    draw = (bits.to(torch.int64) & 0xFFFF) - 32768
+    threshold = -32768 + round(p * 65536)
+    assert torch.equal((y == 0).flatten(), draw < threshold)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_features_give_nan_rows_on_both_paths(backend):
+    """A NaN feature makes its row's outputs NaN (kept or dropped), as torch's Linear/ReLU/Dropout would: the
+    kernel must not turn it into 0 (``max(NaN, 0)`` and ``NaN * 0``)."""
+    x, weight, bias = _case(n=70, d=20, e=40)
+    x[5, 3] = float("nan")
+    y = linear_relu_dropout(x, weight, bias, 0.5, True, generator=torch.Generator().manual_seed(0), backend=backend)
+    assert torch.isnan(y[5]).all() and not torch.isnan(y[torch.arange(70) != 5]).any()
+
+
+def test_features_of_another_dtype_are_converted_in_registers():
+    """Under autocast the launch gets fp32 features with fp16 weights (the compute dtype): the kernel converts x
+    tile by tile; y equals the fp16-input result."""
+    x, weight, bias = _case(n=130, d=48, e=70)
+    w16, b16 = weight.half(), bias.half()
+    y = torch.empty(130, 70, dtype=torch.float16)
+    seed = torch.zeros(1, dtype=torch.int64)
+    kernel_module.linear_relu_dropout_launch(x, w16, b16, y, seed, -32768, 1.0, False)()
+    want = torch.relu(x.half().double() @ w16.double().T + b16.double())
+    assert relative_error(y.double(), want) <= TOL[torch.float16]
+
+
+def test_compute_dtype_follows_cuda_autocast(monkeypatch):
+    op = importlib.import_module("fastmil.ops.linear_relu_dropout")
+    assert op.compute_dtype("cpu", torch.float32) == torch.float32
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    assert op.compute_dtype("cuda", torch.float32) == torch.bfloat16
+    assert op.compute_dtype("cpu", torch.float32) == torch.float32
+
+
+def test_a_generator_on_another_device_is_refused():
+    class CudaGenerator:
+        device = torch.device("cuda")
+
+    x, weight, bias = _case()
+    with pytest.raises(ValueError, match="generator is on cuda"):
+        linear_relu_dropout(x, weight, bias, 0.1, True, generator=CudaGenerator())
