@@ -49,6 +49,21 @@ def block_c(channels: int) -> int:
 
 
 @triton.jit
+def _row_block(n_rows, BLOCK_N: tl.constexpr):
+    """This program's head (grid axis 1) and block of rows (axis 0, int64 for the address arithmetic), with the
+    in-range mask: the prologue every graph kernel shares."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return tl.program_id(1), rows, rows < n_rows
+
+
+@triton.jit
+def _channel_block(C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's block of channels (grid axis 2) and its in-range mask."""
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+@triton.jit
 def _leaky(x, slope):
     return tl.where(x > 0, x, x * slope)
 
@@ -59,11 +74,8 @@ def gat_fwd_kernel(
     K: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, SELF_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    h = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    in_rows = rows < n_rows
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_cols = cols < C
+    h, rows, in_rows = _row_block(n_rows, BLOCK_N)
+    cols, in_cols = _channel_block(C, BLOCK_C)
     dst = tl.load(dst_ptr + rows * HEADS + h, mask=in_rows, other=0.0).to(tl.float32)
     if SELF_LOOP:
         src = tl.load(src_ptr + rows * HEADS + h, mask=in_rows, other=0.0).to(tl.float32)
@@ -131,9 +143,7 @@ def gat_edge_kernel(
     K: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, SELF_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    h = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    in_rows = rows < n_rows
+    h, rows, in_rows = _row_block(n_rows, BLOCK_N)
     dst = tl.load(dst_ptr + rows * HEADS + h, mask=in_rows, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + rows * HEADS + h, mask=in_rows, other=float("-inf"))
     has_edges = lse != float("-inf")
@@ -172,11 +182,8 @@ def gat_pull_kernel(
     K: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, SELF_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    h = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    in_rows = rows < n_rows
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_cols = cols < C
+    h, rows, in_rows = _row_block(n_rows, BLOCK_N)
+    cols, in_cols = _channel_block(C, BLOCK_C)
     src = tl.load(src_ptr + rows * HEADS + h, mask=in_rows, other=0.0).to(tl.float32)
     dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dsrc = tl.zeros([BLOCK_N], tl.float32)
