@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fastmil-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench aot aot-triton lint clean
+.PHONY: venv demo test bench aot aot-triton lint clean device-check
 
 venv: $(STAMP)
 
@@ -55,6 +55,19 @@ aot-triton: $(STAMP)
 		fi; \
 	fi; \
 	env -u TRITON_INTERPRET $$py -m fastmil.aot --targets 80,90 --json bench_out/aot-triton-$(TRITON).json
+
+# The prepared run for a machine with a CUDA GPU (benchmarks/device_check.py): op accuracy of the compiled kernels
+# against fp64 references, the tests that need CUDA, the CUDA benchmark cases; results in DEVICE_OUT. It runs with the
+# Python that holds the machine's CUDA torch (DEVICE_PYTHON), not .venv's CPU build, and installs nothing from an
+# index: wheels of missing dependencies can be carried in .whl/ (README "On a GPU machine").
+DEVICE_PYTHON ?= python3
+DEVICE_OUT ?= bench_out/device
+DEVICE_ARGS ?=
+
+device-check:
+	@if [ -d .whl ]; then $(DEVICE_PYTHON) -m pip install --quiet --no-index --no-deps .whl/*.whl; fi
+	$(DEVICE_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(DEVICE_PYTHON) benchmarks/device_check.py --out $(DEVICE_OUT) $(DEVICE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastmil kernels tests benchmarks ray_jobs

@@ -40,6 +40,7 @@ def test_errors_of_the_source_reach_the_consumer():
         next(out)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_copies_on_a_side_stream_one_step_ahead(monkeypatch):
     """Each copy runs on a stream other than the compute stream, batch i+1's copy is issued before batch i is

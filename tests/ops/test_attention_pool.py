@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 
+from fastmil.kernels._launch import interpreting
 from fastmil.ops import attention_pool, attention_pool_reference, resolve_backend
 from tests.ragged import (
     LAYOUTS,
@@ -290,7 +291,9 @@ def _tf32_tile_reference(scores, values, offsets, mask, block_n):
     return torch.stack(pooled)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter computes dots in fp32)")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                    reason="needs a CUDA GPU and compiled kernels (the interpreter computes dots in fp32)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_tf32_weighted_sum_matches_a_reference_with_the_same_rounding(dtype):
     """fp16/bf16 values: the tile kernel's weighted sum runs in TF32, which rounds the fp32 tile weights to 10

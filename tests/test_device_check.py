@@ -1,0 +1,80 @@
+"""benchmarks/device_check.py, the prepared run for a GPU machine, kept working where there is none: its accuracy
+section through the Triton interpreter at small sizes (which proves the script, not a GPU), a deliberately broken
+op caught by it, and a clear refusal of ``--device cuda`` without CUDA."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "device_check.py"
+OPS = {"attention_pool", "gated_attention_pool", "graph_attention", "linear_relu_dropout", "saliency_mask"}
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["device_check"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)  # imported, not run: TRITON_INTERPRET=1 comes from conftest
+    return module
+
+
+def test_quick_run_through_the_interpreter_passes_and_writes_every_section(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and "triton" in env
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {r["op"] for r in rows} == OPS
+    assert not any(r["failed"] for r in rows)
+    # every gradient is measured, and the kernels agree with themselves bit for bit from run to run
+    outputs = {(r["op"], r["output"]) for r in rows}
+    assert {("gated_attention_pool", "grad_h"), ("graph_attention", "grad_dst"),
+            ("linear_relu_dropout", "grad_weight"), ("attention_pool", "grad_scores")} <= outputs
+    assert all(r["triton"] == 0 for r in rows if r["metric"] == "run-to-run max difference")
+    fp32 = [r for r in rows if r["dtype"] == "float32" and r["torch_cpu"] is not None]
+    assert fp32 and all(r["triton"] < 1e-5 for r in fp32 if r["metric"] != "absolute_error")
+    assert "| op | case |" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_a_broken_kernel_fails_the_check(monkeypatch):
+    """A pooled output off by a whole bag (what a dropped block offset gives) is a failed row, not a note."""
+    module = _load()
+    real = module.gated_attention_pool
+
+    def broken(h, *args, backend, **kwargs):
+        pooled, weights = real(h, *args, backend=backend, **kwargs)
+        if backend == "triton":
+            pooled = torch.cat([pooled[:-1], torch.zeros_like(pooled[-1:])])
+        return pooled, weights
+
+    monkeypatch.setattr(module, "gated_attention_pool", broken)
+    rows = list(module.check_gated_attention_pool(module.QUICK, "cpu"))
+    failed = {(r.output, r.dtype) for r in rows if r.failed}
+    assert ("pooled", "float32") in failed and ("pooled", "float16") in failed
+    assert not any(r.failed for r in rows if r.output == "weights")  # untouched: only what the bug reaches fails
+
+
+def test_limits_and_non_finite_values_decide_a_row():
+    row = _load().Row
+    assert row("op", "case", "float32", "out", "m", float("nan"), 1e-7).failed
+    assert row("op", "case", "float32", "set", "rows that differ", 1.0, limit=0.0).failed
+    assert not row("op", "case", "float32", "set", "rows that differ", 0.0, limit=0.0).failed
+    assert not row("op", "case", "float16", "out", "m", 5e-3, 1e-7).failed  # half-precision rounding, reported
+    assert row("op", "case", "float32", "out", "m", 0.5, 1e-7).failed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_mode_without_a_gpu_says_so(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPO, check=False)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr
