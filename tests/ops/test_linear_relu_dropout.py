@@ -15,7 +15,7 @@ import torch
 
 from fastmil.nn import EmbedBlock
 from fastmil.ops import linear_relu_dropout
-from fastmil.ops.linear_relu_dropout import dropout_threshold
+from fastmil.ops.linear_relu_dropout import dropout_threshold, keep_rule
 from tests.ragged import relative_error
 
 op_module = importlib.import_module("fastmil.ops.linear_relu_dropout")  # the package exports the function
@@ -62,11 +62,11 @@ def test_training_matches_reference_with_the_mask_it_drew(p, layout, chunk_rows,
     assert abs(dropped - p) <= 5 * math.sqrt(p * (1 - p) / float(observed.sum()))
 
 
-def test_dropped_share_is_binomial_per_column_and_reproducible():
+@pytest.mark.parametrize("p", [0.3, 0.25])  # 16 random bits per entry; 8 for p on the 1/256 grid
+def test_dropped_share_is_binomial_per_column_and_reproducible(p):
     """Over 200k entries the dropped share is p within 5 sigma, in every column too; same seed, same mask."""
     x, weight, bias = _case(n=4000, e=50)
     bias = bias.abs() + 10  # every pre-activation positive: dropped <=> output 0
-    p = 0.3
     torch.manual_seed(11)
     first = linear_relu_dropout(x, weight, bias, p, training=True) == 0
     torch.manual_seed(11)
@@ -80,18 +80,21 @@ def test_dropped_share_is_binomial_per_column_and_reproducible():
     assert dropout_threshold(0.25) == -32768 + 16384
 
 
-def test_cpu_draw_is_pcg64_keyed_by_two_draws_of_the_generator():
+@pytest.mark.parametrize(("p", "bits_dtype", "threshold"), [(0.3, np.int16, -32768 + 19661), (0.25, np.uint8, 64)])
+def test_cpu_draw_is_pcg64_keyed_by_two_draws_of_the_generator(p, bits_dtype, threshold):
     """The CPU keep mask is PCG64's raw output keyed by two int64 draws of the caller's generator (an independent
-    re-implementation of the draw here), read as int16 against the threshold, chunk by chunk."""
+    re-implementation of the draw here), read as int16 against the threshold, or, for p on the 1/256 grid, as
+    uint8 (the same probability from half the bits): dropped below round(p 65536) - 32768, or below round(p 256)."""
     x, weight, bias = _case(n=300, e=50)
     bias = bias.abs() + 10  # every pre-activation positive: dropped <=> output 0
-    p = 0.3
     dropped = linear_relu_dropout(x, weight, bias, p, training=True, generator=torch.Generator().manual_seed(7)) == 0
     g = torch.Generator().manual_seed(7)
     key = torch.empty(2, dtype=torch.int64).random_(generator=g).tolist()
-    words = np.random.PCG64(np.random.SeedSequence(key)).random_raw((300 * 50 + 3) // 4)
-    bits = torch.from_numpy(words.view(np.int16)[: 300 * 50].copy()).view(300, 50)
-    assert torch.equal(dropped, bits < dropout_threshold(p))
+    per_word = 8 // np.dtype(bits_dtype).itemsize
+    words = np.random.PCG64(np.random.SeedSequence(key)).random_raw((300 * 50 + per_word - 1) // per_word)
+    bits = torch.from_numpy(words.view(bits_dtype)[: 300 * 50].astype(np.int64)).view(300, 50)
+    assert torch.equal(dropped, bits < threshold)
+    assert keep_rule(p) == ((torch.int16, dropout_threshold(p)) if bits_dtype == np.int16 else (torch.uint8, 64))
 
 
 @pytest.mark.parametrize("mode", ["eval", "p0"])
