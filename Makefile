@@ -65,7 +65,7 @@ DEVICE_OUT ?= bench_out/device
 DEVICE_ARGS ?=
 
 device-check:
-	@if [ -d .whl ]; then $(DEVICE_PYTHON) -m pip install --quiet --no-index --no-deps .whl/*.whl; fi
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(DEVICE_PYTHON) -m pip install --quiet --no-index --no-deps .whl/*.whl; fi
 	$(DEVICE_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(DEVICE_PYTHON) benchmarks/device_check.py --out $(DEVICE_OUT) $(DEVICE_ARGS)
 

@@ -51,10 +51,10 @@ def test_a_broken_kernel_fails_the_check(monkeypatch):
     real = module.gated_attention_pool
 
     def broken(h, *args, backend, **kwargs):
-        pooled, weights = real(h, *args, backend=backend, **kwargs)
+        pooled, *rest = real(h, *args, backend=backend, **kwargs)
         if backend == "triton":
             pooled = torch.cat([pooled[:-1], torch.zeros_like(pooled[-1:])])
-        return pooled, weights
+        return pooled, *rest
 
     monkeypatch.setattr(module, "gated_attention_pool", broken)
     rows = list(module.check_gated_attention_pool(module.QUICK, "cpu"))
@@ -63,13 +63,26 @@ def test_a_broken_kernel_fails_the_check(monkeypatch):
     assert not any(r.failed for r in rows if r.output == "weights")  # untouched: only what the bug reaches fails
 
 
-def test_limits_and_non_finite_values_decide_a_row():
+def test_limits_floors_and_non_finite_values_decide_a_row():
     row = _load().Row
     assert row("op", "case", "float32", "out", "m", float("nan"), 1e-7).failed
     assert row("op", "case", "float32", "set", "rows that differ", 1.0, limit=0.0).failed
     assert not row("op", "case", "float32", "set", "rows that differ", 0.0, limit=0.0).failed
-    assert not row("op", "case", "float16", "out", "m", 5e-3, 1e-7).failed  # half-precision rounding, reported
-    assert row("op", "case", "float32", "out", "m", 0.5, 1e-7).failed
+    assert not row("op", "case", "float32", "out", "m", 5e-6, 1e-9).failed  # under the fp32 floor
+    assert row("op", "case", "float32", "out", "m", 5e-5, 1e-7).failed  # above the floor and 20x the torch path's
+    assert not row("op", "case", "float16", "out", "m", 2e-3, 2.5e-4).failed  # one fp16 rounding more
+    assert row("op", "case", "float16", "out", "m", 2e-2, 2.5e-4).failed
+    assert not row("op", "case", "bfloat16", "out", "m", 2e-2, 2e-3).failed
+
+
+def test_every_cuda_test_is_in_the_files_the_gpu_run_collects():
+    """The GPU run collects only CUDA_TEST_FILES (so that it imports only what they import): a test marked cuda
+    elsewhere would never run there."""
+    named = {REPO / f for f in _load().CUDA_TEST_FILES}
+    needle = "@pytest.mark." + "cuda"  # not spelled whole here, or this file would match itself
+    marked = {path for path in (REPO / "tests").rglob("test_*.py") if needle in path.read_text()}
+    assert marked and marked <= named
+    assert all(path.exists() for path in named)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
