@@ -22,7 +22,7 @@ Here:
   ``1 / (1 - p_applied)`` (:func:`effective_p`), so its expectation is exact. When ``p`` lies on the 1/256 grid
   (0.25, 0.5, 0.125...), 8 bits per entry give exactly the same probability: the torch path then draws 8 bits
   (read as uint8, dropped below ``round(p 256)``), half the random words and a narrower compare (~0.8 ms less
-  per 4096 x 512 chunk here, ~40% of the dropout's cost);
+  per 4096 x 512 chunk here: the dropout of a 10k x 512 output costs 5.4 instead of 7.4 ms);
 - backward needs no mask: ``y_ij > 0`` exactly where the entry was kept and its pre-activation was positive, so
   ``grad_pre = s * grad_y * (y > 0)`` (``s`` applied to the small gradients, not to ``grad_pre``); saved for
   backward are ``x``, ``weight`` and ``y`` (which the caller keeps anyway). ``grad_x`` is only formed when ``x``

@@ -18,7 +18,10 @@ all distinct). ``ceil``/``floor`` of ``ratio * n`` snap to the nearest integer w
 
 - **triton** (``fastmil.kernels.saliency_mask``): radix select, 4 passes of 8 bits, per-tile histograms summed
   per bag in a fixed order (no sort, no atomics), one marking pass per selection.
-- **torch**: one stable sort of ``(bag, eligible, key)`` per selection, ranks within each bag, fully vectorised.
+- **torch**: on the CPU with at most ``PER_BAG_MAX_BAGS`` bags, per bag one ``torch.topk`` of the smaller side
+  (the k smallest composite keys ``key * 2^31 + index``, or the complement of the rest's largest): ~0.1 against
+  ~1.2 ms of sorting for a 10k bag; otherwise (many bags, or CUDA tensors: no host synchronisation) one stable sort
+  of ``(bag, eligible, key)`` per selection, ranks within each bag, fully vectorised.
 """
 from __future__ import annotations
 
@@ -125,15 +128,53 @@ def _smallest_torch(keys: torch.Tensor, eligible: torch.Tensor, offsets: torch.T
     return out
 
 
-def _saliency_torch(scores, offsets, k_salient, random_ratio, counts, seed, mask):
+PER_BAG_MAX_BAGS = 64
+"""The torch path selects bag by bag with ``torch.topk`` (on CPU tensors) up to this many bags per call; beyond, the
+Python loop costs more than the one vectorised sort."""
+
+_KEY_MAX = 2**63 - 1
+
+
+def _smallest_per_bag(keys: torch.Tensor, eligible: torch.Tensor, bounds: list[int], k: list[int]) -> torch.Tensor:
+    """bool ``[N]``: the same selection as :func:`_smallest_torch`, bag by bag on the host. The composite keys
+    ``key * 2^31 + local index`` (keys < 2^32, bags < 2^31 rows) are distinct and order ties by index, so the ``k``
+    smallest eligible rows are one ``topk``, or, when ``k`` is more than half of the ``m`` eligible rows, the
+    eligible rows without the ``m - k`` largest (the smaller ``topk``)."""
+    out = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if k[b] == 0:
+            continue
+        elig = eligible[lo:hi]
+        composite = (keys[lo:hi] << 31) | torch.arange(hi - lo, device=keys.device)
+        m = int(elig.sum())
+        if k[b] <= m - k[b]:
+            composite = torch.where(elig, composite, _KEY_MAX)
+            out[lo + torch.topk(composite, k[b], largest=False, sorted=False).indices] = True
+        else:
+            chosen = out[lo:hi]
+            chosen.copy_(elig)
+            if m > k[b]:
+                composite = torch.where(elig, composite, -1)
+                chosen[torch.topk(composite, m - k[b], largest=True, sorted=False).indices] = False
+    return out
+
+
+def _saliency_torch(scores, offsets, bounds, k_salient, random_ratio, counts, seed, mask):
     n = scores.numel()
-    sizes = offsets[1:] - offsets[:-1]
-    bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=scores.device), sizes, output_size=n)
     eligible = torch.ones(n, dtype=torch.bool, device=scores.device) if mask is None else mask
-    salient = _smallest_torch(score_keys(scores), eligible, offsets, bag, k_salient)
+    if scores.device.type == "cpu" and len(bounds) - 1 <= PER_BAG_MAX_BAGS:
+        def smallest(keys, rows, k):
+            return _smallest_per_bag(keys, rows, bounds, k.tolist())
+    else:
+        sizes = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=scores.device), sizes, output_size=n)
+
+        def smallest(keys, rows, k):
+            return _smallest_torch(keys, rows, offsets, bag, k)
+    salient = smallest(score_keys(scores), eligible, k_salient)
     k_random = ratio_count(counts - k_salient, random_ratio, "floor")
     rest = eligible & ~salient
-    random = _smallest_torch(random_keys(n, seed, scores.device), rest, offsets, bag, k_random)
+    random = smallest(random_keys(n, seed, scores.device), rest, k_random)
     return rest & ~random, salient, random
 
 
@@ -198,5 +239,6 @@ def saliency_mask(
         keep, salient, random = _saliency_triton(scores, offsets, host, k_salient, random_ratio, counts, seed, mask)
     else:
         check_offsets(host, scores.numel())
-        keep, salient, random = _saliency_torch(scores, offsets, k_salient, random_ratio, counts, seed, mask)
+        keep, salient, random = _saliency_torch(scores, offsets, host.tolist(), k_salient, random_ratio, counts,
+                                                seed, mask)
     return SaliencyMask(keep, salient, random)
