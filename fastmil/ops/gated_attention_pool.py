@@ -28,8 +28,10 @@ recomputes otherwise.
   kept; else one ``h g_b`` product) also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written
   straight into ``grad_h``. Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs, ``grad_h`` and
   the kept activations. On the CPU, a mask that
-  keeps under half the rows (MHIM's student) makes the score GEMMs of both passes (the recompute included) run
-  over the gathered unmasked rows only; the pooling GEMM and the zero-filled ``grad_h`` still span all rows.
+  keeps under half the rows (MHIM's student) gathers the unmasked rows once (``[K, D]`` in the accumulation
+  dtype; kept for backward when ``h`` requires grad: at most half of ``grad_h``'s size): the score GEMMs of both
+  passes (the recompute included) and the pooling run over them only; the zero-filled ``grad_h`` still spans all
+  rows.
 """
 from __future__ import annotations
 
@@ -109,13 +111,16 @@ class _GatedPoolTorch(torch.autograd.Function):
         w_vec, bw = w_weight[0].to(acc), w_bias.to(acc)
         rows = _compact_rows(h, mask)
         n_rows = h.shape[0] if rows is None else rows.numel()
+        # the unmasked rows gathered once when compacting: for the scores, the pooling and backward
+        gathered = None if rows is None else h[rows].to(acc)
         # [tanh | sigmoid] of the computed rows, in chunk order, when backward will need them and they fit
         acts = None
         if keep and n_rows * 2 * hidden * torch.finfo(acc).bits // 8 <= KEEP_ACTIVATIONS_BYTES:
             acts = torch.empty(n_rows, 2 * hidden, dtype=acc, device=h.device)
         scores = torch.zeros(h.shape[0], dtype=acc, device=h.device)  # rows left out are masked
         for i, part in enumerate(_row_chunks(h.shape[0], rows)):
-            pre = torch.addmm(b2, h[part].to(acc), w2.T)
+            x = h[part].to(acc) if gathered is None else gathered[i * CHUNK_ROWS : (i + 1) * CHUNK_ROWS]
+            pre = torch.addmm(b2, x, w2.T)
             if acts is None:
                 gate = torch.tanh(pre[:, :hidden]).mul_(torch.sigmoid(pre[:, hidden:]))
             else:
@@ -125,9 +130,14 @@ class _GatedPoolTorch(torch.autograd.Function):
                 gate = torch.mul(t, sg, out=pre[:, :hidden])
             scores[part] = torch.addmv(bw, gate, w_vec)
         weights, lse = segment_softmax(scores[:, None], offsets, mask)  # [N, 1], [B, 1]
-        pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
+        if gathered is None:
+            pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
+        else:  # over the gathered rows alone (rows is sorted: each bag's rows are contiguous in it)
+            compact = torch.searchsorted(rows, offsets_cpu)
+            pooled = pool_per_bag(weights[rows], gathered, compact, compact.tolist())[:, 0]
         weights = weights[:, 0]
-        ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts)
+        ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts,
+                              gathered if keep else None)
         ctx.rows = rows
         ctx.set_materialize_grads(False)
         return pooled, weights, lse[:, 0]
@@ -135,7 +145,8 @@ class _GatedPoolTorch(torch.autograd.Function):
     @staticmethod
     @no_autocast
     def backward(ctx, grad_pooled, grad_weights, grad_lse):
-        h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts = ctx.saved_tensors
+        (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts,
+         gathered) = ctx.saved_tensors
         need = ctx.needs_input_grad
         hidden = v_weight.shape[0]
         k2 = 2 * hidden
@@ -162,7 +173,7 @@ class _GatedPoolTorch(torch.autograd.Function):
         one = torch.ones((), dtype=acc, device=h.device)
         row_bag = -1  # the bag whose g is in w3's last row
         for i, part in enumerate(_row_chunks(h.shape[0], rows)):
-            x = h[part].to(acc)
+            x = h[part].to(acc) if gathered is None else gathered[i * CHUNK_ROWS : (i + 1) * CHUNK_ROWS]
             part_bag = bag[part]
             first, last = int(part_bag[0]), int(part_bag[-1])
             single_bag = first == last  # the common case; small bags share chunks and take the gather path
