@@ -28,10 +28,11 @@ recomputes otherwise.
   kept; else one ``h g_b`` product) also yield ``h . g_b`` and the ``grad_h`` GEMM also add ``a g_b``, written
   straight into ``grad_h``. Working memory is ``O(CHUNK_ROWS x (D + HID))`` beyond the outputs, ``grad_h`` and
   the kept activations. On the CPU, a mask that
-  keeps under half the rows (MHIM's student) gathers the unmasked rows once (``[K, D]`` in the accumulation
-  dtype; kept for backward when ``h`` requires grad: at most half of ``grad_h``'s size): the score GEMMs of both
-  passes (the recompute included) and the pooling run over them only; the zero-filled ``grad_h`` still spans all
-  rows.
+  keeps under half the rows (MHIM's student) makes the score GEMMs of both passes (the recompute included) run
+  over the unmasked rows only. When those ``[K, D]`` rows fit ``KEEP_ACTIVATIONS_BYTES`` (in the accumulation
+  dtype), they are gathered once, the pooling runs over them too, and backward reuses them (kept while ``h``
+  requires grad); otherwise each chunk gathers its own rows and the pooling spans all rows. The zero-filled
+  ``grad_h`` spans all rows.
 """
 from __future__ import annotations
 
@@ -111,8 +112,11 @@ class _GatedPoolTorch(torch.autograd.Function):
         w_vec, bw = w_weight[0].to(acc), w_bias.to(acc)
         rows = _compact_rows(h, mask)
         n_rows = h.shape[0] if rows is None else rows.numel()
-        # the unmasked rows gathered once when compacting: for the scores, the pooling and backward
-        gathered = None if rows is None else h[rows].to(acc)
+        # the unmasked rows gathered once when compacting and they fit the budget: for the scores, the pooling and
+        # backward (else each chunk gathers its own rows, in both passes)
+        gathered = None
+        if rows is not None and n_rows * h.shape[1] * torch.finfo(acc).bits // 8 <= KEEP_ACTIVATIONS_BYTES:
+            gathered = h[rows].to(acc)
         # [tanh | sigmoid] of the computed rows, in chunk order, when backward will need them and they fit
         acts = None
         if keep and n_rows * 2 * hidden * torch.finfo(acc).bits // 8 <= KEEP_ACTIVATIONS_BYTES:
@@ -133,7 +137,7 @@ class _GatedPoolTorch(torch.autograd.Function):
         if gathered is None:
             pooled = pool_per_bag(weights, h, offsets, offsets_cpu.tolist())[:, 0]  # [B, D]
         else:  # over the gathered rows alone (rows is sorted: each bag's rows are contiguous in it)
-            compact = torch.searchsorted(rows, offsets_cpu)
+            compact = torch.searchsorted(rows, offsets_cpu.to(rows.device))
             pooled = pool_per_bag(weights[rows], gathered, compact, compact.tolist())[:, 0]
         weights = weights[:, 0]
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts,
@@ -241,7 +245,8 @@ recomputing them with a ``[rows, D] x [D, 2 HID]`` GEMM: on a CPU the GEMM costs
 (measured: ~8% of an ABMIL step at every bag size). Only when ``h`` requires grad: then backward allocates the
 ``N x D`` ``grad_h`` anyway, of which the kept floats are ``2 HID / D`` (half for ABMIL's 512-wide embeddings at
 HID 128). Larger inputs, ``h`` without grad (pooling stored features) and GPU tensors recompute, so memory stays
-``O(CHUNK_ROWS x (D + HID))`` beyond the outputs."""
+``O(CHUNK_ROWS x (D + HID))`` beyond the outputs, plus the gathered rows of a sparse mask, which this budget also
+bounds (``[K, D]``, see the module docstring)."""
 
 
 def _compact_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
