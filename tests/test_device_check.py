@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
-
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.py"
 OPS = {"attention_pool", "gated_attention_pool", "graph_attention", "linear_relu_dropout", "saliency_mask"}
 
