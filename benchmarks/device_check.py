@@ -313,13 +313,18 @@ def check_graph_attention(sizes: Sizes, device: str) -> Iterator[Row]:
             [x, src, dst], weights, [dtype, torch.float32, torch.float32], device)
 
 
+def _embed_case(sizes: Sizes, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``x [N, D]``, ``weight [E, D]`` and ``bias [E]`` of the embed block."""
+    x = torch.randn(sum(sizes.bags), sizes.dim, generator=g)
+    weight = torch.randn(sizes.embed, sizes.dim, generator=g) / sizes.dim**0.5
+    return x, weight, torch.randn(sizes.embed, generator=g)
+
+
 def check_linear_relu_dropout(sizes: Sizes, device: str) -> Iterator[Row]:
     n = sum(sizes.bags)
     for dtype in sizes.dtypes:
         g = torch.Generator().manual_seed(4)
-        x = torch.randn(n, sizes.dim, generator=g)
-        weight, bias = torch.randn(sizes.embed, sizes.dim, generator=g) / sizes.dim**0.5, torch.randn(sizes.embed,
-                                                                                                        generator=g)
+        x, weight, bias = _embed_case(sizes, g)
         weights = [torch.randn(n, sizes.embed, generator=g).double()]
 
         def run(backend):
@@ -348,10 +353,7 @@ def check_linear_relu_dropout(sizes: Sizes, device: str) -> Iterator[Row]:
         yield Row("linear_relu_dropout", "train p=0.25", _dtype_name(dtype), "dropped share of the positive entries",
                   "abs(share - 0.25)", abs(share - 0.25), limit=5 * math.sqrt(0.25 * 0.75 / n_positive))
     if device == "cuda":  # fp32 features and weights under bf16 autocast: converted in registers, not copied
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(n, sizes.dim, generator=g)
-        weight, bias = torch.randn(sizes.embed, sizes.dim, generator=g) / sizes.dim**0.5, torch.randn(sizes.embed,
-                                                                                                        generator=g)
+        x, weight, bias = _embed_case(sizes, torch.Generator().manual_seed(5))
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             y = linear_relu_dropout(x.cuda(), weight.cuda(), bias.cuda(), 0.25, training=False, backend="triton")
         rounded = [t.to(torch.bfloat16).double() for t in (x, weight, bias)]
