@@ -106,6 +106,23 @@ def test_nan_scores_rank_lowest_and_negative_zero_ties_with_zero(backend):
     assert got.salient.tolist() == [True, False]  # a tie, broken by the lower index
 
 
+@pytest.mark.parametrize("ratios", [(0.3, 0.5), (0.6, 0.3), (0.03, 0.8)])
+@pytest.mark.parametrize("heavy", [-math.inf, math.inf])
+def test_infinite_and_nan_scores_with_masked_rows_match_the_reference(backend, ratios, heavy):
+    """Scores 3/4 ``heavy`` (-inf, with NaN ranking as -inf, or +inf), the rest 0 or ``-heavy``: the threshold of a
+    selection falls on an infinity, where eligible rows tie with each other and with the values that stand in for
+    masked rows (high_ratio 0.3 chooses its rows directly, 0.6 as the complement of the rest); the sets must still
+    be the reference's."""
+    scores, offsets, mask = _case("distinct", seed=9)
+    g = torch.Generator().manual_seed(9)
+    values = torch.tensor([heavy] * 5 + [math.nan if heavy < 0 else heavy, 0.0, -heavy])
+    scores = values[torch.randint(0, values.numel(), scores.shape, generator=g)]
+    got = saliency_mask(scores, offsets, *ratios, seed=4, mask=mask, backend=backend)
+    want = reference(scores, offsets, *ratios, 4, mask)
+    for name, a, b in zip(("keep", "salient", "random"), got, want):
+        assert np.array_equal(a.numpy(), b), name
+
+
 def test_same_seed_same_sets_other_seed_other_sets(backend):
     scores, offsets, mask = _case("distinct", seed=3)
     a = saliency_mask(scores, offsets, 0.05, 0.5, seed=7, mask=mask, backend=backend)
