@@ -1,19 +1,24 @@
-"""A research-code-style MHIM-MIL step (ABMIL student and teacher), written the way published MIL code does it:
+"""A research-code-style MHIM-MIL step (ABMIL student and teacher), written the way published MIL code does it; its
+data path follows the published MHIM-MIL code (Tang et al., github.com/DearCaat/MHIM-MIL, ``modules/mhim.py`` with
+``mhim_modules/masking.py`` and ``mhim_modules/merge.py``):
 
 - the teacher pass as a plain module chain (every N x hidden activation materialised);
-- masking with a host synchronisation and Python sets: ``topk(...).tolist()``, list comprehensions over all
-  instances, ``random.sample``;
-- gather/cat copies of the bag: ``h[kept]``, ``h[masked]``, ``torch.cat([kept, tokens])``;
+- the salient instances chosen with a host synchronisation and Python sets: ``topk(...).tolist()``, sets over
+  ``range(N)``, an index tensor from their difference (``select_mask_fn``);
+- gather/cat copies of the bag, as ``torch.gather`` with the index repeated over the feature dimension: the bag
+  without its salient instances (``mask_fn``), then its random split into kept and masked instances by ``argsort``
+  of uniform noise (``Merge.masking``), then ``torch.cat([kept, tokens])``;
 - the recycle network as ``nn.MultiheadAttention`` with explicit key/value projections of every masked instance;
 - the EMA teacher as a Python loop over parameters.
 
 One bag per step (batch size 1), as such code trains. Numbers are not expected to equal fastmil's (other RNG use,
-other pooling implementation); the algorithm and the work per step are the same.
+other pooling implementation); the algorithm and the work per step are the same. Until 2026-11-30 this step
+gathered the kept and the masked rows straight from the bag with ``h[index]`` and drew the random split with
+``random.sample`` (2-5% faster at 10k x 1024 than the published data path).
 """
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -69,25 +74,19 @@ class ResearchMHIM:
         self.optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
         self.momentum, self.high_ratio, self.random_ratio = momentum, high_ratio, random_ratio
 
-    def _masks(self, scores: torch.Tensor) -> tuple[list[int], list[int]]:
-        n = scores.shape[0]
-        salient = set(torch.topk(scores, math.ceil(self.high_ratio * n)).indices.tolist())  # host sync
-        rest = [i for i in range(n) if i not in salient]
-        masked = random.sample(rest, int(self.random_ratio * len(rest)))
-        masked_set = set(masked)
-        kept = [i for i in rest if i not in masked_set]
-        return kept, masked
-
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.student.train()
         self.teacher.eval()
         with torch.no_grad():
             _, a_t, h_t, z_t = self.teacher(x)
             scores = F.softmax(self.teacher.classifier(a_t.T * h_t), dim=-1).max(-1).values
-        kept, masked = self._masks(scores)
-        h = self.student.fc(x)
-        tokens = self.recycle(h[torch.tensor(masked, dtype=torch.long)])
-        bag = torch.cat([h[torch.tensor(kept, dtype=torch.long)], tokens])
+        order, n_rest, n_kept = published_selection(scores, self.high_ratio, self.random_ratio)
+        h = self.student.fc(x)[None]  # [1, N, E], batch size 1
+        rest = gather_rows(h, order[:n_rest])  # the salient instances dropped: a copy of the rest of the bag
+        shuffle = torch.argsort(torch.rand(n_rest, device=x.device))  # then the random split of the rest
+        kept, masked = gather_rows(rest, shuffle[:n_kept]), gather_rows(rest, shuffle[n_kept:])
+        tokens = self.recycle(masked[0])
+        bag = torch.cat([kept[0], tokens])
         z, _ = self.student.attend(bag)
         logits = self.student.classifier(z)
         consistency = -(F.softmax(z_t / 0.1, -1) * F.log_softmax(z, -1)).sum(-1).mean()
@@ -102,13 +101,30 @@ class ResearchMHIM:
         return float(loss.detach())
 
 
-def python_set_selection(scores: torch.Tensor, high_ratio: float, random_ratio: float, seed: int):
-    """The masking of research MHIM code for one bag: top-k with a host sync, Python sets, ``random.sample``;
-    returns the three masks as bool tensors."""
-    random.seed(seed)
+def published_selection(scores: torch.Tensor, high_ratio: float,
+                        random_ratio: float) -> tuple[torch.Tensor, int, int]:
+    """The salient selection of the published code for one bag: ``topk(...).tolist()`` (a host sync), Python sets
+    over ``range(N)``, the index tensor built from the set difference. Returns ``(order [N], n_rest, n_kept)``:
+    ``order`` lists the non-salient instances, then the salient ones; ``n_kept`` of the ``n_rest`` non-salient
+    instances stay after the random masking (the same counts as ``fastmil.ops.saliency_mask``)."""
     n = scores.shape[0]
-    salient = set(torch.topk(scores, math.ceil(high_ratio * n)).indices.tolist())
-    rest = [i for i in range(n) if i not in salient]
-    masked = set(random.sample(rest, int(random_ratio * len(rest))))
-    keep = torch.tensor([i not in salient and i not in masked for i in range(n)])
-    return keep, torch.tensor([i in salient for i in range(n)]), torch.tensor([i in masked for i in range(n)])
+    salient = torch.topk(scores, math.ceil(high_ratio * n)).indices
+    rest = set(range(n)).difference(set(salient.tolist()))
+    order = torch.cat([torch.tensor(list(rest), dtype=torch.long, device=scores.device), salient])
+    n_rest = len(rest)
+    return order, n_rest, n_rest - int(random_ratio * n_rest)
+
+
+def gather_rows(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``h [1, N, E]`` the way the published code gathers them: ``torch.gather`` with the index
+    repeated over the feature dimension (an int64 index tensor the size of the copy)."""
+    return torch.gather(h, 1, index[None, :, None].repeat(1, 1, h.shape[2]))
+
+
+def python_set_selection(scores: torch.Tensor, high_ratio: float, random_ratio: float, seed: int):
+    """The masking of the research step for one bag (:func:`published_selection`, then the random split of the rest
+    by ``argsort`` of uniform noise); returns the kept, masked and salient instance indices."""
+    torch.manual_seed(seed)
+    order, n_rest, n_kept = published_selection(scores, high_ratio, random_ratio)
+    shuffle = order[:n_rest][torch.argsort(torch.rand(n_rest, device=scores.device))]
+    return shuffle[:n_kept], shuffle[n_kept:], order[n_rest:]
