@@ -161,8 +161,10 @@ class MHIM(Method):
             raw, valid = self.recycle(h, bags.offsets, masks.random, bags.offsets_cpu)
             self._tokens = (raw.detach(), valid)
             tokens = self.model.activate_tokens(raw)
+        # with the recycle network reading every row of h (its gradient dense), the pooling of the kept rows may
+        # return theirs as a sparse tensor: autograd then writes those rows into the dense gradient
         out: MILOutput = self.model.aggregate(h, bags.offsets, masks.keep, offsets_cpu=bags.offsets_cpu,
-                                              tokens=tokens, token_valid=valid)
+                                              tokens=tokens, token_valid=valid, sparse_grad=self.recycle is not None)
         ce = ctx.supervised_loss(out.logits, bags)
         target = torch.softmax(z_teacher.float() / cfg.teacher_temperature, -1)
         consistency = -(target * F.log_softmax(out.bag_embedding.float() / cfg.student_temperature, -1)).sum(-1).mean()

@@ -68,11 +68,14 @@ class _BagClassifier(nn.Module):
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
         offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-        token_valid: torch.Tensor | None = None,
+        token_valid: torch.Tensor | None = None, sparse_grad: bool = False,
     ) -> MILOutput:
         """Pool the embedded instances ``h`` of each bag (those with ``mask`` True) and, when given, the extra
-        ``tokens [B, k, E]`` of each bag (``token_valid [B]``), then classify."""
-        pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        ``tokens [B, k, E]`` of each bag (``token_valid [B]``), then classify. ``sparse_grad``: the gradient of
+        ``h`` may come back sparse over the unmasked rows (:func:`fastmil.ops.gated_attention_pool`), for a caller
+        whose other use of ``h`` returns a dense one."""
+        pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu,
+                                           sparse_grad)
         pooled = pooled.to(h.dtype)
         return MILOutput(self.classifier(pooled), weights, pooled, h)
 

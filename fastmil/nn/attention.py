@@ -18,7 +18,9 @@ class GatedAttentionPool(nn.Module):
 
     ``forward(h [N, in_dim], offsets int64 [B+1], mask bool [N] | None, offsets_cpu=None)
     -> (pooled [B, in_dim] fp32, weights [N] fp32)`` (fp64 for fp64 inputs on the torch path); ``offsets_cpu`` is
-    the host copy of ``offsets`` when the caller has it (``Bags.offsets_cpu``).
+    the host copy of ``offsets`` when the caller has it (``Bags.offsets_cpu``). ``sparse_grad``: see
+    :func:`fastmil.ops.gated_attention_pool` (the gradient of ``h`` may come back sparse over the unmasked rows);
+    every pool module takes it, the others always return a dense gradient.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, *, backend: str = "auto") -> None:
@@ -34,11 +36,12 @@ class GatedAttentionPool(nn.Module):
 
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False, sparse_grad: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         return gated_attention_pool(
             h, self.V.weight, self.V.bias, self.U.weight, self.U.bias, self.w.weight, self.w.bias,
             offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu, return_lse=return_lse,
+            sparse_grad=sparse_grad,
         )
 
 
@@ -56,7 +59,7 @@ class AttentionPool(nn.Module):
 
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False, sparse_grad: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
                               return_lse=return_lse)
@@ -71,7 +74,7 @@ class MeanPool(nn.Module):
 
     def forward(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False, sparse_grad: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         return attention_pool(self.scores(h), h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=return_lse)
 
@@ -79,6 +82,7 @@ class MeanPool(nn.Module):
 def pool_with_tokens(
     pool: nn.Module, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
     tokens: torch.Tensor | None, token_valid: torch.Tensor | None = None, offsets_cpu: torch.Tensor | None = None,
+    sparse_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention pooling of each bag's unmasked instances *and* extra tokens, without concatenating the bag.
 
@@ -88,12 +92,14 @@ def pool_with_tokens(
     ``l = logaddexp(l_A, l_T)``. Tokens of bags with ``token_valid`` False count for nothing. Returns
     ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax). A multi-head pool
     (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes.
-    Without ``tokens`` it is ``pool`` alone; ``token_valid`` defaults to every bag's tokens counting."""
+    Without ``tokens`` it is ``pool`` alone; ``token_valid`` defaults to every bag's tokens counting. ``sparse_grad``
+    goes to ``pool``."""
     if tokens is None:
-        return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu)[:2])
+        return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu, sparse_grad=sparse_grad)[:2])
     if token_valid is None:
         token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True)
+    pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True,
+                                      sparse_grad=sparse_grad)
     acc = torch.promote_types(pooled_a.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     token_scores = pool.scores(tokens).to(acc)  # [B, k] or [B, k, H]
     single = pooled_a.dim() == 2

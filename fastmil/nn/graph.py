@@ -198,7 +198,9 @@ class SupernodeReadout(nn.Module):
         return torch.einsum("...hc,hc->...h", z, self.query.to(z.dtype)) / math.sqrt(self.head_dim)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
-                offsets_cpu: torch.Tensor | None = None, return_lse: bool = False) -> tuple[torch.Tensor, ...]:
+                offsets_cpu: torch.Tensor | None = None, return_lse: bool = False,
+                sparse_grad: bool = False) -> tuple[torch.Tensor, ...]:
+        """``sparse_grad`` is accepted as every pool module takes it; the gradient of ``x`` is dense."""
         return attention_pool(self.scores(x), x, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
                               return_lse=return_lse)
 
@@ -330,10 +332,11 @@ class GraphMIL(nn.Module):
 
     def classify(self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
                  offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                 token_valid: torch.Tensor | None = None) -> MILOutput:
+                 token_valid: torch.Tensor | None = None, sparse_grad: bool = False) -> MILOutput:
         """Supernode readout over the encoded instances ``h`` (those with ``mask`` True, plus optional extra
-        ``tokens [B, k, heads * head_dim]``), then the MLP head."""
-        pooled, weights = pool_with_tokens(self.readout, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        ``tokens [B, k, heads * head_dim]``), then the MLP head (``sparse_grad``: see :func:`pool_with_tokens`)."""
+        pooled, weights = pool_with_tokens(self.readout, h, offsets, mask, tokens, token_valid, offsets_cpu,
+                                           sparse_grad)
         pooled = self.readout.own_heads(pooled).to(h.dtype)
         return MILOutput(self.head(pooled), weights.mean(-1), pooled, h)
 
@@ -344,8 +347,9 @@ class GraphMIL(nn.Module):
 
     def aggregate(self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
                   offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                  token_valid: torch.Tensor | None = None) -> MILOutput:
-        return self.classify(h, offsets, mask, offsets_cpu=offsets_cpu, tokens=tokens, token_valid=token_valid)
+                  token_valid: torch.Tensor | None = None, sparse_grad: bool = False) -> MILOutput:
+        return self.classify(h, offsets, mask, offsets_cpu=offsets_cpu, tokens=tokens, token_valid=token_valid,
+                             sparse_grad=sparse_grad)
 
     def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Recycled tokens enter where encoder outputs sit: after the encoder's PReLU, through its dropout."""

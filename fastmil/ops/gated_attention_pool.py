@@ -32,7 +32,7 @@ recomputes otherwise.
   over the unmasked rows only. When those ``[K, D]`` rows fit ``KEEP_ACTIVATIONS_BYTES`` (in the accumulation
   dtype), they are gathered once, the pooling runs over them too, and backward reuses them (kept while ``h``
   requires grad); otherwise each chunk gathers its own rows and the pooling spans all rows. The zero-filled
-  ``grad_h`` spans all rows.
+  ``grad_h`` spans all rows, or, with ``sparse_grad``, a sparse ``grad_h`` holds the gathered rows alone.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ class _GatedPoolTorch(torch.autograd.Function):
 
     @staticmethod
     @no_autocast
-    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu, keep):
+    def forward(ctx, h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, offsets_cpu, keep,
+                sparse_grad):
         hidden = v_weight.shape[0]
         acc = _accumulation_dtype(h)
         w2 = torch.cat([v_weight, u_weight]).to(acc)  # [2 HID, D]
@@ -143,6 +144,7 @@ class _GatedPoolTorch(torch.autograd.Function):
         ctx.save_for_backward(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts,
                               gathered if keep else None)
         ctx.rows = rows
+        ctx.sparse_grad = sparse_grad and rows is not None  # grad_h as a sparse tensor over the computed rows
         ctx.set_materialize_grads(False)
         return pooled, weights, lse[:, 0]
 
@@ -167,9 +169,13 @@ class _GatedPoolTorch(torch.autograd.Function):
         bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)
         grad_weights = lse_grad_rows(grad_weights, grad_lse, offsets, h.shape[0])
         bag = bag_index(offsets, h.shape[0])
-        rows = ctx.rows
-        new_grad_h = torch.empty if rows is None else torch.zeros  # rows left out (masked) get no gradient
-        grad_h = new_grad_h(h.shape, dtype=h.dtype, device=h.device) if need[0] else None
+        rows, sparse = ctx.rows, ctx.sparse_grad
+        grad_h = grad_rows = None
+        if need[0] and sparse:  # the computed rows' gradients alone, in chunk order
+            grad_rows = torch.empty(rows.numel(), h.shape[1], dtype=acc, device=h.device)
+        elif need[0]:
+            new_grad_h = torch.empty if rows is None else torch.zeros  # rows left out (masked) get no gradient
+            grad_h = new_grad_h(h.shape, dtype=h.dtype, device=h.device)
         grad_w2 = torch.zeros_like(w2)
         grad_b2 = torch.zeros(k2, dtype=acc, device=h.device)
         grad_wv = torch.zeros_like(w_vec)
@@ -208,9 +214,12 @@ class _GatedPoolTorch(torch.autograd.Function):
             grad_b2 += dpre.sum(0)
             grad_wv += (t * sg).T @ ds
             grad_bw += ds.sum()
-            if grad_h is not None:
-                direct = isinstance(part, slice) and grad_h.dtype == acc  # write straight into grad_h
-                dh = grad_h[part] if direct else torch.empty_like(x)
+            if need[0]:
+                direct = sparse or (isinstance(part, slice) and grad_h.dtype == acc)  # written in place
+                if sparse:
+                    dh = grad_rows[i * CHUNK_ROWS : i * CHUNK_ROWS + x.shape[0]]
+                else:
+                    dh = grad_h[part] if direct else torch.empty_like(x)
                 if single_bag:
                     torch.mm(pre, w3, out=dh)
                 else:
@@ -218,6 +227,9 @@ class _GatedPoolTorch(torch.autograd.Function):
                     dh.addmm_(dpre, w2)
                 if not direct:
                     grad_h[part] = dh.to(grad_h.dtype)
+        if grad_rows is not None:  # rows is sorted and unique: a coalesced [N, D] tensor with K dense rows
+            grad_h = torch.sparse_coo_tensor(rows[None], grad_rows.to(h.dtype), h.shape, is_coalesced=True,
+                                             check_invariants=False)
         return (
             grad_h,
             grad_w2[:hidden].to(v_weight.dtype) if need[1] else None,
@@ -226,6 +238,7 @@ class _GatedPoolTorch(torch.autograd.Function):
             grad_b2[hidden:].to(u_bias.dtype) if need[4] else None,
             grad_wv[None].to(w_weight.dtype) if need[5] else None,
             grad_bw.to(w_bias.dtype) if need[6] else None,
+            None,
             None,
             None,
             None,
@@ -368,6 +381,7 @@ def gated_attention_pool(
     backend: str = "auto",
     offsets_cpu: torch.Tensor | None = None,
     return_lse: bool = False,
+    sparse_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused gated attention pooling over packed ragged bags (contract in the module docstring).
 
@@ -376,6 +390,12 @@ def gated_attention_pool(
     ``offsets_cpu``: the host copy of ``offsets`` (``Bags.offsets_cpu``), which saves a device-to-host copy.
     ``return_lse``: also return the per-bag log-sum-exp of the scores ``[B]`` (differentiable; ``-inf`` for a bag
     with nothing unmasked), to merge this pooling with extra tokens without concatenating the bag.
+    ``sparse_grad``: where the torch path computes over the unmasked rows only (CPU tensors, a mask keeping under
+    ``COMPACT_BELOW`` of the rows), return ``grad_h`` as a sparse COO tensor over those rows instead of a
+    zero-filled ``[N, D]`` one (as ``nn.Embedding(sparse=True)`` does). Autograd adds it into a dense gradient
+    that another consumer of ``h`` returns by writing the rows alone: no ``N x D`` zero fill and no ``N x D``
+    addition. Only for callers that know such a dense gradient meets it (MHIM-MIL: the recycle network reads every
+    row): the op upstream of ``h`` may not accept a sparse gradient. Elsewhere ``grad_h`` is dense.
     """
     _check_inputs(h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask)
     args = (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, offsets, mask, host_offsets(offsets, offsets_cpu))
@@ -392,5 +412,5 @@ def gated_attention_pool(
         # (the forward itself runs with grad disabled): its N x D buffer dwarfs the N x 2 HID kept floats, while
         # pooling stored features (no grad_h) would otherwise hold almost nothing beyond its outputs
         keep = torch.is_grad_enabled() and h.requires_grad and h.device.type == "cpu"
-        pooled, weights, lse = _GatedPoolTorch.apply(*args, keep)
+        pooled, weights, lse = _GatedPoolTorch.apply(*args, keep, sparse_grad)
     return (pooled, weights, lse) if return_lse else (pooled, weights)

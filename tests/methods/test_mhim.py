@@ -101,6 +101,34 @@ def test_training_step_masks_scores_and_losses():
     assert seen["token_valid"].tolist() == [True, False, True]  # the bag of one recycles nothing
 
 
+def test_the_sparse_gradient_of_the_kept_rows_changes_no_gradient(monkeypatch):
+    """With the recycle network on, the student's pooling returns the gradient of its kept rows as a sparse tensor
+    (the recycle network's gradient of every row is dense); each trained parameter's gradient is bitwise the one
+    of the dense path, and without recycling the pooling is not asked for it."""
+    import fastmil.nn.attention as attention
+
+    asked = []
+    fused = attention.gated_attention_pool
+    monkeypatch.setattr(attention, "gated_attention_pool",
+                        lambda *a, **k: asked.append(k["sparse_grad"]) or fused(*a, **k))
+
+    def gradients(sparse: bool, **config):
+        method = _method(high_ratio=0.1, random_ratio=0.8, **config)
+        method.train()
+        if not sparse:
+            aggregate = method.model.aggregate
+            method.model.aggregate = lambda *a, **k: aggregate(*a, **{**k, "sparse_grad": False})
+        method.training_step(_bags(2), _ctx()).loss.backward()
+        return [p.grad for p in method.trainable_parameters()]
+
+    sparse, dense = gradients(True), gradients(False)
+    assert asked == [False, True, False, False]  # teacher, student; teacher, student
+    assert len(sparse) == len(dense) and sum(g is not None for g in sparse) >= len(sparse) - 1  # k_proj.bias: none
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(sparse, dense))
+    gradients(True, recycle_tokens=0)
+    assert asked[-1] is False
+
+
 def test_teacher_init_from_a_finished_plain_run(tmp_path):
     store = synthesize_store(SynthConfig(n_slides=12, dim=6, median_instances=40, min_instances=16, seed=2),
                              tmp_path / "store", progress=False)

@@ -285,6 +285,46 @@ def test_kept_activations_are_not_recomputed(monkeypatch):
     assert _backward_addmm_count(monkeypatch, 2**30) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [gated_module.CHUNK_ROWS, 7])  # one chunk, and many crossing the bags
+def test_sparse_grad_is_the_dense_gradient_over_the_unmasked_rows(dtype, chunk_rows, monkeypatch):
+    """``sparse_grad=True`` with a mask that keeps under half the rows: ``grad_h`` comes back as a coalesced sparse
+    tensor holding exactly the unmasked rows, equal (bitwise) to the dense gradient's; with a dense mask it stays a
+    dense tensor. Added to a dense gradient from another use of ``h`` it gives the dense sum; the parameters'
+    gradients do not change."""
+    monkeypatch.setattr(gated_module, "CHUNK_ROWS", chunk_rows)
+    h, params, offsets, mask = _case(SIZES, dtype, "sparse", seed=21)
+    assert int(mask.sum()) < gated_module.COMPACT_BELOW * mask.numel()
+    grads = _upstream(len(SIZES), h.shape[0], DIM)
+    _, _, dense_h, dense_p = _run(h, params, offsets, mask, "torch", grads)
+    assert dense_h.layout == torch.strided
+
+    def run(sparse_grad, other_use):
+        h1 = h.detach().requires_grad_()
+        p1 = [p.clone().requires_grad_() for p in params]
+        pooled, weights = gated_attention_pool(h1, *p1, offsets, mask, backend="torch", sparse_grad=sparse_grad)
+        gp, gw = grads
+        loss = (pooled.double() * gp).sum() + (weights.double() * gw).sum()
+        if other_use:
+            loss = loss + (h1.double() * 3).sum()  # a dense gradient of 3 for every entry of h
+        grad_h, *grad_p = torch.autograd.grad(loss, [h1, *p1])  # as autograd hands it upstream (no .grad copy)
+        return grad_h, grad_p
+
+    sparse_h, sparse_p = run(True, False)
+    assert sparse_h.layout == torch.sparse_coo and sparse_h.is_coalesced() and sparse_h.dtype == dtype
+    assert torch.equal(sparse_h.indices()[0], mask.nonzero()[:, 0])
+    assert torch.equal(sparse_h.to_dense(), dense_h)
+    assert all(torch.equal(a, b) for a, b in zip(sparse_p, dense_p))
+    summed_h, _ = run(True, True)
+    assert summed_h.layout == torch.strided
+    assert torch.equal(summed_h, run(False, True)[0])
+    dense_mask = torch.ones_like(mask)
+    h2 = h.detach().requires_grad_()
+    pooled, _ = gated_attention_pool(h2, *params, offsets, dense_mask, backend="torch", sparse_grad=True)
+    pooled.sum().backward()
+    assert h2.grad.layout == torch.strided
+
+
 def test_torch_path_under_cpu_autocast_computes_in_fp32():
     """Under a caller's CPU bf16 autocast the op's own GEMMs still run in fp32 (no mixed-dtype error), with the
     numbers of the fp32 run."""
