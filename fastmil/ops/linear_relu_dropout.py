@@ -13,8 +13,8 @@ ReLU output and a boolean dropout mask (``N x E`` each) besides ``y``, and makes
 Here:
 
 - the dropout scale is folded into the GEMM (``relu(s z) = s relu(z)`` for ``s = 1 / (1 - p) > 0``): the GEMM
-  writes ``s (x W^T + b)``, then one in-place ReLU and one in-place multiply by the keep mask (0/1 in
-  ``y``'s dtype);
+  writes ``s (x W^T + b)`` (``s`` as its alpha and beta), then one in-place ReLU and one in-place multiply by the
+  keep mask (0/1 in ``y``'s dtype);
 - the random draw is 16 bits per entry taken from 64-bit random words (4 entries per word; ~8x cheaper than
   ``bernoulli_`` here; on the CPU PCG64 words keyed from ``generator``, see :func:`_random_bits`); an entry is
   dropped when its 16 bits, read as int16, are below ``-32768 + round(p 65536)``, so ``p`` is applied to a
@@ -131,11 +131,10 @@ def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``y`` from the torch path: the GEMM with the scale folded in, then the ReLU and keep-mask passes in chunks
     (random bits and threshold from :func:`keep_rule`)."""
     bits_dtype, threshold = keep_rule(p)
-    w = weight * scale if dropping else weight  # [E, D]: the scale costs nothing here
     if bias is None:
-        y = x @ w.T
-    else:
-        y = torch.addmm(bias * scale if dropping else bias, x, w.T)
+        y = x @ (weight * scale if dropping else weight).T
+    else:  # s (x W^T + b) as the GEMM's alpha and beta: no scaled copy of the weight
+        y = torch.addmm(bias, x, weight.T, beta=scale, alpha=scale)
     keep = None
     for lo in range(0, y.shape[0], CHUNK_ROWS):
         chunk = y[lo : lo + CHUNK_ROWS].relu_()

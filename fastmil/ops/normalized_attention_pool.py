@@ -14,9 +14,9 @@ A bag with no unmasked row pools to zeros with zero weights. Differentiable in `
 This is the core of the global recycle network's implicit keys and values (``fastmil.nn.recycle``): ``M``
 columns are the (query, head) pairs, ``directions`` the key projections folded onto the queries.
 
-Cost: the normalised rows ``n`` are never materialised. Forward = two row-reduction passes (mean, norm), one
-``[N, E] x [E, M]`` GEMM for the logits, one per-bag ``[M, n] x [n, E]`` GEMM for the pooling. Backward = one
-``x G^T`` GEMM (the weights' gradient), one ``x^T dS`` GEMM (the directions' gradient) and one
+Cost: the normalised rows ``n`` are never materialised. Forward = one ``[N, E] x [E, M + 1]`` GEMM for the logits
+and the row means, one row-reduction pass (the norms), one per-bag ``[M, n] x [n, E]`` GEMM for the pooling.
+Backward = one ``x G^T`` GEMM (the weights' gradient), one ``x^T dS`` GEMM (the directions' gradient) and one
 ``[N, 2M+1] x [2M+1, E]`` GEMM that writes ``grad_x`` with the LayerNorm backward folded in (its per-row mean terms
 reduce to ``M``-sized dot products: ``n_i . G_m`` and ``n_i . directions_m`` are already known), then one
 ``addcmul`` pass. Saved for backward: ``x`` (as fp32: an fp16/bf16 ``x`` is saved as its fp32 copy), ``directions``,
@@ -85,12 +85,17 @@ class _NormalizedAttentionPool(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(acc)
         u = directions.to(acc)
-        # var = E[x^2] - mean^2 from two fast row reductions (torch.var_mean's row reduction runs ~40x slower
-        # here); its cancellation is the one noted in the module docstring, clamped at 0
-        mean = x.mean(1)
-        var = (torch.linalg.vector_norm(x, dim=1).square_().div_(x.shape[1]) - mean * mean).clamp_min_(0.0)
+        n_dirs, dim = u.shape[1], x.shape[1]
+        # one GEMM gives x . u and, from an extra row of 1/E, the row means: [N, M + 1]; against u as an [M+1, E]
+        # row-major operand (x u^T^T) it runs ~1.3x faster here than x @ u, and saves the separate mean pass
+        projected = torch.nn.functional.linear(x, torch.cat([u.T, u.new_full((1, dim), 1.0 / dim)]))
+        mean = projected[:, n_dirs]
+        # var = E[x^2] - mean^2 (torch.var_mean's row reduction runs ~40x slower here); its cancellation is the one
+        # noted in the module docstring, clamped at 0
+        var = (torch.linalg.vector_norm(x, dim=1).square_().div_(dim) - mean * mean).clamp_min_(0.0)
         inv_sigma = torch.rsqrt(var + eps)
-        logits = torch.addmm(torch.outer(-mean, u.sum(0)), x, u).mul_(inv_sigma[:, None])  # [N, M] = n @ u
+        # [N, M] = n @ u = (x . u - mean sum(u)) / sigma
+        logits = torch.addcmul(projected[:, :n_dirs], mean[:, None], u.sum(0), value=-1).mul_(inv_sigma[:, None])
         weights, _ = segment_softmax(logits, offsets, mask, bounds)
         scaled = weights * inv_sigma[:, None]  # pooled = sum_i w_i (x_i - mean_i) / sigma_i
         pooled = pool_per_bag(scaled, x, offsets, bounds)
