@@ -44,7 +44,21 @@ def test_one_step_trains_the_student_and_moves_teacher_and_queries(research):
     student = [p.detach().clone() for p in model.student.parameters()]
     teacher = [p.detach().clone() for p in model.teacher.parameters()]
     queries = model.recycle.queries.detach().clone()
+    seen = {}
+    attend, recycle = model.student.attend, model.recycle.forward
+
+    def attend_spy(bag):
+        seen["bag"] = bag.shape
+        return attend(bag)
+
+    def recycle_spy(masked):
+        seen["masked"] = masked.shape
+        return recycle(masked)
+
+    model.student.attend, model.recycle.forward = attend_spy, recycle_spy
     loss = model.step(x, y)
+    # 300 rows: 9 salient (ceil 0.03 * 300), 232 of the other 291 recycled (floor 0.8 * 291), 59 kept + 5 tokens
+    assert seen == {"masked": (232, 512), "bag": (64, 512)}
     assert torch.isfinite(torch.tensor(loss))
     new_student = list(model.student.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(student, new_student))
