@@ -12,7 +12,9 @@ data path follows the published MHIM-MIL code (Tang et al., github.com/DearCaat/
 - the EMA teacher as a Python loop over parameters.
 
 One bag per step (batch size 1), as such code trains. Numbers are not expected to equal fastmil's (other RNG use,
-other pooling implementation); the algorithm and the work per step are the same. Until 2026-11-30 this step
+other pooling implementation); the algorithm and the work per step are the same: DESIGN.md's counts (the published
+``Merge`` keeps ``int(0.2 L)`` rows, this step ``L - floor(0.8 L)``) and no dropout inside the recycle network (the
+published ``Merge`` defaults to 0.1 on its attention and output; fastmil's has none). Until 2026-11-30 this step
 gathered the kept and the masked rows straight from the bag with ``h[index]``, drew the random split with
 ``random.sample`` and ran the recycle network as ``nn.MultiheadAttention``: measured at 10k x 1024, the published
 gathers add ~5% to the step and the published ``MCA`` takes ~5% off it (``nn.MultiheadAttention`` projects
@@ -137,7 +139,7 @@ def gather_rows(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def python_set_selection(scores: torch.Tensor, high_ratio: float, random_ratio: float, seed: int):
     """The masking of the research step for one bag (:func:`published_selection`, then the random split of the rest
     by ``argsort`` of uniform noise); returns the kept, masked and salient instance indices."""
-    torch.manual_seed(seed)
     order, n_rest, n_kept = published_selection(scores, high_ratio, random_ratio)
-    shuffle = order[:n_rest][torch.argsort(torch.rand(n_rest, device=scores.device))]
+    generator = torch.Generator(scores.device).manual_seed(seed)  # its own: the global generator is left alone
+    shuffle = order[:n_rest][torch.argsort(torch.rand(n_rest, device=scores.device, generator=generator))]
     return shuffle[:n_kept], shuffle[n_kept:], order[n_rest:]

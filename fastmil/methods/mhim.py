@@ -45,6 +45,10 @@ from .ema import ema_update_
 __all__ = ["MHIM", "teacher_momentum"]
 
 BACKBONE_METHODS = ("embed_bags", "aggregate", "activate_tokens", "instance_logits", "embedding_dim")
+"""What a backbone must have to be MHIM's student and teacher. ``aggregate(h, offsets, mask, *, offsets_cpu, tokens,
+token_valid, sparse_grad)``: with ``sparse_grad=True`` the gradient it gives ``h`` may be a sparse tensor over the
+unmasked rows (MHIM asks for it when the recycle network, which reads every row of ``h``, adds a dense one); a
+backbone that transforms ``h`` before pooling it must then give a dense gradient (ignore the flag)."""
 
 
 def teacher_momentum(base: float, schedule: str, progress: float) -> float:

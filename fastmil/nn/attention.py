@@ -93,13 +93,13 @@ def pool_with_tokens(
     ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax). A multi-head pool
     (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes.
     Without ``tokens`` it is ``pool`` alone; ``token_valid`` defaults to every bag's tokens counting. ``sparse_grad``
-    goes to ``pool``."""
+    (passed to ``pool`` only when True, so a pool without the option still works when it is not asked for)."""
+    options = {"sparse_grad": True} if sparse_grad else {}
     if tokens is None:
-        return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu, sparse_grad=sparse_grad)[:2])
+        return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu, **options)[:2])
     if token_valid is None:
         token_valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True,
-                                      sparse_grad=sparse_grad)
+    pooled_a, weights_a, lse_a = pool(h, offsets, mask, offsets_cpu=offsets_cpu, return_lse=True, **options)
     acc = torch.promote_types(pooled_a.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     token_scores = pool.scores(tokens).to(acc)  # [B, k] or [B, k, H]
     single = pooled_a.dim() == 2

@@ -13,8 +13,8 @@ ReLU output and a boolean dropout mask (``N x E`` each) besides ``y``, and makes
 Here:
 
 - the dropout scale is folded into the GEMM (``relu(s z) = s relu(z)`` for ``s = 1 / (1 - p) > 0``): the GEMM
-  writes ``s (x W^T + b)`` (``s`` as its alpha and beta), then one in-place ReLU and one in-place multiply by the
-  keep mask (0/1 in ``y``'s dtype);
+  writes ``s (x W^T + b)`` (with a bias, ``s`` as its alpha and beta; without, a scaled copy of ``W``), then one
+  in-place ReLU and one in-place multiply by the keep mask (0/1 in ``y``'s dtype);
 - the random draw is 16 bits per entry taken from 64-bit random words (4 entries per word; ~8x cheaper than
   ``bernoulli_`` here; on the CPU PCG64 words keyed from ``generator``, see :func:`_random_bits`); an entry is
   dropped when its 16 bits, read as int16, are below ``-32768 + round(p 65536)``, so ``p`` is applied to a

@@ -21,7 +21,7 @@ all distinct). ``ceil``/``floor`` of ``ratio * n`` snap to the nearest integer w
 - **torch**: on the CPU with at most ``PER_BAG_MAX_BAGS`` bags, bag by bag on the smaller side (the k best rows,
   or the complement of the rest's worst): one ``np.partition`` finds the k-th value, the rows beyond it are
   chosen and ties at it go by index; scores are compared as floats, random keys are distinct. Both selections of a
-  100k bag take ~1.9 ms here (~4 ms with ``torch.topk`` on composite keys ``key * 2^31 + index``: on a 100k bag
+  100k bag take ~1.7-1.9 ms here (~4 ms with ``torch.topk`` on composite keys ``key * 2^31 + index``: on a 100k bag
   ``topk`` takes ~0.8 ms, ``np.partition`` ~0.1 ms). Otherwise (many bags, or CUDA tensors: no host
   synchronisation) one stable sort of ``(bag, eligible, key)`` per selection, ranks within each bag, fully
   vectorised.
@@ -153,6 +153,11 @@ PER_BAG_MAX_BAGS = 64
 """The torch path selects bag by bag (on CPU tensors, :func:`_best_per_bag`) up to this many bags per call; beyond,
 the Python loop costs more than the one vectorised sort."""
 
+
+_KEY_LIMIT = 2**32
+"""Above every 32-bit key: the fill of ineligible rows when the smallest keys are chosen."""
+
+
 def _best_rows(values: torch.Tensor, eligible: torch.Tensor, j: int, largest: bool, low_index_first: bool,
                worst_fill: float | int) -> torch.Tensor:
     """bool: the ``j`` (<= eligible count) eligible rows with the largest (``largest``) or smallest ``values``; among
@@ -197,10 +202,6 @@ def _best_per_bag(values: torch.Tensor, eligible: torch.Tensor, bounds: list[int
             worst_rows = _best_rows(values[lo:hi], elig, m - k[b], not largest, False, best)
             torch.logical_and(elig, worst_rows.logical_not_(), out=chosen)
     return out
-
-
-_KEY_LIMIT = 2**32
-"""Above every 32-bit key: the fill of ineligible rows when the smallest keys are chosen."""
 
 
 def _saliency_torch(scores, offsets, bounds, k_salient, random_ratio, counts, seed, mask):

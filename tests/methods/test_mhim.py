@@ -107,10 +107,12 @@ def test_the_sparse_gradient_of_the_kept_rows_changes_no_gradient(monkeypatch):
     of the dense path, and without recycling the pooling is not asked for it."""
     import fastmil.nn.attention as attention
 
-    asked = []
+    asked, made = [], []
     fused = attention.gated_attention_pool
     monkeypatch.setattr(attention, "gated_attention_pool",
-                        lambda *a, **k: asked.append(k["sparse_grad"]) or fused(*a, **k))
+                        lambda *a, **k: asked.append(k.get("sparse_grad", False)) or fused(*a, **k))
+    sparse_tensor = torch.sparse_coo_tensor
+    monkeypatch.setattr(torch, "sparse_coo_tensor", lambda *a, **k: made.append(1) or sparse_tensor(*a, **k))
 
     def gradients(sparse: bool, **config):
         method = _method(high_ratio=0.1, random_ratio=0.8, **config)
@@ -121,7 +123,10 @@ def test_the_sparse_gradient_of_the_kept_rows_changes_no_gradient(monkeypatch):
         method.training_step(_bags(2), _ctx()).loss.backward()
         return [p.grad for p in method.trainable_parameters()]
 
-    sparse, dense = gradients(True), gradients(False)
+    sparse = gradients(True)
+    assert len(made) == 1  # the student's kept rows were compacted: its gradient really was sparse
+    dense = gradients(False)
+    assert len(made) == 1
     assert asked == [False, True, False, False]  # teacher, student; teacher, student
     assert len(sparse) == len(dense) and sum(g is not None for g in sparse) >= len(sparse) - 1  # k_proj.bias: none
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(sparse, dense))

@@ -285,14 +285,17 @@ def test_kept_activations_are_not_recomputed(monkeypatch):
     assert _backward_addmm_count(monkeypatch, 2**30) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("chunk_rows", [gated_module.CHUNK_ROWS, 7])  # one chunk, and many crossing the bags
-def test_sparse_grad_is_the_dense_gradient_over_the_unmasked_rows(dtype, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("budget", ["default", 0])  # 0: nothing kept, each chunk gathers its own rows
+def test_sparse_grad_is_the_dense_gradient_over_the_unmasked_rows(dtype, chunk_rows, budget, monkeypatch):
     """``sparse_grad=True`` with a mask that keeps under half the rows: ``grad_h`` comes back as a coalesced sparse
     tensor holding exactly the unmasked rows, equal (bitwise) to the dense gradient's; with a dense mask it stays a
     dense tensor. Added to a dense gradient from another use of ``h`` it gives the dense sum; the parameters'
     gradients do not change."""
     monkeypatch.setattr(gated_module, "CHUNK_ROWS", chunk_rows)
+    if budget == 0:
+        monkeypatch.setattr(gated_module, "KEEP_ACTIVATIONS_BYTES", 0)
     h, params, offsets, mask = _case(SIZES, dtype, "sparse", seed=21)
     assert int(mask.sum()) < gated_module.COMPACT_BELOW * mask.numel()
     grads = _upstream(len(SIZES), h.shape[0], DIM)
