@@ -93,7 +93,7 @@ def pool_with_tokens(
     ``(pooled [B, E], instance weights [N])`` (the instances' share of the merged softmax). A multi-head pool
     (scores ``[..., H]``, pooled ``[B, H, E]``, weights ``[N, H]``) merges per head and returns those shapes.
     Without ``tokens`` it is ``pool`` alone; ``token_valid`` defaults to every bag's tokens counting. ``sparse_grad``
-    (passed to ``pool`` only when True, so a pool without the option still works when it is not asked for)."""
+    is passed to ``pool`` only when True (a pool without the option still works when it is not asked for)."""
     options = {"sparse_grad": True} if sparse_grad else {}
     if tokens is None:
         return tuple(pool(h, offsets, mask, offsets_cpu=offsets_cpu, **options)[:2])
