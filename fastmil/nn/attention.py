@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops import attention_pool, gated_attention_pool
+from ..ops._segments import bag_index
 
 __all__ = ["AttentionPool", "GatedAttentionPool", "MeanPool", "pool_with_tokens"]
 
@@ -122,7 +123,6 @@ def pool_with_tokens(
     lse = top + torch.log(total)
     share_t = torch.where(valid, torch.exp(torch.where(valid, token_scores, 0.0) - lse[:, None]), 0.0)  # [B, k, H]
     pooled = share_a[..., None] * pooled_a.to(acc) + torch.einsum("bkh,bke->bhe", share_t, tokens.to(acc))
-    bag = torch.repeat_interleave(torch.arange(share_a.shape[0], device=h.device), offsets[1:] - offsets[:-1],
-                                  output_size=h.shape[0])
+    bag = bag_index(offsets, h.shape[0])
     weights = weights_a * share_a[bag].to(weights_a.dtype)
     return (pooled[:, 0], weights[:, 0]) if single else (pooled, weights)

@@ -36,6 +36,7 @@ import torch
 
 from ..kernels._launch import canonical
 from ._backend import resolve_backend
+from ._segments import bag_index
 from ._tiles import build_tiles, check_offsets, host_offsets
 from ._triton import HAS_TRITON
 
@@ -216,8 +217,7 @@ def _saliency_torch(scores, offsets, bounds, k_salient, random_ratio, counts, se
         random = _best_per_bag(random_keys(n, seed, scores.device), rest, bounds, k_random.tolist(),
                                largest=False)
     else:
-        sizes = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=scores.device), sizes, output_size=n)
+        bag = bag_index(offsets, n)
         salient = _smallest_torch(score_keys(scores), eligible, offsets, bag, k_salient)
         rest = eligible & ~salient
         random = _smallest_torch(random_keys(n, seed, scores.device), rest, offsets, bag, k_random)
