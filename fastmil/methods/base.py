@@ -27,7 +27,7 @@ from ..bags import Bags
 from ..nn import MILOutput, build_model
 
 __all__ = ["METHODS", "Method", "StepContext", "StepOutput", "build_method", "get_method", "method_config",
-           "register_method"]
+           "model_objective", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ class StepContext:
             return self.loss_fn(logits, bags)
         if bags.labels is None:
             raise ValueError(f"training step without labels (slides {bags.ids[:3]}...)")
-        return F.cross_entropy(logits.float(), bags.labels, weight=self.class_weight)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # at least fp32 (bf16 under autocast)
+        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        return F.cross_entropy(logits, bags.labels, weight=weight)
 
 
 @dataclass
@@ -72,6 +74,21 @@ class StepOutput:
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def model_objective(model: nn.Module, out: MILOutput, bags: Bags,
+                    ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The supervised loss of one forward pass ``out`` of ``model`` and its named terms (detached).
+
+    A model with its own published objective defines ``objective(out, bags, ctx)`` -> ``{name: (weight, loss)}``
+    (DSMIL: bag and max-instance label losses; CLAM: the bag loss and the instance clustering loss); the loss is
+    the weighted sum and each unweighted term is logged (the term ``"ce"`` under ``ctx.loss_name``). Any other
+    model: ``ctx.supervised_loss(out.logits, bags)`` alone."""
+    objective = getattr(model, "objective", None)
+    weighted = {"ce": (1.0, ctx.supervised_loss(out.logits, bags))} if objective is None else objective(out, bags, ctx)
+    loss = sum(weight * value for weight, value in weighted.values())
+    terms = {(ctx.loss_name if name == "ce" else name): value.detach() for name, (_, value) in weighted.items()}
+    return loss, terms
 
 
 class Method(nn.Module):

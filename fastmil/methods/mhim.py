@@ -39,7 +39,7 @@ from ..bags import Bags
 from ..checkpoint import load_checkpoint
 from ..nn import GlobalRecycleNetwork, MILOutput, build_model
 from ..ops import saliency_mask
-from .base import Method, StepContext, StepOutput, register_method
+from .base import Method, StepContext, StepOutput, model_objective, register_method
 from .ema import ema_update_
 
 __all__ = ["MHIM", "teacher_momentum"]
@@ -81,8 +81,9 @@ def _load_run_model(run_dir: str, model: nn.Module, model_cfg) -> None:
 @register_method("mhim")
 class MHIM(Method):
     """Masked hard instance mining around any backbone with ``embed_bags``/``aggregate``/``instance_logits``
-    (ABMIL, the mean-pooling baseline, the SRMIL network ``graphmil``). Logged terms: ``ce``, ``consistency``,
-    ``salient_frac``, ``random_frac``, ``keep_frac`` (shares of the step's instances)."""
+    (ABMIL, the mean-pooling baseline, DSMIL, CLAM, the SRMIL network ``graphmil``). Logged terms: ``ce``,
+    ``consistency``, ``salient_frac``, ``random_frac``, ``keep_frac`` (shares of the step's instances), and the
+    student's own terms where its backbone has a published objective (DSMIL ``max_instance``, CLAM ``instance``)."""
 
     @dataclass
     class Config:
@@ -169,14 +170,13 @@ class MHIM(Method):
         # return theirs as a sparse tensor: autograd then writes those rows into the dense gradient
         out: MILOutput = self.model.aggregate(h, bags.offsets, masks.keep, offsets_cpu=bags.offsets_cpu,
                                               tokens=tokens, token_valid=valid, sparse_grad=self.recycle is not None)
-        ce = ctx.supervised_loss(out.logits, bags)
+        supervised, terms = model_objective(self.model, out, bags, ctx)
         target = torch.softmax(z_teacher.float() / cfg.teacher_temperature, -1)
         consistency = -(target * F.log_softmax(out.bag_embedding.float() / cfg.student_temperature, -1)).sum(-1).mean()
         n = max(1, bags.n_instances)
-        terms = {ctx.loss_name: ce.detach(), "consistency": consistency.detach(),
-                 "salient_frac": masks.salient.sum() / n, "random_frac": masks.random.sum() / n,
-                 "keep_frac": masks.keep.sum() / n}
-        return StepOutput(ce + cfg.consistency_weight * consistency, terms)
+        terms.update({"consistency": consistency.detach(), "salient_frac": masks.salient.sum() / n,
+                      "random_frac": masks.random.sum() / n, "keep_frac": masks.keep.sum() / n})
+        return StepOutput(supervised + cfg.consistency_weight * consistency, terms)
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         cfg = self.config

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bags import Bags
-from .base import Method, StepContext, StepOutput, register_method
+from .base import Method, StepContext, StepOutput, model_objective, register_method
 
 __all__ = ["PlainMIL"]
 
@@ -12,7 +12,8 @@ __all__ = ["PlainMIL"]
 @register_method("plain")
 class PlainMIL(Method):
     """``loss = CE(model(bags).logits, bags.labels)`` (or the task's loss); logged term ``ce`` (``nll`` for
-    survival)."""
+    survival). A model with a published objective of its own (DSMIL, CLAM) adds its terms
+    (:func:`~fastmil.methods.base.model_objective`)."""
 
     @dataclass
     class Config:
@@ -21,6 +22,5 @@ class PlainMIL(Method):
         name: str = "plain"
 
     def training_step(self, bags: Bags, ctx: StepContext) -> StepOutput:
-        out = self.model.forward_all(bags)
-        loss = ctx.supervised_loss(out.logits, bags)
-        return StepOutput(loss, {ctx.loss_name: loss.detach()})
+        loss, terms = model_objective(self.model, self.model.forward_all(bags), bags, ctx)
+        return StepOutput(loss, terms)

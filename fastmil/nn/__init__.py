@@ -1,6 +1,15 @@
 """fastmil.nn: attention pooling, graph attention and MIL models over packed ragged bags, and the model registry."""
 from .abmil import ABMIL, MeanPoolMIL
-from .attention import AttentionPool, GatedAttentionPool, MeanPool, pool_with_tokens
+from .attention import (
+                        AttentionPool,
+                        GatedAttentionPool,
+                        GatedBranchPool,
+                        MeanPool,
+                        pool_with_tokens,
+                        predicted_class_attention,
+)
+from .clam import CLAM_MB, CLAM_SB
+from .dsmil import DSMIL
 from .embed import EmbedBlock
 from .graph import GraphAttentionLayer, GraphDecoder, GraphMIL, SupernodeReadout, bag_neighbours
 from .output import MILOutput
@@ -8,7 +17,8 @@ from .recycle import GlobalRecycleNetwork, recycle_reference
 from .registry import MODELS, build_model, model_config, register_model
 
 __all__ = [
-    "ABMIL", "AttentionPool", "EmbedBlock", "GatedAttentionPool", "GlobalRecycleNetwork", "GraphAttentionLayer",
-    "GraphDecoder", "GraphMIL", "MILOutput", "MODELS", "MeanPool", "MeanPoolMIL", "SupernodeReadout", "bag_neighbours",
-    "build_model", "model_config", "pool_with_tokens", "recycle_reference", "register_model",
+    "ABMIL", "AttentionPool", "CLAM_MB", "CLAM_SB", "DSMIL", "EmbedBlock", "GatedAttentionPool", "GatedBranchPool",
+    "GlobalRecycleNetwork", "GraphAttentionLayer", "GraphDecoder", "GraphMIL", "MILOutput", "MODELS", "MeanPool",
+    "MeanPoolMIL", "SupernodeReadout", "bag_neighbours", "build_model", "model_config", "pool_with_tokens",
+    "predicted_class_attention", "recycle_reference", "register_model",
 ]

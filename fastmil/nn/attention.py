@@ -7,7 +7,8 @@ from torch import nn
 from ..ops import attention_pool, gated_attention_pool
 from ..ops._segments import bag_index
 
-__all__ = ["AttentionPool", "GatedAttentionPool", "MeanPool", "pool_with_tokens"]
+__all__ = ["AttentionPool", "GatedAttentionPool", "GatedBranchPool", "MeanPool", "pool_with_tokens",
+           "predicted_class_attention"]
 
 
 class GatedAttentionPool(nn.Module):
@@ -126,3 +127,40 @@ def pool_with_tokens(
     bag = bag_index(offsets, h.shape[0])
     weights = weights_a * share_a[bag].to(weights_a.dtype)
     return (pooled[:, 0], weights[:, 0]) if single else (pooled, weights)
+
+
+class GatedBranchPool(nn.Module):
+    """Gated attention with ``branches`` score columns (CLAM's multi-branch attention network):
+    ``scores_i = W (tanh(V h_i) * sigmoid(U h_i)) + b`` in ``[N, branches]``, one softmax per branch and bag.
+
+    ``forward(h [N, in_dim], offsets, mask, offsets_cpu=None, return_lse=False, sparse_grad=False)
+    -> (pooled [B, branches, in_dim], weights [N, branches][, lse [B, branches]])`` through
+    :func:`fastmil.ops.attention_pool` (multi-head); fp32 (fp64 for fp64 ``h``). The gate activations are torch
+    autograd tensors (``N x hidden_dim`` each, kept for backward); ``sparse_grad`` is accepted and ignored (the
+    gradient of ``h`` is dense)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, branches: int, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.V = nn.Linear(in_dim, hidden_dim)
+        self.U = nn.Linear(in_dim, hidden_dim)
+        self.w = nn.Linear(hidden_dim, branches)
+        self.backend = backend
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores ``[..., branches]``."""
+        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
+
+    def forward(
+        self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
+        offsets_cpu: torch.Tensor | None = None, return_lse: bool = False, sparse_grad: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
+                              return_lse=return_lse)
+
+
+def predicted_class_attention(weights: torch.Tensor, logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[N]``: for per-class attention ``weights [N, C]`` (DSMIL, CLAM multi-branch), each instance's weight in the
+    column of its bag's predicted class (``logits [B, C]`` argmax): the attention a heatmap of the bag draws."""
+    predicted = logits.detach().argmax(-1)  # [B]
+    rows = predicted[bag_index(offsets, weights.shape[0])]
+    return weights.gather(1, rows[:, None])[:, 0]

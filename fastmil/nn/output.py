@@ -1,7 +1,7 @@
 """What a MIL model computes in one forward pass, for users, methods and teachers alike."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,9 +19,13 @@ class MILOutput:
         bag_embedding: ``[B, E]``: the pooled vector the classifier reads.
         instance_embedding: ``[N, E]``: the instance features after the embedding layer (what a teacher's
             instance scores and a recycle network read), or None for models without one.
+        extras: what a particular model also computes in the pass and needs for its own loss terms or instance
+            scores (DSMIL: ``bag_logits``, ``max_logits``, ``instance_logits``; CLAM: ``branch_weights``,
+            ``branch_scores``); empty for models without any.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor
     bag_embedding: torch.Tensor
     instance_embedding: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)

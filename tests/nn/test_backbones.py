@@ -1,0 +1,289 @@
+"""DSMIL and CLAM (single- and multi-branch) on packed ragged bags: packed == per bag (outputs and gradients of the
+whole objective), each against an independent per-bag reference written the way the published code computes it,
+masked instances without effect, extra tokens == the same tokens appended as instances, and the instance losses."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmil.bags import Bags
+from fastmil.methods import StepContext, model_objective
+from fastmil.nn import CLAM_MB, CLAM_SB, DSMIL
+from fastmil.nn.dsmil import critical_instances
+from fastmil.nn.instance_losses import instance_loss, smooth_top1_svm
+
+BACKBONES = ["dsmil", "clam_sb", "clam_mb"]
+SIZES = [1, 7, 33, 70]
+TOL = {"rtol": 1e-10, "atol": 1e-12}  # fp64 throughout: the packed and per-bag sums differ by rounding alone
+
+
+def _model(name: str, n_classes: int = 3, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = {"dsmil": DSMIL, "clam_sb": CLAM_SB, "clam_mb": CLAM_MB}[name]
+    if name == "dsmil":
+        model = cls(12, embed_dim=20, n_classes=n_classes, query_dim=8, dropout=0.0, **options)
+    else:
+        model = cls(12, embed_dim=20, attn_dim=10, n_classes=n_classes, dropout=0.0, k_sample=3, **options)
+    return model.double()
+
+
+def _bags(sizes=SIZES, labels=None, seed=1) -> Bags:
+    g = torch.Generator().manual_seed(seed)
+    labels = labels if labels is not None else [b % 3 for b in range(len(sizes))]
+    return Bags.from_list([torch.randn(n, 12, generator=g, dtype=torch.float64) for n in sizes], labels=labels)
+
+
+def _ctx() -> StepContext:
+    return StepContext(epoch=0, step=0, steps_per_epoch=1, epochs=1, seed=0)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_batch_equals_each_bag_alone_outputs_and_gradients(name, masked):
+    """The whole objective (bag loss and the backbone's own terms) of a packed batch is the mean of the per-bag
+    objectives, with equal outputs per bag; with a mask, bag 2 is entirely masked and the others partly."""
+    model = _model(name)
+    bags = _bags()
+    g = torch.Generator().manual_seed(5)
+    mask = None
+    if masked:
+        mask = torch.rand(bags.n_instances, generator=g) > 0.3
+        mask[bags.offsets[2] : bags.offsets[3]] = False
+        mask[0] = True  # the bag of one keeps its instance
+    out = model.forward_all(bags, mask=mask)
+    loss, terms = model_objective(model, out, bags, _ctx())
+    loss.backward()
+    packed = _grads(model)
+    assert set(terms) == ({"ce", "max_instance"} if name == "dsmil" else {"ce", "instance"})
+
+    model.zero_grad()
+    total = 0.0
+    for b in range(len(bags)):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        one = bags[b]
+        out_b = model.forward_all(one, mask=None if mask is None else mask[lo:hi])
+        torch.testing.assert_close(out_b.logits[0], out.logits[b], **TOL)
+        torch.testing.assert_close(out_b.attention, out.attention[lo:hi], **TOL)
+        torch.testing.assert_close(out_b.bag_embedding[0], out.bag_embedding[b], **TOL)
+        total = total + model_objective(model, out_b, one, _ctx())[0] / len(bags)
+    torch.testing.assert_close(total, loss, **TOL)
+    total.backward()
+    for key, grad in _grads(model).items():
+        torch.testing.assert_close(grad, packed[key], **TOL, msg=f"per-bag grad {key}")
+
+
+def _dsmil_reference(model: DSMIL, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One bag's embedded instances ``h [n, E]`` -> (logits, max-instance logits, class attention [n, C]), written
+    as the published DSMIL computes them (a sort for the critical instances: no ties in random data)."""
+    c = h @ model.instance_classifier.weight.T + model.instance_classifier.bias
+    _, order = torch.sort(c, 0, descending=True)
+    q_max = model.query(h[order[0]])
+    q = model.query(h)
+    a = torch.softmax(q @ q_max.T / math.sqrt(q.shape[1]), 0)
+    bag = model.bag_classifier((a.T @ h).reshape(1, -1))[0]
+    top = c.max(0).values
+    return 0.5 * (bag + top), top, a
+
+
+def _clam_reference(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bag -> (logits, branch attention [n, branches]) as the published CLAM_SB / CLAM_MB compute them."""
+    pool = model.pool
+    a = torch.softmax(pool.w(torch.tanh(pool.V(h)) * torch.sigmoid(pool.U(h))), 0)  # [n, branches]
+    m = a.T @ h  # [branches, E]
+    if isinstance(model, CLAM_MB):
+        logits = torch.stack([m[k] @ model.classifier.weight[k] + model.classifier.bias[k]
+                              for k in range(model.n_classes)])
+    else:
+        logits = model.classifier(m[0])
+    return logits, a
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbones_equal_the_published_computation_per_bag(name):
+    model = _model(name).eval()
+    bags = _bags(sizes=[1, 9, 40])
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(bags.n_instances, generator=g) > 0.25
+    mask[0] = True
+    out = model.forward_all(bags, mask=mask)
+    for b in range(len(bags)):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        keep = mask[lo:hi]
+        h = model.embed_instances(bags.features[lo:hi][keep])
+        if name == "dsmil":
+            logits, top, a = _dsmil_reference(model, h)
+            torch.testing.assert_close(out.extras["max_logits"][b], top, **TOL)
+            torch.testing.assert_close(out.extras["class_attention"][lo:hi][keep], a, **TOL)
+        else:
+            logits, a = _clam_reference(model, h)
+            torch.testing.assert_close(out.extras["branch_weights"][lo:hi][keep], a, **TOL)
+        torch.testing.assert_close(out.logits[b], logits, **TOL)
+        column = 0 if name == "clam_sb" else int(logits.argmax())
+        torch.testing.assert_close(out.attention[lo:hi][keep], a[:, column], **TOL)
+        assert torch.all(out.attention[lo:hi][~keep] == 0)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_masked_instances_have_no_effect(name):
+    """Masked rows changed by +-1e3 change no output, no loss and no gradient."""
+    model = _model(name)
+    bags = _bags()
+    mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(4)) > 0.4
+    mask[0] = True
+    results = []
+    for shift in (0.0, 1e3):
+        features = bags.features.clone()
+        features[~mask] += shift * torch.randn(int((~mask).sum()), 12, dtype=torch.float64)
+        moved = Bags(features, bags.offsets, labels=bags.labels, ids=bags.ids)
+        model.zero_grad()
+        out = model.forward_all(moved, mask=mask)
+        loss, _ = model_objective(model, out, moved, _ctx())
+        loss.backward()
+        results.append((out.logits.detach(), out.attention.detach(), loss.detach(), _grads(model)))
+    (l0, a0, loss0, g0), (l1, a1, loss1, g1) = results
+    torch.testing.assert_close(l1, l0, **TOL)
+    torch.testing.assert_close(a1, a0, **TOL)
+    torch.testing.assert_close(loss1, loss0, **TOL)
+    for key in g0:
+        torch.testing.assert_close(g1[key], g0[key], **TOL, msg=key)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_extra_tokens_pool_like_instances_appended_to_their_bags(name):
+    """``aggregate(h, ..., tokens)`` (MHIM's recycled tokens) == the same tokens appended after each bag's rows as
+    unmasked instances; a bag whose ``token_valid`` is False gets none. For DSMIL one bag's critical instance
+    for one class is made a token, so both sources of critical instances are exercised."""
+    model = _model(name).eval()
+    bags = _bags(sizes=[5, 1, 30])
+    mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask[5] = False  # the bag of one is all masked: its tokens alone count
+    h = model.embed_instances(bags.features)
+    tokens = torch.randn(3, 2, 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64).relu()
+    if name == "dsmil":  # a token far along class 0's instance-classifier direction: bag 0's critical instance
+        tokens[0, 1] += 5.0 * model.instance_classifier.weight[0].detach().relu()
+    valid = torch.tensor([True, True, False])
+    out = model.aggregate(h, bags.offsets, mask, offsets_cpu=bags.offsets, tokens=tokens, token_valid=valid)
+
+    rows, row_mask, offsets, own = [], [], [0], []
+    for b in range(3):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        extra = tokens[b] if valid[b] else tokens[b, :0]
+        rows += [h[lo:hi], extra]
+        row_mask += [mask[lo:hi], torch.ones(extra.shape[0], dtype=torch.bool)]
+        own.append(torch.arange(offsets[-1], offsets[-1] + hi - lo))
+        offsets.append(offsets[-1] + hi - lo + extra.shape[0])
+    offsets = torch.tensor(offsets)
+    ref = model.aggregate(torch.cat(rows), offsets, torch.cat(row_mask), offsets_cpu=offsets)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(out.bag_embedding, ref.bag_embedding, **TOL)
+    torch.testing.assert_close(out.attention, ref.attention[torch.cat(own)], **TOL)
+    if name == "dsmil":
+        torch.testing.assert_close(out.extras["max_logits"], ref.extras["max_logits"], **TOL)
+        with torch.no_grad():  # bag 0's class-0 maximum is the planted token's, above every row's
+            best_row = model.instance_classifier(h[:5][mask[:5]])[:, 0].max()
+            assert float(out.extras["max_logits"][0, 0]) > float(best_row)
+
+
+def test_critical_instances_are_the_first_maximum_of_each_bags_unmasked_rows():
+    g = torch.Generator().manual_seed(0)
+    sizes = [1, 6, 0, 9, 4]
+    logits = torch.randint(0, 3, (sum(sizes), 2), generator=g).double()  # many ties
+    logits[3, 1] = float("nan")
+    mask = torch.rand(sum(sizes), generator=g) > 0.3
+    mask[16:20] = False  # the last bag all masked
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    rows, found = critical_instances(logits, offsets, mask)
+    for b in range(len(sizes)):
+        lo, hi = int(offsets[b]), int(offsets[b + 1])
+        for k in range(2):
+            best, best_row = None, None
+            for i in range(lo, hi):
+                v = float(logits[i, k])
+                if mask[i] and not math.isnan(v) and (best is None or v > best):
+                    best, best_row = v, i
+            assert bool(found[b, k]) == (best_row is not None), (b, k)
+            assert int(rows[b, k]) == (best_row if best_row is not None else 0), (b, k)
+
+
+def test_clam_instance_clustering_equals_the_published_selection_and_loss():
+    """In-class: top and bottom ``k_sample`` of the label's branch -> targets 1 / 0; with subtyping the other
+    classes' branches give their top ``k_sample`` as negatives and the sum is divided by the class count."""
+    for cls, subtyping in ((CLAM_SB, False), (CLAM_MB, False), (CLAM_MB, True)):
+        torch.manual_seed(0)
+        model = cls(12, embed_dim=20, attn_dim=10, n_classes=3, dropout=0.0, k_sample=3, subtyping=subtyping,
+                    instance_loss="svm").double()
+        bags = _bags(sizes=[10, 8], labels=[2, 0])
+        out = model.forward_all(bags)
+        terms = model.objective(out, bags, _ctx())
+        expected = 0.0
+        for b, label in enumerate([2, 0]):
+            lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+            h = out.instance_embedding[lo:hi]
+            a = out.extras["branch_weights"][lo:hi]
+            per_bag = 0.0
+            for k in range(3):
+                branch = a[:, k if cls is CLAM_MB else 0]
+                if k == label:
+                    picked = torch.cat([torch.topk(branch, 3).indices, torch.topk(-branch, 3).indices])
+                    target = torch.tensor([1, 1, 1, 0, 0, 0])
+                elif subtyping:
+                    picked, target = torch.topk(branch, 3).indices, torch.zeros(3, dtype=torch.int64)
+                else:
+                    continue
+                per_bag = per_bag + smooth_top1_svm(model.instance_classifiers[k](h[picked]), target)
+            expected = expected + (per_bag / 3 if subtyping else per_bag)
+        weight, value = terms["instance"]
+        assert weight == pytest.approx(0.3)
+        torch.testing.assert_close(value, expected / 2, **TOL)
+
+
+def test_clam_small_bags_use_half_their_instances_and_a_bag_of_one_adds_nothing():
+    model = _model("clam_sb")
+    bags = _bags(sizes=[1, 5], labels=[1, 1])
+    out = model.forward_all(bags)
+    h, a = out.instance_embedding[1:6], out.extras["branch_weights"][1:6, 0]
+    picked = torch.cat([torch.topk(a, 2).indices, torch.topk(-a, 2).indices])  # k = 5 // 2 = 2 < k_sample = 3
+    expected = smooth_top1_svm(model.instance_classifiers[1](h[picked]), torch.tensor([1, 1, 0, 0])) / 2
+    torch.testing.assert_close(model.objective(out, bags, _ctx())["instance"][1], expected, **TOL)
+
+
+def test_clam_instance_term_needs_class_labels():
+    model = _model("clam_sb")
+    bags = _bags(sizes=[4, 4], labels=[0, 1])
+    ctx = StepContext(epoch=0, step=0, steps_per_epoch=1, epochs=1, seed=0, loss_fn=lambda logits, b: logits.sum(),
+                      loss_name="nll")
+    with pytest.raises(ValueError, match="bag_weight=1"):
+        model.objective(model.forward_all(bags), bags, ctx)
+    model.bag_weight = 1.0
+    assert set(model.objective(model.forward_all(bags), bags, ctx)) == {"ce"}
+
+
+def test_smooth_top1_svm_is_its_formula_and_tends_to_the_hinge():
+    x = torch.tensor([[2.0, 0.0], [0.5, 1.0], [-1.0, 3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1])
+    by_hand = [math.log(math.exp(2.0) + math.exp(1.0)) - 2.0,
+               math.log(math.exp(0.5) + math.exp(2.0)) - 0.5,
+               math.log(math.exp(0.0) + math.exp(3.0)) - 3.0]
+    assert float(smooth_top1_svm(x, y)) == pytest.approx(sum(by_hand) / 3, rel=1e-14)
+    hinge = (x + 1.0 - F.one_hot(y, 2)).max(1).values - x.gather(1, y[:, None])[:, 0]
+    assert float(smooth_top1_svm(x, y, tau=1e-3)) == pytest.approx(float(hinge.mean()), abs=1e-3)
+    torch.testing.assert_close(instance_loss("ce", x, y), F.cross_entropy(x, y))
+    with pytest.raises(ValueError, match="one of"):
+        instance_loss("focal", x, y)
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="bag_weight"):
+        DSMIL.Config(bag_weight=1.5)
+    with pytest.raises(ValueError, match="instance_loss"):
+        CLAM_SB.Config(instance_loss="hinge")
+    with pytest.raises(ValueError, match="k_sample"):
+        CLAM_MB.Config(k_sample=0)
+    assert CLAM_MB.Config().name == "clam_mb" and CLAM_SB.Config().name == "clam_sb"
