@@ -257,8 +257,8 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="YAML",
                    help="config with sections model/method/optim/data/run/task (see fastmil.train.config)")
     p.add_argument("--model", default=None,
-                   help="model.name: abmil (default), meanmil, dsmil, clam_sb, clam_mb or graphmil (SRMIL's network, "
-                        "the default of method srmil and mhim+srmil)")
+                   help="model.name: abmil (default), meanmil, dsmil, clam_sb, clam_mb, transmil or graphmil (SRMIL's "
+                        "network, the default of method srmil and mhim+srmil)")
     p.add_argument("--method", default=None, help="method.name: plain (default), mhim, srmil or mhim+srmil")
     p.add_argument("--epochs", type=int, default=None, help="optim.epochs")
     p.add_argument("--seed", type=int, default=None, help="run.seed")

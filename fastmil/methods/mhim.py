@@ -81,7 +81,7 @@ def _load_run_model(run_dir: str, model: nn.Module, model_cfg) -> None:
 @register_method("mhim")
 class MHIM(Method):
     """Masked hard instance mining around any backbone with ``embed_bags``/``aggregate``/``instance_logits``
-    (ABMIL, the mean-pooling baseline, DSMIL, CLAM, the SRMIL network ``graphmil``). Logged terms: ``ce``,
+    (ABMIL, the mean-pooling baseline, DSMIL, CLAM, TransMIL, the SRMIL network ``graphmil``). Logged terms: ``ce``,
     ``consistency``, ``salient_frac``, ``random_frac``, ``keep_frac`` (shares of the step's instances), and the
     student's own terms where its backbone has a published objective (DSMIL ``max_instance``, CLAM ``instance``)."""
 

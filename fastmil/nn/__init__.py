@@ -15,10 +15,11 @@ from .graph import GraphAttentionLayer, GraphDecoder, GraphMIL, SupernodeReadout
 from .output import MILOutput
 from .recycle import GlobalRecycleNetwork, recycle_reference
 from .registry import MODELS, build_model, model_config, register_model
+from .transmil import TransMIL
 
 __all__ = [
     "ABMIL", "AttentionPool", "CLAM_MB", "CLAM_SB", "DSMIL", "EmbedBlock", "GatedAttentionPool", "GatedBranchPool",
     "GlobalRecycleNetwork", "GraphAttentionLayer", "GraphDecoder", "GraphMIL", "MILOutput", "MODELS", "MeanPool",
     "MeanPoolMIL", "SupernodeReadout", "bag_neighbours", "build_model", "model_config", "pool_with_tokens",
-    "predicted_class_attention", "recycle_reference", "register_model",
+    "predicted_class_attention", "recycle_reference", "register_model", "TransMIL",
 ]

@@ -14,7 +14,7 @@ from fastmil.train import load_method, predict
 
 DATA = SynthConfig(n_slides=24, dim=32, median_instances=150, size_sigma=0.3, tumour_fraction_min=0.02,
                    tumour_fraction_max=0.05, seed=3)
-OWN_TERMS = {"dsmil": {"max_instance"}, "clam_sb": {"instance"}, "clam_mb": {"instance"}}
+OWN_TERMS = {"dsmil": {"max_instance"}, "clam_sb": {"instance"}, "clam_mb": {"instance"}, "transmil": set()}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(OWN_TERMS))
 def test_backbone_trains_plain_and_under_mhim_from_the_cli(store, tmp_path, name):
     common = ["--store", str(store.path), "-q", "--model", name, "optim.lr=1e-3", "model.embed_dim=128",
-              "model.dropout=0.1"]
+              "model.dropout=0.1", *(["model.landmarks=64"] if name == "transmil" else [])]
     assert main(["train", "--out", str(tmp_path / "plain"), "--epochs", "2", *common]) == 0
     assert main(["train", "--out", str(tmp_path / "mhim"), "--epochs", "2", *common, "--method", "mhim",
                  f"method.teacher_init={tmp_path / 'plain'}"]) == 0

@@ -1,0 +1,187 @@
+"""TransMIL on packed ragged bags: against an independent per-bag reference written the way the published model and
+the Nystrom attention it uses compute (batch of one, padding by repeats, zero front padding, einsum landmarks),
+packed == per bag (outputs and gradients), masked instances without effect, extra tokens == appended instances,
+exact attention == softmax attention, and the heatmap attention."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmil.bags import Bags
+from fastmil.nn import TransMIL
+from fastmil.nn.transmil import moore_penrose_pinv
+
+TOL = {"rtol": 1e-9, "atol": 1e-11}  # fp64; the packed and per-bag paths differ in summation order only
+
+
+def _model(attention: str = "nystrom", landmarks: int = 4) -> TransMIL:
+    torch.manual_seed(0)
+    return TransMIL(10, embed_dim=16, n_classes=3, heads=2, landmarks=landmarks, pinv_iterations=6,
+                    attention=attention, dropout=0.0, attn_dropout=0.0).double()
+
+
+def _bags(sizes=(1, 5, 17, 30), seed=1) -> Bags:
+    g = torch.Generator().manual_seed(seed)
+    return Bags.from_list([torch.randn(n, 10, generator=g, dtype=torch.float64) for n in sizes],
+                          labels=[i % 3 for i in range(len(sizes))])
+
+
+def _reference_attention(layer, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The published layer's attention on ``x [1, n, E]``: lucidrains-style Nystrom (``F.pad`` in front, landmark
+    sums over groups divided by the group size, pinv from the whole tensor's maxima) or exact softmax attention."""
+    attn = layer.attn
+    b, n, dim = x.shape
+    heads, m = attn.heads, attn.landmarks
+    if not exact and n % m:
+        x = F.pad(x, (0, 0, m - n % m, 0), value=0)
+    q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, t.shape[1], heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
+    d = q.shape[-1]
+    if exact:
+        out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    else:
+        q = q * d**-0.5
+        group = math.ceil(x.shape[1] / m)
+        q_l = q.reshape(b, heads, m, group, d).sum(3) / group
+        k_l = k.reshape(b, heads, m, group, d).sum(3) / group
+        a1 = torch.einsum("bhid,bhjd->bhij", q, k_l).softmax(-1)
+        a2 = torch.einsum("bhid,bhjd->bhij", q_l, k_l).softmax(-1)
+        a3 = torch.einsum("bhid,bhjd->bhij", q_l, k).softmax(-1)
+        z = a2.transpose(-1, -2) / (a2.abs().sum(-1).max() * a2.abs().sum(-2).max())
+        eye = torch.eye(m, dtype=x.dtype)[None, None]
+        for _ in range(6):
+            xz = a2 @ z
+            z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
+        out = (a1 @ z) @ (a3 @ v)
+    out = out + attn.residual(v[0])[None]
+    out = out.permute(0, 2, 1, 3).reshape(b, -1, dim)
+    return attn.to_out(out)[:, -n:]
+
+
+def _reference_bag(model: TransMIL, features: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bag ``[n, D]`` -> (logits [C], class-token attention [n]) as the published TransMIL computes them."""
+    h = F.relu(model.embed.linear(features))[None]  # [1, n, E]
+    n = h.shape[1]
+    side = math.ceil(math.sqrt(n))
+    h = torch.cat([h, h[:, : side * side - n]], dim=1)
+    h = torch.cat([model.cls_token[None], h], dim=1)
+    h = h + _reference_attention(model.layer1, model.layer1.norm(h), exact)
+    cls, feat = h[:, 0], h[:, 1:]
+    grid = feat.transpose(1, 2).reshape(1, h.shape[2], side, side)
+    convs = model.ppeg.convs
+    grid = convs[0](grid) + grid + convs[1](grid) + convs[2](grid)
+    h = torch.cat([cls[:, None], grid.flatten(2).transpose(1, 2)], dim=1)
+    normed = model.layer2.norm(h)
+    h = h + _reference_attention(model.layer2, normed, exact)
+    logits = model.classifier(model.norm(h)[:, 0])[0]
+    # heatmap: the class token's softmax attention over the grid tokens, heads averaged, repeats folded back
+    attn = model.layer2.attn
+    q, k, _ = attn.to_qkv(normed[0]).chunk(3, -1)
+    q, k = q.reshape(-1, attn.heads, q.shape[1] // attn.heads), k.reshape(-1, attn.heads, k.shape[1] // attn.heads)
+    weights = torch.stack([torch.softmax(k[1:, i] @ q[0, i] / math.sqrt(q.shape[2]), 0)
+                           for i in range(attn.heads)]).mean(0)
+    folded = torch.zeros(n, dtype=weights.dtype)
+    for j in range(side * side):
+        folded[j % n if j >= n else j] += weights[j]
+    return logits, folded
+
+
+@pytest.mark.parametrize("attention", ["nystrom", "exact"])
+def test_each_bag_equals_the_published_computation(attention):
+    model = _model(attention).eval()
+    bags = _bags()
+    mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[0] = True
+    out = model.forward_all(bags, mask=mask)
+    for b in range(len(bags)):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        keep = mask[lo:hi]
+        logits, weights = _reference_bag(model, bags.features[lo:hi][keep], exact=attention == "exact")
+        torch.testing.assert_close(out.logits[b], logits, **TOL)
+        torch.testing.assert_close(out.attention[lo:hi][keep], weights, **TOL)
+        assert torch.all(out.attention[lo:hi][~keep] == 0)
+        assert float(out.attention[lo:hi].detach().sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_batch_equals_each_bag_alone_outputs_and_gradients(masked):
+    model = _model()
+    bags = _bags()
+    mask = None
+    if masked:
+        mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(4)) > 0.4
+        mask[0] = True
+        mask[bags.offsets[2] : bags.offsets[3]] = False  # an all-masked bag: the class token alone decides
+    target = torch.tensor([0, 2, 1, 1])
+    out = model.forward_all(bags, mask=mask)
+    F.cross_entropy(out.logits, target, reduction="sum").backward()
+    packed = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    for b in range(len(bags)):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        one = model.forward_all(bags[b], mask=None if mask is None else mask[lo:hi])
+        torch.testing.assert_close(one.logits[0], out.logits[b], **TOL)
+        torch.testing.assert_close(one.attention, out.attention[lo:hi], **TOL)
+        torch.testing.assert_close(one.bag_embedding[0], out.bag_embedding[b], **TOL)
+        total = total + F.cross_entropy(one.logits, target[b : b + 1], reduction="sum")
+    total.backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, packed[key], **TOL, msg=key)
+
+
+def test_masked_instances_have_no_effect():
+    model = _model()
+    bags = _bags()
+    mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(5)) > 0.4
+    mask[0] = True
+    results = []
+    for shift in (0.0, 1e3):
+        features = bags.features.clone()
+        features[~mask] += shift
+        model.zero_grad()
+        out = model.forward_all(Bags(features, bags.offsets, labels=bags.labels), mask=mask)
+        out.logits.sum().backward()
+        results.append((out.logits.detach(), out.attention.detach(), {k: p.grad.clone()
+                                                                       for k, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    torch.testing.assert_close(results[1][1], results[0][1], **TOL)
+    for key in results[0][2]:
+        torch.testing.assert_close(results[1][2][key], results[0][2][key], **TOL, msg=key)
+
+
+def test_extra_tokens_equal_instances_appended_to_their_bags():
+    model = _model().eval()
+    bags = _bags(sizes=(3, 1, 20))
+    mask = torch.ones(bags.n_instances, dtype=torch.bool)
+    mask[3] = False  # the bag of one is all masked: its tokens alone are its sequence
+    h = model.embed_instances(bags.features)
+    tokens = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    valid = torch.tensor([True, True, False])
+    out = model.aggregate(h, bags.offsets, mask, tokens=tokens, token_valid=valid)
+    rows, offsets = [], [0]
+    for b in range(3):
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        part = torch.cat([h[lo:hi][mask[lo:hi]], tokens[b] if valid[b] else tokens[b, :0]])
+        rows.append(part)
+        offsets.append(offsets[-1] + part.shape[0])
+    ref = model.aggregate(torch.cat(rows), torch.tensor(offsets))
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(out.bag_embedding, ref.bag_embedding, **TOL)
+    torch.testing.assert_close(out.attention[:3], ref.attention[:3], **TOL)  # bag 0's rows come first in both
+
+
+def test_moore_penrose_iterations_converge_to_the_inverse_of_a_softmax_kernel():
+    a = torch.softmax(torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    z = moore_penrose_pinv(a, 30)
+    torch.testing.assert_close(z, torch.linalg.pinv(a), rtol=1e-8, atol=1e-8)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="multiple of heads"):
+        TransMIL.Config(embed_dim=30, heads=8)
+    with pytest.raises(ValueError, match="nystrom or exact"):
+        TransMIL.Config(attention="flash")
