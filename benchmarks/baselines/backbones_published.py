@@ -11,8 +11,12 @@
   ``torch.cat`` of the first tokens, ``F.pad`` in front to a multiple of the landmarks, einsum landmarks, the
   iterative pseudo-inverse, the residual convolution; PPEG by ``transpose``/``view``.
 
-Sizes as published (E = 512; DSMIL queries 128; CLAM gates 256; TransMIL 8 heads, 256 landmarks). Optimiser AdamW
-(the published default ``foreach``-less loop on the CPU).
+Sizes as published (E = 512; DSMIL queries 128; CLAM gates 256; TransMIL 8 heads, 256 landmarks). Left out, so
+this baseline is if anything a little faster than the published code: CLAM's dropout inside the attention gates
+(fastmil has none either), the published smooth-SVM class's extra bookkeeping, CLAM's predictions for logging.
+Optimiser: AdamW for parity with fastmil's step (the published code uses Adam for CLAM and DSMIL, Lookahead(RAdam)
+for TransMIL), torch's default per-parameter loop on the CPU. One optimiser step per bag, as batch size 1 trains; the
+published code runs on a GPU (TransMIL in fp16): this CPU baseline has no CUDA counterpart here.
 """
 from __future__ import annotations
 

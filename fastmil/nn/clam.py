@@ -13,10 +13,12 @@ smooth top-1 SVM (``instance_loss: svm``, alpha = tau = 1, CLAM's default) or cr
 classes (divided by the number of classes with ``subtyping``), averaged over the batch's bags. Objective:
 ``bag_weight CE + (1 - bag_weight) instance`` (published 0.7), logged as ``ce`` and ``instance``.
 
-Deviations from the published code, on purpose: a bag with fewer than ``2 k_sample`` unmasked instances uses
-``k = n // 2`` (the published ``topk`` fails on it), a bag of one instance adds no instance term; dropout is the
-embedding's (the published attention gates' own dropout is not there). The heatmap attention is the weight of the
-one branch (``clam_sb``) or of the bag's predicted class's branch (``clam_mb``).
+Deviations from the published code, on purpose: a bag with fewer than ``k_sample`` unmasked instances (where the
+published ``topk`` fails) takes ``n // 2`` positives and as many negatives (none for a bag of one) and, out of
+class, its ``n`` instances; dropout is the embedding's (the published attention gates' own dropout is not there).
+Like the published code, a bag of ``k_sample`` to ``2 k_sample - 1`` instances has overlapping positives and
+negatives. The heatmap attention is the weight of the one branch (``clam_sb``) or of the bag's predicted class's
+branch (``clam_mb``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from ..bags import Bags
+from ..ops._segments import rows_per_bag
 from ..ops._tiles import host_offsets
 from .abmil import check_sizes, unpack_batch
 from .attention import GatedBranchPool, pool_with_tokens, predicted_class_attention
@@ -38,16 +41,13 @@ from .registry import register_model
 __all__ = ["CLAM_MB", "CLAM_SB", "clustering_instances"]
 
 
-def clustering_instances(weights: torch.Tensor, lo: int, hi: int, mask: torch.Tensor | None, k_sample: int,
-                         negatives: bool) -> torch.Tensor:
-    """Rows of one bag (``lo:hi``) chosen for instance clustering from one branch's attention ``weights [N]``: the
-    ``k`` most attended unmasked rows, then (``negatives``) the ``k`` least attended, with
-    ``k = min(k_sample, n)`` (``n // 2`` with ``negatives``) for the bag's ``n`` unmasked rows. int64 ``[k]`` or
-    ``[2k]``, absolute row numbers."""
-    rows = torch.arange(lo, hi, device=weights.device)
-    if mask is not None:
-        rows = rows[mask[lo:hi]]
-    k = min(k_sample, rows.numel() // 2 if negatives else rows.numel())
+def clustering_instances(weights: torch.Tensor, rows: torch.Tensor, k_sample: int, negatives: bool) -> torch.Tensor:
+    """Rows of one bag chosen for instance clustering from one branch's attention ``weights [N]`` over the bag's
+    unmasked ``rows``: the ``k`` most attended, then (``negatives``) the ``k`` least attended, with ``k = k_sample``
+    when the bag has at least ``k_sample`` rows (the two sets may overlap, as published), else ``n // 2`` with
+    ``negatives`` and ``n`` without. int64 ``[k]`` or ``[2k]``, absolute row numbers."""
+    n = rows.numel()
+    k = k_sample if n >= k_sample else (n // 2 if negatives else n)
     if k == 0:
         return rows[:0]
     w = weights[rows].detach()
@@ -147,16 +147,15 @@ class _CLAM(nn.Module):
 
     def clustering_loss(self, out: MILOutput, offsets_cpu: torch.Tensor, labels: list[int]) -> torch.Tensor:
         """The instance clustering loss of the batch (module docstring), averaged over its bags."""
-        h, weights, mask = out.instance_embedding, out.extras["branch_weights"], out.extras.get("mask")
-        edges = offsets_cpu.tolist()
+        h, weights = out.instance_embedding, out.extras["branch_weights"]
+        bag_rows = rows_per_bag(out.extras.get("mask"), offsets_cpu.tolist(), h.device)
         total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-        for b, label in enumerate(labels):
-            lo, hi = edges[b], edges[b + 1]
+        for label, unmasked in zip(labels, bag_rows):
             for k, classifier in enumerate(self.instance_classifiers):
                 if k != label and not self.subtyping:
                     continue
                 branch = weights[:, k if self.multi_branch else 0]
-                rows = clustering_instances(branch, lo, hi, mask, self.k_sample, negatives=k == label)
+                rows = clustering_instances(branch, unmasked, self.k_sample, negatives=k == label)
                 if rows.numel() == 0:
                     continue
                 target = torch.zeros(rows.numel(), dtype=torch.int64, device=h.device)

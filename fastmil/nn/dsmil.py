@@ -40,12 +40,12 @@ def critical_instances(logits: torch.Tensor, offsets: torch.Tensor,
                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per bag and class, the row with the largest instance logit among the bag's unmasked rows (ties: the lowest
     row). ``logits [N, C]``, ``offsets [B+1]`` -> ``(rows int64 [B, C], found bool [B, C])``; ``rows`` is 0 where
-    a bag has no unmasked row (``found`` False). Segment reductions on the device, no host synchronisation; NaN
-    logits are never chosen."""
+    a bag has no unmasked row (``found`` False). Segment reductions on the device, no host synchronisation; a NaN
+    logit is never chosen."""
     n, classes = logits.shape
     n_bags = offsets.numel() - 1
     values = logits.detach()
-    eligible = torch.isfinite(values) if mask is None else torch.isfinite(values) & mask[:, None]
+    eligible = ~torch.isnan(values) if mask is None else ~torch.isnan(values) & mask[:, None]
     values = values.masked_fill(~eligible, float("-inf"))
     bag = bag_index(offsets, n)[:, None].expand(n, classes)
     top = values.new_full((n_bags, classes), float("-inf")).scatter_reduce(0, bag, values, "amax")
@@ -143,8 +143,12 @@ class DSMIL(nn.Module):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         instance_logits = self.instance_classifier(h)  # [N, C]
         rows, found = critical_instances(instance_logits, offsets, mask)
-        row_max = instance_logits.gather(0, rows).to(acc)  # [B, C]
-        critical = h[rows]  # [B, C, E]
+        if h.shape[0] == 0:  # no rows in the whole batch: nothing to gather from
+            row_max = instance_logits.new_zeros(rows.shape, dtype=acc)
+            critical = h.new_zeros(*rows.shape, h.shape[1])
+        else:
+            row_max = instance_logits.gather(0, rows).to(acc)  # [B, C]
+            critical = h[rows]  # [B, C, E]
         if tokens is not None:
             token_logits = self.instance_classifier(tokens).to(acc)  # [B, k, C]
             usable = torch.ones(tokens.shape[0], dtype=torch.bool, device=h.device) if token_valid is None \

@@ -17,11 +17,12 @@ class MILOutput:
         attention: ``[N]`` (or ``[N, H]`` for multi-head pooling): the per-bag attention the model pools with,
             0 on masked instances; what heatmaps draw.
         bag_embedding: ``[B, E]``: the pooled vector the classifier reads.
-        instance_embedding: ``[N, E]``: the instance features after the embedding layer (what a teacher's
-            instance scores and a recycle network read), or None for models without one.
+        instance_embedding: ``[N, E]``: the instance features the model's instance scores read: after the
+            embedding layer (ABMIL, DSMIL, CLAM), after the last layer (TransMIL, zero on masked rows); None for
+            models without one.
         extras: what a particular model also computes in the pass and needs for its own loss terms or instance
-            scores (DSMIL: ``bag_logits``, ``max_logits``, ``instance_logits``; CLAM: ``branch_weights``,
-            ``branch_scores``); empty for models without any.
+            scores (DSMIL: ``bag_logits``, ``max_logits``, ``instance_logits``, ``class_attention``; CLAM:
+            ``branch_weights`` and the ``mask`` it pooled with); empty for models without any.
     """
 
     logits: torch.Tensor

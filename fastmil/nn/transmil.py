@@ -2,12 +2,13 @@
 
 Per bag (its unmasked instances, then any extra tokens), as the published model:
 
-1. embed ``Linear(D -> E) + ReLU + Dropout``;
+1. embed ``Linear(D -> E) + ReLU`` (+ ``Dropout``, default 0 as published);
 2. square the sequence: with ``s = ceil(sqrt(n))``, append the bag's first ``s^2 - n`` tokens again, so the ``n``
    tokens (and the repeats) fill an ``s x s`` grid row by row; put a learnt class token in front;
 3. two transformer layers ``x + attention(LayerNorm(x))`` with 8 heads of ``E / 8`` and Nystrom attention
-   (``E / 2`` landmarks: segment means of the zero-front-padded queries and keys; 6 Newton-Schulz iterations of
-   the Moore-Penrose pseudo-inverse; a depthwise residual convolution of the values along the sequence, kernel 33),
+   (``E / 2`` landmarks by default: segment means of the zero-front-padded queries and keys; 6 Newton-Schulz
+   iterations of the Moore-Penrose pseudo-inverse; a depthwise residual convolution of the values along the
+   sequence, kernel 33),
    between them PPEG: depthwise 7x7, 5x5 and 3x3 convolutions of the grid added to it;
 4. ``LayerNorm``, the class token's output -> ``Linear(E -> C)``.
 
@@ -22,8 +23,9 @@ largest activations are the ``[heads, n, landmarks]`` attention maps (100k insta
 Attention for heatmaps and MHIM: the class token's exact softmax attention over the bag's grid tokens in the last
 layer (its query against their keys, itself left out, averaged over heads), with the weights of repeated (padding)
 tokens added to the token they repeat: ``[n]``, non-negative, summing to one per bag (less the share of MHIM's
-extra tokens when there are some). It is computed beside the layer (one ``[n]`` row per
-head) and is what the Nystrom approximation approximates for that row. MHIM's class-aware instance probability uses
+extra tokens when there are some). It is computed from the layer's own query/key projections (one ``[n]`` row per
+head); the layer's Nystrom row of the class token approximates a softmax that also covers the class token itself
+(and, inside the approximation, the zero padding). MHIM's class-aware instance probability uses
 it with the final token features: ``W_cls (a_i h_i) + b``.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bags import Bags
+from ..ops._segments import rows_per_bag
 from ..ops._tiles import check_offsets, host_offsets
 from .abmil import check_sizes, unpack_batch
 from .embed import EmbedBlock
@@ -95,30 +98,43 @@ class NystromAttention(nn.Module):
         return t.unflatten(-1, (self.heads, -1)).transpose(0, 1)  # [L, E] -> [heads, L, d]
 
     def _one(self, qkv: torch.Tensor) -> torch.Tensor:
-        """``qkv [L, 3E]`` of one sequence -> its attention output ``[L, E]`` (before ``to_out``)."""
-        length = qkv.shape[0]
-        pad = 0 if self.exact else (-length) % self.landmarks
-        if pad:  # zero rows in front (to_qkv has no bias: they are the projections of zero inputs)
-            qkv = torch.cat([qkv.new_zeros(pad, qkv.shape[1]), qkv])
-        q, k, v = (self._split(t) for t in qkv.chunk(3, -1))
-        if self.exact:
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
-        else:
-            out = nystrom_attention(q * q.shape[-1] ** -0.5, k, v, self.landmarks, self.iterations)
-        out = out + self.residual(v[None])[0]
-        return out[:, pad:].transpose(0, 1).flatten(1)
+        """``qkv [L, 3E]`` of one sequence -> its attention output ``[L, E]`` (before ``to_out``). The attention core
+        runs outside autocast, in fp32 for half-precision ``qkv`` (the iterative pseudo-inverse and the landmark
+        kernels lose too much in bf16), and returns ``qkv``'s dtype."""
+        dtype = qkv.dtype
+        with torch.autocast(qkv.device.type, enabled=False):
+            if dtype in (torch.float16, torch.bfloat16):
+                qkv = qkv.float()
+            length = qkv.shape[0]
+            pad = 0 if self.exact else (-length) % self.landmarks
+            if pad:  # zero rows in front (to_qkv has no bias: they are the projections of zero inputs)
+                qkv = torch.cat([qkv.new_zeros(pad, qkv.shape[1]), qkv])
+            q, k, v = (self._split(t) for t in qkv.chunk(3, -1))
+            if self.exact:
+                out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+            else:
+                out = nystrom_attention(q * q.shape[-1] ** -0.5, k, v, self.landmarks, self.iterations)
+            residual = self.residual
+            out = out + F.conv2d(v[None], residual.weight.to(v.dtype), None, residual.stride, residual.padding,
+                                 residual.dilation, residual.groups)[0]
+            return out[:, pad:].transpose(0, 1).flatten(1).to(dtype)
 
-    def forward(self, x: torch.Tensor, edges: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edges: list[int], *, return_qkv: bool = False):
+        """``x [T, E]`` -> ``[T, E]`` (and the projections ``qkv [T, 3E]`` with ``return_qkv``)."""
         qkv = self.to_qkv(x)
-        out = torch.cat([self._one(qkv[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:])])
-        return self.to_out(out)
+        out = self.to_out(torch.cat([self._one(qkv[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:])]))
+        return (out, qkv) if return_qkv else out
 
-    def attention(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """``[hi - lo - 1]``: row ``lo``'s (the class token's) exact softmax attention over rows ``lo + 1:hi`` of ``x``
-        (the layer's normalised input), averaged over heads."""
-        q = self._split(x[lo : lo + 1] @ self.to_qkv.weight[: x.shape[1]].T)  # [heads, 1, d]
-        k = self._split(x[lo + 1 : hi] @ self.to_qkv.weight[x.shape[1] : 2 * x.shape[1]].T)  # [heads, n, d]
-        return torch.softmax((k @ q[:, 0, :, None])[..., 0] * q.shape[-1] ** -0.5, -1).mean(0)
+    def class_attention(self, qkv: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``[hi - lo - 1]``: the exact softmax attention of row ``lo`` (the class token) over rows ``lo + 1:hi``, from
+        the layer's projections ``qkv`` (``forward(..., return_qkv=True)``), averaged over heads; fp32 (fp64 for
+        fp64)."""
+        dim = qkv.shape[1] // 3
+        acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        with torch.autocast(qkv.device.type, enabled=False):
+            q = self._split(qkv[lo : lo + 1, :dim].to(acc))  # [heads, 1, d]
+            k = self._split(qkv[lo + 1 : hi, dim : 2 * dim].to(acc))  # [heads, n, d]
+            return torch.softmax((k @ q[:, 0, :, None])[..., 0] * q.shape[-1] ** -0.5, -1).mean(0)
 
 
 class PPEG(nn.Module):
@@ -163,14 +179,14 @@ class TransMIL(nn.Module):
         name: str = "transmil"
         embed_dim: int = 512
         heads: int = 8
-        landmarks: int = 256  # the published E / 2
+        landmarks: int | None = None  # None: the published E / 2
         pinv_iterations: int = 6
         attention: Literal["nystrom", "exact"] = "nystrom"
-        dropout: float = 0.25  # of the embedding block
+        dropout: float = 0.0  # of the embedding block (the published _fc1 has none; MHIM-MIL's TransMIL 0.25)
         attn_dropout: float = 0.1  # of the attention output projection (published)
 
         def __post_init__(self) -> None:
-            check_sizes(embed_dim=self.embed_dim, heads=self.heads, landmarks=self.landmarks,
+            check_sizes(embed_dim=self.embed_dim, heads=self.heads, landmarks=self.landmarks or 1,
                         pinv_iterations=self.pinv_iterations, dropout=self.dropout)
             check_sizes(dropout=self.attn_dropout)
             if self.embed_dim % self.heads:
@@ -178,10 +194,11 @@ class TransMIL(nn.Module):
             if self.attention not in ("nystrom", "exact"):
                 raise ValueError(f"attention must be nystrom or exact, got {self.attention!r}")
 
-    def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, heads: int = 8, landmarks: int = 256,
-                 pinv_iterations: int = 6, attention: str = "nystrom", dropout: float = 0.25,
-                 attn_dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, heads: int = 8,
+                 landmarks: int | None = None, pinv_iterations: int = 6, attention: str = "nystrom",
+                 dropout: float = 0.0, attn_dropout: float = 0.1) -> None:
         super().__init__()
+        landmarks = landmarks or embed_dim // 2
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
         self.embed = EmbedBlock(in_dim, embed_dim, dropout)
@@ -218,36 +235,33 @@ class TransMIL(nn.Module):
         return self.embed.activate(tokens)
 
     def _sequences(self, h: torch.Tensor, bounds: list[int], mask: torch.Tensor | None, tokens: torch.Tensor | None,
-                   token_valid: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, list[int], list[torch.Tensor], list[int]]:
+                   token_valid: torch.Tensor | None) -> tuple[torch.Tensor, list[int], list[tuple[torch.Tensor, ...]]]:
         """The packed sequences ``[T, E]`` (per bag: class token, its unmasked rows, its valid tokens, the repeats
-        that square it), their edges, per bag the source of each of its grid tokens (a row of ``h``, or a negative
-        number for a token) and its number of unmasked rows (the first entries of its grid)."""
-        parts, edges, sources, counts = [], [0], [], []
+        that square it) and their edges; per bag ``(rows, grid_rows, grid_positions)``: its unmasked rows of ``h``
+        (the first entries of its grid, in order) and, for every grid position holding a row or a repeat of one,
+        that row and the position (the grid's order is known on the host: no synchronisation)."""
+        parts, edges, placed = [], [0], []
         valid = None if token_valid is None else token_valid.tolist()
-        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            rows = torch.arange(lo, hi, device=h.device)
-            if mask is not None:
-                rows = rows[mask[lo:hi]]
+        for b, rows in enumerate(rows_per_bag(mask, bounds, h.device)):
+            n_rows = rows.numel()
             seq = [h[rows]]
-            source = [rows]
             if tokens is not None and (valid is None or valid[b]):
                 seq.append(tokens[b].to(h.dtype))
-                source.append(-1 - torch.arange(tokens.shape[1], device=h.device))
-            body, source = torch.cat(seq), torch.cat(source)
+            body = torch.cat(seq)
             n = body.shape[0]
-            counts.append(rows.numel())
-            side = max(1, math.isqrt(n - 1) + 1) if n > 0 else 1
-            extra = side * side - n
+            side = math.isqrt(n - 1) + 1 if n > 0 else 1
+            repeats = [j % n for j in range(side * side - n)] if n > 0 else []
             if n == 0:  # nothing to attend to: the class token over one zero token
-                body, source = h.new_zeros(1, h.shape[1]), torch.full((1,), -(2**62), device=h.device)
-            elif extra:
-                repeats = torch.arange(extra, device=h.device) % n
-                body, source = torch.cat([body, body[repeats]]), torch.cat([source, source[repeats]])
+                body = h.new_zeros(1, h.shape[1])
+            elif repeats:
+                body = torch.cat([body, body[torch.tensor(repeats, device=h.device)]])
+            sources = list(range(n_rows)) + [j for j in repeats if j < n_rows]
+            positions = list(range(n_rows)) + [n + i for i, j in enumerate(repeats) if j < n_rows]
+            placed.append((rows, rows[torch.tensor(sources, dtype=torch.int64, device=h.device)],
+                           torch.tensor(positions, dtype=torch.int64, device=h.device)))
             parts += [self.cls_token.to(h.dtype), body]
-            sources.append(source)
             edges.append(edges[-1] + 1 + body.shape[0])
-        return torch.cat(parts), edges, sources, counts
+        return torch.cat(parts), edges, placed
 
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -259,22 +273,21 @@ class TransMIL(nn.Module):
         host = host_offsets(offsets, offsets_cpu)
         check_offsets(host, h.shape[0])
         bounds = host.tolist()
-        x, edges, sources, counts = self._sequences(h, bounds, mask, tokens, token_valid)
+        x, edges, placed = self._sequences(h, bounds, mask, tokens, token_valid)
         x = self.layer1(x, edges)
         x = self.ppeg(x, edges)
-        normed = self.layer2.norm(x)
-        x = x + self.layer2.attn(normed, edges)  # layer 2, with its normalised input kept for the attention below
-        x = self.norm(x)
-        starts = torch.tensor(edges[:-1], device=h.device)
-        bag_embedding = x[starts]
-        attention = torch.zeros(h.shape[0], dtype=x.dtype, device=h.device)
-        features = torch.zeros_like(h)
-        for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-            weights = self.layer2.attn.attention(normed, lo, hi)  # the class token's, over the grid
-            own = sources[b] >= 0
-            attention = attention.index_add(0, sources[b][own], weights[own])  # repeats add to their source
-            rows = sources[b][: counts[b]]  # the bag's unmasked rows come first on its grid, in order
-            features = features.index_copy(0, rows, x[lo + 1 : lo + 1 + counts[b]])
+        attended, qkv = self.layer2.attn(self.layer2.norm(x), edges, return_qkv=True)
+        x = self.norm(x + attended)
+        bag_embedding = x[torch.tensor(edges[:-1], device=h.device)]
+        # the class token's attention over each grid, repeats added to the row they repeat; the rows' final features
+        weights = [self.layer2.attn.class_attention(qkv, lo, hi)[positions]
+                   for (lo, hi), (_, _, positions) in zip(zip(edges[:-1], edges[1:]), placed)]
+        grid_rows = torch.cat([grid for _, grid, _ in placed])
+        attention = torch.zeros(h.shape[0], dtype=weights[0].dtype, device=h.device).index_add(
+            0, grid_rows, torch.cat(weights))
+        rows = torch.cat([r for r, _, _ in placed])
+        firsts = torch.cat([x[lo + 1 : lo + 1 + r.numel()] for lo, (r, _, _) in zip(edges[:-1], placed)])
+        features = x.new_zeros(h.shape[0], x.shape[1]).index_copy(0, rows, firsts)
         return MILOutput(self.classifier(bag_embedding), attention, bag_embedding, features)
 
     def instance_logits(self, out: MILOutput) -> torch.Tensor:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bag_grad_dot", "bag_index", "lse_grad_rows", "pool_per_bag", "segment_softmax", "segment_sum"]
+__all__ = ["bag_grad_dot", "bag_index", "lse_grad_rows", "pool_per_bag", "rows_per_bag", "segment_softmax",
+           "segment_sum"]
 
 
 def bag_index(offsets: torch.Tensor, n: int) -> torch.Tensor:
@@ -117,3 +118,13 @@ def bag_grad_dot(
     if grad_weights is not None:
         c = c + segment_sum(weights * grad_weights.to(weights.dtype), offsets)
     return c
+
+
+def rows_per_bag(mask: torch.Tensor | None, bounds: list[int], device: torch.device) -> list[torch.Tensor]:
+    """Each bag's unmasked row numbers (int64, ascending, absolute): ``bounds`` are the host offsets. Two host
+    synchronisations for the whole batch when there is a mask (the kept rows and the per-bag counts), none without."""
+    if mask is None:
+        return [torch.arange(lo, hi, device=device) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    kept = torch.nonzero(mask)[:, 0]
+    ends = torch.searchsorted(kept, torch.tensor(bounds, device=kept.device)).tolist()
+    return [kept[a:b] for a, b in zip(ends[:-1], ends[1:])]

@@ -79,9 +79,10 @@ def test_packed_batch_equals_each_bag_alone_outputs_and_gradients(name, masked):
         torch.testing.assert_close(grad, packed[key], **TOL, msg=f"per-bag grad {key}")
 
 
-def _dsmil_reference(model: DSMIL, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One bag's embedded instances ``h [n, E]`` -> (logits, max-instance logits, class attention [n, C]), written
-    as the published DSMIL computes them (a sort for the critical instances: no ties in random data)."""
+def _dsmil_reference(model: DSMIL, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One bag's embedded instances ``h [n, E]`` -> (logits, max-instance logits, class attention [n, C], bag
+    logits), written as the published DSMIL computes them (a sort for the critical instances: no ties in random
+    data)."""
     c = h @ model.instance_classifier.weight.T + model.instance_classifier.bias
     _, order = torch.sort(c, 0, descending=True)
     q_max = model.query(h[order[0]])
@@ -89,7 +90,7 @@ def _dsmil_reference(model: DSMIL, h: torch.Tensor) -> tuple[torch.Tensor, torch
     a = torch.softmax(q @ q_max.T / math.sqrt(q.shape[1]), 0)
     bag = model.bag_classifier((a.T @ h).reshape(1, -1))[0]
     top = c.max(0).values
-    return 0.5 * (bag + top), top, a
+    return 0.5 * (bag + top), top, a, bag
 
 
 def _clam_reference(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,27 +108,72 @@ def _clam_reference(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbones_equal_the_published_computation_per_bag(name):
+    """Outputs, instance logits (MHIM's teacher scores) and the gradients of the published loss
+    (DSMIL ``0.5 CE(bag) + 0.5 CE(max)``, CLAM its CE; clustering gradients: below) per bag, every parameter
+    reached."""
     model = _model(name).eval()
     bags = _bags(sizes=[1, 9, 40])
     g = torch.Generator().manual_seed(2)
     mask = torch.rand(bags.n_instances, generator=g) > 0.25
     mask[0] = True
+    if name != "dsmil":
+        model.bag_weight = 1.0
     out = model.forward_all(bags, mask=mask)
     for b in range(len(bags)):
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
         keep = mask[lo:hi]
+        target = bags.labels[b : b + 1]
         h = model.embed_instances(bags.features[lo:hi][keep])
         if name == "dsmil":
-            logits, top, a = _dsmil_reference(model, h)
+            logits, top, a, bag_logits = _dsmil_reference(model, h)
             torch.testing.assert_close(out.extras["max_logits"][b], top, **TOL)
             torch.testing.assert_close(out.extras["class_attention"][lo:hi][keep], a, **TOL)
+            instance = h @ model.instance_classifier.weight.T + model.instance_classifier.bias
+            reference_loss = 0.5 * F.cross_entropy(bag_logits[None], target) + 0.5 * F.cross_entropy(top[None], target)
         else:
             logits, a = _clam_reference(model, h)
             torch.testing.assert_close(out.extras["branch_weights"][lo:hi][keep], a, **TOL)
+            instance = (h @ model.classifier.weight.T) * (a if name == "clam_mb" else a[:, :1]) + model.classifier.bias
+            reference_loss = F.cross_entropy(logits[None], target)
         torch.testing.assert_close(out.logits[b], logits, **TOL)
+        torch.testing.assert_close(model.instance_logits(out)[lo:hi][keep], instance, **TOL)
         column = 0 if name == "clam_sb" else int(logits.argmax())
         torch.testing.assert_close(out.attention[lo:hi][keep], a[:, column], **TOL)
         assert torch.all(out.attention[lo:hi][~keep] == 0)
+
+        model.zero_grad()
+        reference_loss.backward()
+        expected = _grads(model)
+        model.zero_grad()
+        one = bags[b]
+        model_objective(model, model.forward_all(one, mask=keep), one, _ctx())[0].backward()
+        got = _grads(model)
+        assert set(got) == set(expected)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], **TOL, msg=key)
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    unreached = {n for n, _ in model.named_parameters()} - reached
+    clustering_only = {f"instance_classifiers.{k}.{p}" for k in range(3) for p in ("weight", "bias")}
+    assert unreached <= (clustering_only if name != "dsmil" else set()), unreached
+
+
+def test_parameter_shapes_are_the_published_ones():
+    """E = 512, C = 2: the sizes the published code builds (DSMIL queries 128 and Conv1d(C, C, E); CLAM gates 256,
+    per-class instance classifiers; TransMIL 8 heads, E / 2 landmarks, residual kernel 33, PPEG 7/5/3)."""
+    d = {k: tuple(v.shape) for k, v in DSMIL(1024).state_dict().items()}
+    assert d["query.0.weight"] == (128, 512) and d["query.2.weight"] == (128, 128)
+    assert d["instance_classifier.weight"] == (2, 512) and d["bag_classifier.weight"] == (2, 1024)
+    for cls, branches in ((CLAM_SB, 1), (CLAM_MB, 2)):
+        c = {k: tuple(v.shape) for k, v in cls(1024).state_dict().items()}
+        assert c["pool.V.weight"] == (256, 512) and c["pool.U.weight"] == (256, 512)
+        assert c["pool.w.weight"] == (branches, 256) and c["instance_classifiers.1.weight"] == (2, 512)
+    from fastmil.nn import TransMIL
+
+    model = TransMIL(1024)
+    t = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert t["layer1.attn.to_qkv.weight"] == (1536, 512) and "layer1.attn.to_qkv.bias" not in t
+    assert t["layer1.attn.residual.weight"] == (8, 1, 33, 1) and model.layer1.attn.landmarks == 256
+    assert [t[f"ppeg.convs.{i}.weight"] for i in range(3)] == [(512, 1, 7, 7), (512, 1, 5, 5), (512, 1, 3, 3)]
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -242,16 +288,28 @@ def test_clam_instance_clustering_equals_the_published_selection_and_loss():
         weight, value = terms["instance"]
         assert weight == pytest.approx(0.3)
         torch.testing.assert_close(value, expected / 2, **TOL)
+        model.zero_grad()
+        value.backward(retain_graph=True)
+        got = _grads(model)
+        model.zero_grad()
+        (expected / 2).backward()
+        assert got.keys() == _grads(model).keys() and any(k.startswith("instance_classifiers") for k in got)
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(got[key], grad, **TOL, msg=key)
 
 
-def test_clam_small_bags_use_half_their_instances_and_a_bag_of_one_adds_nothing():
+def test_clam_small_bags_overlap_as_published_and_smaller_ones_use_half():
+    """k_sample = 3: a bag of 5 takes its top 3 and bottom 3 (overlapping, as the published code does); a bag of 2
+    (where the published topk fails) one and one; a bag of one adds no term."""
     model = _model("clam_sb")
-    bags = _bags(sizes=[1, 5], labels=[1, 1])
+    bags = _bags(sizes=[1, 5, 2], labels=[1, 1, 1])
     out = model.forward_all(bags)
-    h, a = out.instance_embedding[1:6], out.extras["branch_weights"][1:6, 0]
-    picked = torch.cat([torch.topk(a, 2).indices, torch.topk(-a, 2).indices])  # k = 5 // 2 = 2 < k_sample = 3
-    expected = smooth_top1_svm(model.instance_classifiers[1](h[picked]), torch.tensor([1, 1, 0, 0])) / 2
-    torch.testing.assert_close(model.objective(out, bags, _ctx())["instance"][1], expected, **TOL)
+    h, a = out.instance_embedding, out.extras["branch_weights"][:, 0]
+    expected = 0.0
+    for lo, hi, k in ((1, 6, 3), (6, 8, 1)):
+        picked = torch.cat([torch.topk(a[lo:hi], k).indices, torch.topk(-a[lo:hi], k).indices]) + lo
+        expected = expected + smooth_top1_svm(model.instance_classifiers[1](h[picked]), torch.tensor([1] * k + [0] * k))
+    torch.testing.assert_close(model.objective(out, bags, _ctx())["instance"][1], expected / 3, **TOL)
 
 
 def test_clam_instance_term_needs_class_labels():

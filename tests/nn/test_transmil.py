@@ -61,8 +61,9 @@ def _reference_attention(layer, x: torch.Tensor, exact: bool) -> torch.Tensor:
     return attn.to_out(out)[:, -n:]
 
 
-def _reference_bag(model: TransMIL, features: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bag ``[n, D]`` -> (logits [C], class-token attention [n]) as the published TransMIL computes them."""
+def _reference_bag(model: TransMIL, features: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, ...]:
+    """One bag ``[n, D]`` -> (logits [C], class-token attention [n], final features of the n instances [n, E]) as
+    the published TransMIL computes them."""
     h = F.relu(model.embed.linear(features))[None]  # [1, n, E]
     n = h.shape[1]
     side = math.ceil(math.sqrt(n))
@@ -76,7 +77,8 @@ def _reference_bag(model: TransMIL, features: torch.Tensor, exact: bool = False)
     h = torch.cat([cls[:, None], grid.flatten(2).transpose(1, 2)], dim=1)
     normed = model.layer2.norm(h)
     h = h + _reference_attention(model.layer2, normed, exact)
-    logits = model.classifier(model.norm(h)[:, 0])[0]
+    final = model.norm(h)[0]
+    logits = model.classifier(final[0])
     # heatmap: the class token's softmax attention over the grid tokens, heads averaged, repeats folded back
     attn = model.layer2.attn
     q, k, _ = attn.to_qkv(normed[0]).chunk(3, -1)
@@ -86,7 +88,7 @@ def _reference_bag(model: TransMIL, features: torch.Tensor, exact: bool = False)
     folded = torch.zeros(n, dtype=weights.dtype)
     for j in range(side * side):
         folded[j % n if j >= n else j] += weights[j]
-    return logits, folded
+    return logits, folded, final[1 : n + 1]
 
 
 @pytest.mark.parametrize("attention", ["nystrom", "exact"])
@@ -99,9 +101,13 @@ def test_each_bag_equals_the_published_computation(attention):
     for b in range(len(bags)):
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
         keep = mask[lo:hi]
-        logits, weights = _reference_bag(model, bags.features[lo:hi][keep], exact=attention == "exact")
+        logits, weights, final = _reference_bag(model, bags.features[lo:hi][keep], exact=attention == "exact")
         torch.testing.assert_close(out.logits[b], logits, **TOL)
         torch.testing.assert_close(out.attention[lo:hi][keep], weights, **TOL)
+        torch.testing.assert_close(out.instance_embedding[lo:hi][keep], final, **TOL)
+        assert torch.all(out.instance_embedding[lo:hi][~keep] == 0)
+        instance = (final @ model.classifier.weight.T) * weights[:, None] + model.classifier.bias  # MHIM's scores
+        torch.testing.assert_close(model.instance_logits(out)[lo:hi][keep], instance, **TOL)
         assert torch.all(out.attention[lo:hi][~keep] == 0)
         assert float(out.attention[lo:hi].detach().sum()) == pytest.approx(1.0, abs=1e-12)
 
@@ -169,9 +175,36 @@ def test_extra_tokens_equal_instances_appended_to_their_bags():
         rows.append(part)
         offsets.append(offsets[-1] + part.shape[0])
     ref = model.aggregate(torch.cat(rows), torch.tensor(offsets))
+    offsets = offsets[:-1]
     torch.testing.assert_close(out.logits, ref.logits, **TOL)
     torch.testing.assert_close(out.bag_embedding, ref.bag_embedding, **TOL)
-    torch.testing.assert_close(out.attention[:3], ref.attention[:3], **TOL)  # bag 0's rows come first in both
+    for b in range(3):  # each bag's unmasked rows come first in its reference bag
+        lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
+        keep = mask[lo:hi]
+        rows = slice(offsets[b], offsets[b] + int(keep.sum()))
+        torch.testing.assert_close(out.attention[lo:hi][keep], ref.attention[rows], **TOL)
+        torch.testing.assert_close(out.instance_embedding[lo:hi][keep], ref.instance_embedding[rows], **TOL)
+    assert float(out.attention[:3].detach().sum()) < 1.0  # bag 0's tokens take a share
+
+
+def test_bf16_autocast_keeps_the_attention_core_in_fp32(monkeypatch):
+    """Under bf16 autocast the projections run in bf16, the Nystrom core (pseudo-inverse included) and the heatmap
+    attention in fp32; the logits stay within bf16 rounding of the fp32 model's."""
+    import fastmil.nn.transmil as transmil
+
+    seen = []
+    core = transmil.nystrom_attention
+    monkeypatch.setattr(transmil, "nystrom_attention", lambda q, *a: seen.append(q.dtype) or core(q, *a))
+    torch.manual_seed(0)
+    model = TransMIL(10, embed_dim=16, n_classes=3, heads=2, landmarks=4, dropout=0.0, attn_dropout=0.0).eval()
+    bags = Bags.from_list([torch.randn(n, 10) for n in (3, 30)], labels=[0, 1])
+    full = model.forward_all(bags)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model.forward_all(bags)
+    assert seen == [torch.float32] * 4  # two layers, two bags
+    assert half.attention.dtype == torch.float32 and torch.isfinite(half.logits).all()
+    torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.05)
 
 
 def test_moore_penrose_iterations_converge_to_the_inverse_of_a_softmax_kernel():
