@@ -134,10 +134,11 @@ class GatedBranchPool(nn.Module):
     ``scores_i = W (tanh(V h_i) * sigmoid(U h_i)) + b`` in ``[N, branches]``, one softmax per branch and bag.
 
     ``forward(h [N, in_dim], offsets, mask, offsets_cpu=None, return_lse=False, sparse_grad=False)
-    -> (pooled [B, branches, in_dim], weights [N, branches][, lse [B, branches]])`` through
-    :func:`fastmil.ops.attention_pool` (multi-head); fp32 (fp64 for fp64 ``h``). The gate activations are torch
-    autograd tensors (``N x hidden_dim`` each, kept for backward); ``sparse_grad`` is accepted and ignored (the
-    gradient of ``h`` is dense)."""
+    -> (pooled [B, branches, in_dim], weights [N, branches][, lse [B, branches]])``; fp32 (fp64 for fp64 ``h``).
+    One branch runs the fused op :func:`fastmil.ops.gated_attention_pool` (no ``N x hidden_dim`` activations kept;
+    Triton on CUDA; ``sparse_grad`` passed on); several score their branches with torch modules (the gate
+    activations, ``N x hidden_dim`` each, kept by autograd) and pool through :func:`fastmil.ops.attention_pool`
+    (multi-head; ``sparse_grad`` ignored, the gradient of ``h`` is dense)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, branches: int, *, backend: str = "auto") -> None:
         super().__init__()
@@ -154,6 +155,11 @@ class GatedBranchPool(nn.Module):
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None,
         offsets_cpu: torch.Tensor | None = None, return_lse: bool = False, sparse_grad: bool = False,
     ) -> tuple[torch.Tensor, ...]:
+        if self.w.out_features == 1:
+            out = gated_attention_pool(
+                h, self.V.weight, self.V.bias, self.U.weight, self.U.bias, self.w.weight, self.w.bias, offsets, mask,
+                backend=self.backend, offsets_cpu=offsets_cpu, return_lse=return_lse, sparse_grad=sparse_grad)
+            return (out[0][:, None], out[1][:, None], *(t[:, None] for t in out[2:]))
         return attention_pool(self.scores(h), h, offsets, mask, backend=self.backend, offsets_cpu=offsets_cpu,
                               return_lse=return_lse)
 

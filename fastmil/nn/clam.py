@@ -125,9 +125,10 @@ class _CLAM(nn.Module):
         token_valid: torch.Tensor | None = None, sparse_grad: bool = False,
     ) -> MILOutput:
         """Pool each bag's unmasked rows of ``h [N, E]`` and, when given, its extra ``tokens [B, k, E]`` (they
-        share each branch's softmax; instance clustering picks rows only) and classify. ``sparse_grad`` is
-        ignored."""
-        pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu)
+        share each branch's softmax; instance clustering picks rows only) and classify. ``sparse_grad`` reaches the
+        one-branch pool (the fused op); the multi-branch pool returns a dense gradient."""
+        pooled, weights = pool_with_tokens(self.pool, h, offsets, mask, tokens, token_valid, offsets_cpu,
+                                           sparse_grad)
         pooled = pooled.to(h.dtype)  # [B, branches, E]
         if self.multi_branch:
             logits = (pooled * self.classifier.weight).sum(-1) + self.classifier.bias

@@ -6,10 +6,10 @@ Per bag (its unmasked instances, then any extra tokens), as the published model:
 2. square the sequence: with ``s = ceil(sqrt(n))``, append the bag's first ``s^2 - n`` tokens again, so the ``n``
    tokens (and the repeats) fill an ``s x s`` grid row by row; put a learnt class token in front;
 3. two transformer layers ``x + attention(LayerNorm(x))`` with 8 heads of ``E / 8`` and Nystrom attention
-   (``E / 2`` landmarks by default: segment means of the zero-front-padded queries and keys; 6 Newton-Schulz
-   iterations of the Moore-Penrose pseudo-inverse; a depthwise residual convolution of the values along the
-   sequence, kernel 33),
-   between them PPEG: depthwise 7x7, 5x5 and 3x3 convolutions of the grid added to it;
+   (256 landmarks by default, ``E / 2`` at the published ``E = 512``: segment means of the zero-front-padded
+   queries and keys; 6 Newton-Schulz iterations of the Moore-Penrose pseudo-inverse; a depthwise residual
+   convolution of the values along the sequence, kernel 33), between them PPEG: depthwise 7x7, 5x5 and 3x3
+   convolutions of the grid added to it;
 4. ``LayerNorm``, the class token's output -> ``Linear(E -> C)``.
 
 ``attention: exact`` replaces the Nystrom approximation by exact softmax attention
@@ -179,14 +179,14 @@ class TransMIL(nn.Module):
         name: str = "transmil"
         embed_dim: int = 512
         heads: int = 8
-        landmarks: int | None = None  # None: the published E / 2
+        landmarks: int = 256  # the published number (E / 2 at the published E = 512)
         pinv_iterations: int = 6
         attention: Literal["nystrom", "exact"] = "nystrom"
         dropout: float = 0.0  # of the embedding block (the published _fc1 has none; MHIM-MIL's TransMIL 0.25)
         attn_dropout: float = 0.1  # of the attention output projection (published)
 
         def __post_init__(self) -> None:
-            check_sizes(embed_dim=self.embed_dim, heads=self.heads, landmarks=self.landmarks or 1,
+            check_sizes(embed_dim=self.embed_dim, heads=self.heads, landmarks=self.landmarks,
                         pinv_iterations=self.pinv_iterations, dropout=self.dropout)
             check_sizes(dropout=self.attn_dropout)
             if self.embed_dim % self.heads:
@@ -195,10 +195,9 @@ class TransMIL(nn.Module):
                 raise ValueError(f"attention must be nystrom or exact, got {self.attention!r}")
 
     def __init__(self, in_dim: int, embed_dim: int = 512, n_classes: int = 2, heads: int = 8,
-                 landmarks: int | None = None, pinv_iterations: int = 6, attention: str = "nystrom",
+                 landmarks: int = 256, pinv_iterations: int = 6, attention: str = "nystrom",
                  dropout: float = 0.0, attn_dropout: float = 0.1) -> None:
         super().__init__()
-        landmarks = landmarks or embed_dim // 2
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
         self.embed = EmbedBlock(in_dim, embed_dim, dropout)

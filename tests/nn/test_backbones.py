@@ -237,6 +237,28 @@ def test_extra_tokens_pool_like_instances_appended_to_their_bags(name):
             assert float(out.extras["max_logits"][0, 0]) > float(best_row)
 
 
+def test_one_branch_pools_through_the_fused_op_like_the_generic_path():
+    """``GatedBranchPool`` with one branch (CLAM_SB) runs the fused gated op; it equals scoring with ``scores`` and
+    pooling with ``attention_pool``, outputs, log-sum-exp and gradients."""
+    from fastmil.nn import GatedBranchPool
+    from fastmil.ops import attention_pool
+
+    torch.manual_seed(0)
+    pool = GatedBranchPool(12, 6, 1).double()
+    bags = _bags()
+    h = bags.features.clone().requires_grad_()
+    mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(8)) > 0.3
+    fused = pool(h, bags.offsets, mask, return_lse=True)
+    generic = attention_pool(pool.scores(h), h, bags.offsets, mask, return_lse=True)
+    assert [tuple(t.shape) for t in fused] == [(4, 1, 12), (bags.n_instances, 1), (4, 1)]
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(a, b, **TOL)
+    grads = [torch.autograd.grad((out[0] ** 2).sum() + out[2].sum(), [h, *pool.parameters()])
+             for out in (fused, generic)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_critical_instances_are_the_first_maximum_of_each_bags_unmasked_rows():
     g = torch.Generator().manual_seed(0)
     sizes = [1, 6, 0, 9, 4]
