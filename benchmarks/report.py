@@ -56,6 +56,14 @@ for _dev in ("cpu", "cuda"):
              f"graph_attention fwd+bwd {_dev.upper()} time / naive gather, N={_n // 1000}k 4x64 K=24"),
         ]
 
+for _name in ("dsmil", "clam_sb", "clam_mb", "transmil"):
+    for _n in (10_000, 100_000):
+        RATIOS += [
+            (f"test_backbone_step_time[cpu-fastmil-{_name}-{_n}]",
+             f"test_backbone_step_time[cpu-published-{_name}-{_n}]", None,
+             f"{_name} packed step CPU time / published-style per-bag steps, 4 bags, N={_n // 1000}k D=1024"),
+        ]
+
 # (numerator, denominator, target, what, count the grad_h output): ratios of extra peak memory (extra_info).
 MEMORY_RATIOS = [
     ("test_gated_pool_memory[cpu-nohgrad-fused-100000-1024]", "test_gated_pool_memory[cpu-nohgrad-chain-100000-1024]",
@@ -81,6 +89,13 @@ for _dev in ("cpu", "cuda"):
         (f"test_abmil_step_memory[{_dev}-fastmil-100000]", f"test_abmil_step_memory[{_dev}-chain-100000]", 0.5,
          f"ABMIL training step {_dev.upper()} extra peak memory / plain module chain, N=100k", True),
     ]
+for _name in ("dsmil", "clam_sb", "clam_mb", "transmil"):
+    for _n in (10_000, 100_000):
+        MEMORY_RATIOS += [
+            (f"test_backbone_step_memory[cpu-fastmil-{_name}-{_n}]",
+             f"test_backbone_step_memory[cpu-published-{_name}-{_n}]", None,
+             f"{_name} packed step CPU extra peak memory / published-style per-bag steps, N={_n // 1000}k", True),
+        ]
 MEMORY_RATIOS += [
     ("test_srmil_step_memory[cpu-fastmil-20000]", "test_srmil_step_memory[cpu-naive-20000]", 0.3,
      "SRMIL step CPU extra peak memory / straightforward torch step, N=20k D=1024", True),
