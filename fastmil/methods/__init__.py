@@ -1,14 +1,14 @@
 """fastmil.methods: training objectives as objects: plain MIL, MHIM-MIL, SRMIL, MHIM+SRMIL."""
 from .base import (
-                   METHODS,
-                   Method,
-                   StepContext,
-                   StepOutput,
-                   build_method,
-                   get_method,
-                   method_config,
-                   model_objective,
-                   register_method,
+    METHODS,
+    Method,
+    StepContext,
+    StepOutput,
+    build_method,
+    get_method,
+    method_config,
+    model_objective,
+    register_method,
 )
 from .ema import ema_update_
 from .mhim import MHIM

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bags import Bags
 from .attention import AttentionPool, GatedAttentionPool, MeanPool, pool_with_tokens
+from .base import EmbeddedMIL, check_sizes, unpack_batch, weighted_instance_logits
 from .embed import EmbedBlock
 from .output import MILOutput
 from .registry import register_model
@@ -15,30 +15,7 @@ from .registry import register_model
 __all__ = ["ABMIL", "MeanPoolMIL", "check_sizes", "unpack_batch"]
 
 
-def unpack_batch(
-    x: Bags | torch.Tensor, offsets: torch.Tensor | None, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(features [N, D], offsets [B+1], mask [N] | None, offsets_cpu | None)`` from either calling form of a
-    model: ``(bags, mask=None)`` or ``(features, offsets, mask=None)``."""
-    if isinstance(x, Bags):
-        if offsets is not None:
-            raise TypeError("pass either Bags or (features, offsets), not both")
-        return x.features, x.offsets, mask, x.offsets_cpu
-    if offsets is None:
-        raise TypeError("forward(features, offsets, mask=None) needs offsets")
-    return x, offsets, mask, None
-
-
-def check_sizes(dropout: float | None = None, **sizes: int) -> None:
-    """Validation shared by model configs: every size >= 1, dropout in [0, 1)."""
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-
-
-class _BagClassifier(nn.Module):
+class _BagClassifier(EmbeddedMIL):
     """``embed -> pool -> classifier``; subclasses set ``embed``, ``pool`` and ``classifier``.
 
     ``forward_all`` returns everything a training method needs from one pass (:class:`MILOutput`);
@@ -50,20 +27,6 @@ class _BagClassifier(nn.Module):
     embed: EmbedBlock
     pool: nn.Module
     classifier: nn.Linear
-
-    @property
-    def embedding_dim(self) -> int:
-        """Width ``E`` of the instance and bag embeddings."""
-        return self.classifier.in_features
-
-    def embed_instances(self, features: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
-        return self.embed(features.to(self.classifier.weight.dtype))
-
-    def embed_bags(self, bags: Bags) -> torch.Tensor:
-        """``[N, E]`` instance embeddings of a batch (what MHIM-MIL's student pools; graph backbones also read
-        the batch's neighbour table here)."""
-        return self.embed_instances(bags.features)
 
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -79,35 +42,10 @@ class _BagClassifier(nn.Module):
         pooled = pooled.to(h.dtype)
         return MILOutput(self.classifier(pooled), weights, pooled, h)
 
-    def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Map extra tokens (MHIM's recycled summaries) into the space of the embedded instances: the
-        activation and dropout that end :attr:`embed` (embedded instances are non-negative, and tokens pooled
-        beside them must be too, or they take over the pooled vector and the model learns to read tokens that
-        inference never shows it)."""
-        return self.embed.activate(tokens)
-
     def instance_logits(self, out: MILOutput) -> torch.Tensor:
         """``[N, C]``: the classifier applied to each attention-weighted instance embedding ``a_i h_i`` (MHIM's
         class-aware instance probability is the max softmax of these)."""
-        # W (a_i h_i) + b = a_i (W h_i) + b: scale the [N, C] product, not the [N, E] embeddings. In fp32 (fp64 for
-        # fp64 h): a_i W h_i is ~1e-5 in a 100k bag, and added to the bias in bf16 it would round away
-        h = out.instance_embedding
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        # (W h^T)^T: a [C, E] x [E, N] product, ~2x faster here than h W^T with its C-wide output
-        projected = (self.classifier.weight.to(h.dtype) @ h.T).T.to(acc)  # [N, C]
-        return projected * out.attention.to(acc)[:, None] + self.classifier.bias.to(acc)
-
-    def forward_all(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> MILOutput:
-        features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
-        return self.aggregate(self.embed_instances(features), offsets, mask, offsets_cpu=offsets_cpu)
-
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.forward_all(x, offsets, mask)
-        return out.logits, out.attention
+        return weighted_instance_logits(self.classifier, out.instance_embedding, out.attention)
 
 
 @register_model("abmil")

@@ -31,8 +31,8 @@ from torch import nn
 from ..bags import Bags
 from ..ops._segments import rows_per_bag
 from ..ops._tiles import host_offsets
-from .abmil import check_sizes, unpack_batch
 from .attention import GatedBranchPool, pool_with_tokens, predicted_class_attention
+from .base import EmbeddedMIL, check_sizes, weighted_instance_logits
 from .embed import EmbedBlock
 from .instance_losses import INSTANCE_LOSSES, instance_loss
 from .output import MILOutput
@@ -55,7 +55,7 @@ def clustering_instances(weights: torch.Tensor, rows: torch.Tensor, k_sample: in
     return torch.cat([top, rows[torch.topk(-w, k).indices]]) if negatives else top
 
 
-class _CLAM(nn.Module):
+class _CLAM(EmbeddedMIL):
     """CLAM with ``branches`` attention columns (1: ``clam_sb``, C: ``clam_mb``); see the module docstring.
     ``forward(bags)`` or ``forward(features [N, D], offsets [B+1], mask [N] | None)`` -> ``(logits [B, C],
     attention [N])``; ``forward_all`` -> :class:`MILOutput` with ``bag_embedding`` ``[B, branches E]`` and extras
@@ -103,22 +103,6 @@ class _CLAM(nn.Module):
                    dropout=config.dropout, k_sample=config.k_sample, instance_loss=config.instance_loss,
                    bag_weight=config.bag_weight, subtyping=config.subtyping)
 
-    @property
-    def embedding_dim(self) -> int:
-        """Width ``E`` of the instance embeddings."""
-        return self.classifier.in_features
-
-    def embed_instances(self, features: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
-        return self.embed(features.to(self.classifier.weight.dtype))
-
-    def embed_bags(self, bags: Bags) -> torch.Tensor:
-        return self.embed_instances(bags.features)
-
-    def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding block's ReLU and dropout on extra tokens (MHIM's recycled summaries)."""
-        return self.embed.activate(tokens)
-
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
         offsets_cpu: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
@@ -141,10 +125,9 @@ class _CLAM(nn.Module):
     def instance_logits(self, out: MILOutput) -> torch.Tensor:
         """``[N, C]``: each class's bag classifier applied to the instance weighted by its branch's attention,
         ``w_k (a_ik h_i) + b_k`` (MHIM's class-aware instance probability is their max softmax)."""
-        h = out.instance_embedding
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        projected = (self.classifier.weight.to(h.dtype) @ h.T).T.to(acc)  # [N, C]
-        return projected * out.extras["branch_weights"].to(acc) + self.classifier.bias.to(acc)
+        weights = out.extras["branch_weights"]  # [N, 1] (every class weighted by the one branch) or [N, C]
+        return weighted_instance_logits(self.classifier, out.instance_embedding,
+                                        weights[:, 0] if weights.shape[1] == 1 else weights)
 
     def clustering_loss(self, out: MILOutput, offsets_cpu: torch.Tensor, labels: list[int]) -> torch.Tensor:
         """The instance clustering loss of the batch (module docstring), averaged over its bags."""
@@ -178,19 +161,6 @@ class _CLAM(nn.Module):
             terms["instance"] = (1.0 - self.bag_weight,
                                  self.clustering_loss(out, host_offsets(bags.offsets, bags.offsets_cpu), labels))
         return terms
-
-    def forward_all(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> MILOutput:
-        features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
-        return self.aggregate(self.embed_instances(features), offsets, mask, offsets_cpu=offsets_cpu)
-
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.forward_all(x, offsets, mask)
-        return out.logits, out.attention
-
 
 @register_model("clam_sb")
 class CLAM_SB(_CLAM):  # noqa: N801 (the published name)

@@ -27,8 +27,8 @@ from ..bags import Bags
 from ..ops import attention_pool
 from ..ops._segments import bag_index
 from ..ops._tiles import check_offsets, host_offsets
-from .abmil import check_sizes, unpack_batch
 from .attention import pool_with_tokens, predicted_class_attention
+from .base import EmbeddedMIL, check_sizes
 from .embed import EmbedBlock
 from .output import MILOutput
 from .registry import register_model
@@ -75,7 +75,7 @@ class _CriticalQueryPool:
 
 
 @register_model("dsmil")
-class DSMIL(nn.Module):
+class DSMIL(EmbeddedMIL):
     """DSMIL on packed bags (module docstring). ``forward(bags)`` or ``forward(features [N, D], offsets [B+1],
     mask [N] | None)`` -> ``(logits [B, C], attention [N])``; ``forward_all`` -> :class:`MILOutput` with
     ``bag_embedding`` ``[B, C E]`` (the flattened ``B``) and extras ``bag_logits``, ``max_logits`` ``[B, C]``,
@@ -113,22 +113,6 @@ class DSMIL(nn.Module):
     def from_config(cls, config: Config, in_dim: int, n_classes: int) -> DSMIL:
         return cls(in_dim, embed_dim=config.embed_dim, n_classes=n_classes, query_dim=config.query_dim,
                    nonlinear_query=config.nonlinear_query, dropout=config.dropout, bag_weight=config.bag_weight)
-
-    @property
-    def embedding_dim(self) -> int:
-        """Width ``E`` of the instance embeddings."""
-        return self.instance_classifier.in_features
-
-    def embed_instances(self, features: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
-        return self.embed(features.to(self.instance_classifier.weight.dtype))
-
-    def embed_bags(self, bags: Bags) -> torch.Tensor:
-        return self.embed_instances(bags.features)
-
-    def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding block's ReLU and dropout on extra tokens (MHIM's recycled summaries)."""
-        return self.embed.activate(tokens)
 
     def aggregate(
         self, h: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -186,15 +170,3 @@ class DSMIL(nn.Module):
         CE), as ``{"ce": ..., "max_instance": ...}``."""
         return {"ce": (self.bag_weight, ctx.supervised_loss(out.extras["bag_logits"], bags)),
                 "max_instance": (1.0 - self.bag_weight, ctx.supervised_loss(out.extras["max_logits"], bags))}
-
-    def forward_all(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> MILOutput:
-        features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
-        return self.aggregate(self.embed_instances(features), offsets, mask, offsets_cpu=offsets_cpu)
-
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.forward_all(x, offsets, mask)
-        return out.logits, out.attention

@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bags import Bags
 from ..ops._segments import rows_per_bag
 from ..ops._tiles import check_offsets, host_offsets
-from .abmil import check_sizes, unpack_batch
+from .base import EmbeddedMIL, check_sizes, weighted_instance_logits
 from .embed import EmbedBlock
 from .output import MILOutput
 from .registry import register_model
@@ -166,7 +165,7 @@ class _TransLayer(nn.Module):
 
 
 @register_model("transmil")
-class TransMIL(nn.Module):
+class TransMIL(EmbeddedMIL):
     """TransMIL on packed bags (module docstring). ``forward(bags)`` or ``forward(features [N, D], offsets [B+1],
     mask [N] | None)`` -> ``(logits [B, C], attention [N])``; ``forward_all`` -> :class:`MILOutput` with the class
     token's output as ``bag_embedding [B, E]`` and the final token features of the instances as
@@ -216,22 +215,6 @@ class TransMIL(nn.Module):
         return cls(in_dim, embed_dim=config.embed_dim, n_classes=n_classes, heads=config.heads,
                    landmarks=config.landmarks, pinv_iterations=config.pinv_iterations, attention=config.attention,
                    dropout=config.dropout, attn_dropout=config.attn_dropout)
-
-    @property
-    def embedding_dim(self) -> int:
-        """Width ``E`` of the instance and bag embeddings."""
-        return self.classifier.in_features
-
-    def embed_instances(self, features: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` features (any float dtype) -> ``[N, E]`` instance embeddings, in the parameters' dtype."""
-        return self.embed(features.to(self.classifier.weight.dtype))
-
-    def embed_bags(self, bags: Bags) -> torch.Tensor:
-        return self.embed_instances(bags.features)
-
-    def activate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding block's ReLU and dropout on extra tokens (MHIM's recycled summaries)."""
-        return self.embed.activate(tokens)
 
     def _sequences(self, h: torch.Tensor, bounds: list[int], mask: torch.Tensor | None, tokens: torch.Tensor | None,
                    token_valid: torch.Tensor | None) -> tuple[torch.Tensor, list[int], list[tuple[torch.Tensor, ...]]]:
@@ -292,19 +275,4 @@ class TransMIL(nn.Module):
     def instance_logits(self, out: MILOutput) -> torch.Tensor:
         """``[N, C]``: the classifier applied to each instance's final features weighted by its attention,
         ``W (a_i x_i) + b`` (MHIM's class-aware instance probability is their max softmax)."""
-        x = out.instance_embedding
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        projected = (self.classifier.weight.to(x.dtype) @ x.T).T.to(acc)
-        return projected * out.attention.to(acc)[:, None] + self.classifier.bias.to(acc)
-
-    def forward_all(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> MILOutput:
-        features, offsets, mask, offsets_cpu = unpack_batch(x, offsets, mask)
-        return self.aggregate(self.embed_instances(features), offsets, mask, offsets_cpu=offsets_cpu)
-
-    def forward(
-        self, x: Bags | torch.Tensor, offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.forward_all(x, offsets, mask)
-        return out.logits, out.attention
+        return weighted_instance_logits(self.classifier, out.instance_embedding, out.attention)
