@@ -79,8 +79,8 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmar
 class NystromAttention(nn.Module):
     """Multi-head attention of TransMIL's layers (module docstring): ``to_qkv`` without bias, ``to_out`` with
     dropout, the depthwise residual convolution of the values. ``forward(x [T, E], edges)`` attends within each
-    sequence ``edges[b]:edges[b+1]`` of the packed rows ``x``; ``attention(x, lo, hi)`` is the exact softmax attention
-    of row ``lo`` (the class token) over rows ``lo:hi``, averaged over heads."""
+    sequence ``edges[b]:edges[b+1]`` of the packed rows ``x``; ``class_attention(qkv, lo, hi)`` is the exact softmax
+    attention of row ``lo`` (the class token) over rows ``lo + 1:hi``, averaged over heads."""
 
     def __init__(self, dim: int, heads: int, landmarks: int, iterations: int, dropout: float, exact: bool,
                  residual_kernel: int = 33) -> None:
@@ -160,8 +160,12 @@ class _TransLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = attention
 
-    def forward(self, x: torch.Tensor, edges: list[int]) -> torch.Tensor:
-        return x + self.attn(self.norm(x), edges)
+    def forward(self, x: torch.Tensor, edges: list[int], *, return_qkv: bool = False):
+        """``x + attention(LayerNorm(x))`` (and the attention's projections ``qkv`` with ``return_qkv``)."""
+        if not return_qkv:
+            return x + self.attn(self.norm(x), edges)
+        attended, qkv = self.attn(self.norm(x), edges, return_qkv=True)
+        return x + attended, qkv
 
 
 @register_model("transmil")
@@ -258,8 +262,8 @@ class TransMIL(EmbeddedMIL):
         x, edges, placed = self._sequences(h, bounds, mask, tokens, token_valid)
         x = self.layer1(x, edges)
         x = self.ppeg(x, edges)
-        attended, qkv = self.layer2.attn(self.layer2.norm(x), edges, return_qkv=True)
-        x = self.norm(x + attended)
+        x, qkv = self.layer2(x, edges, return_qkv=True)
+        x = self.norm(x)
         bag_embedding = x[torch.tensor(edges[:-1], device=h.device)]
         # the class token's attention over each grid, repeats added to the row they repeat; the rows' final features
         weights = [self.layer2.attn.class_attention(qkv, lo, hi)[positions]
