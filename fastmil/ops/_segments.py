@@ -5,6 +5,9 @@ ranges without padding and without atomics (fp64 prefix sums), so they are deter
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 __all__ = ["bag_grad_dot", "bag_index", "lse_grad_rows", "pool_per_bag", "rows_per_bag", "segment_softmax",
@@ -33,13 +36,34 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return sums if values.dtype == torch.float64 else sums.float()
 
 
+def _flush_subnormals_(t: torch.Tensor) -> torch.Tensor:
+    """Set the subnormal entries of the non-negative weights ``t`` to 0 in place, in one pass (a
+    ``threshold_`` at the dtype's largest subnormal: ~7x faster here than a comparison and ``masked_fill_`` at
+    [10k, 40]); NaN stays NaN. Returns ``t``."""
+    largest_subnormal = torch.finfo(t.dtype).tiny * (1.0 - torch.finfo(t.dtype).eps)
+    return torch.nn.functional.threshold_(t, largest_subnormal, 0.0)
+
+
+PER_BAG_MIN_ROWS, PER_BAG_MIN_ELEMENTS = 1024, 8192
+""":func:`segment_softmax` loops over the bags on the CPU when they average at least this many rows and elements
+(rows x heads). Measured here on 40k rows with 80% kept: the loop costs ~70 us per bag, the vectorised path a few
+gathers per element; at [N, 40] the loop wins from ~1024 rows per bag (6.8 against 7.2 ms) and loses at 256 (16
+against 7 ms); at [N, 1] it loses at 4096 rows per bag (0.86 against 0.67 ms) and wins for one bag of 10k (0.10
+against 0.25 ms)."""
+
+
+def _per_bag_pays(s: torch.Tensor, n_bags: int) -> bool:
+    return s.shape[0] >= PER_BAG_MIN_ROWS * n_bags and s.numel() >= PER_BAG_MIN_ELEMENTS * n_bags
+
+
 def segment_softmax(
     scores: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None, bounds: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bag softmax of ``scores [N, H]`` over unmasked rows, in fp32 (fp64 for fp64 scores); 0 on masked
     rows and in all-masked or empty bags. Also returns the per-bag log-sum-exp ``[B, H]`` (``-inf`` for a bag
     with no unmasked row). ``bounds`` (``offsets`` as a host list): on the CPU, a loop over the bags' row ranges
-    (a few passes over each bag, no per-row gathers of per-bag values: 1.6 against 2.1-4.2 ms at [10k, 40]).
+    when the bags are large enough to pay for it (:data:`PER_BAG_MIN_ROWS`; a few passes over each bag, no per-row
+    gathers of per-bag values).
 
     Weights below the dtype's smallest normal number are flushed to 0. A peaked softmax over a large bag has many
     subnormal weights (any row more than ~87 below its bag's maximum in fp32), and a CPU GEMM reading subnormal
@@ -47,9 +71,9 @@ def segment_softmax(
     ``torch.set_flush_denormal`` does not reach the BLAS worker threads. The flushed mass is below
     ``N * 1.2e-38`` per bag."""
     s = scores.double() if scores.dtype == torch.float64 else scores.float()
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None], float("-inf"))
-    if bounds is not None and s.device.type == "cpu":
+    if mask is not None:  # a where runs ~1.3x faster here than masked_fill with the [N, 1] mask broadcast
+        s = torch.where(mask[:, None], s, float("-inf"))
+    if bounds is not None and s.device.type == "cpu" and _per_bag_pays(s, len(bounds) - 1):
         return _softmax_per_bag(s, bounds)
     n, heads = s.shape
     n_bags = offsets.numel() - 1
@@ -62,7 +86,26 @@ def segment_softmax(
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     lse = torch.where(denom > 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
     weights = e / safe[bag]
-    return weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0), lse
+    return _flush_subnormals_(weights), lse
+
+
+FOLD_ROWS = 8
+"""Rows folded into one by :func:`_column_reduce`."""
+
+
+def _column_reduce(rows: torch.Tensor, reduce: Callable, combine: Callable) -> torch.Tensor:
+    """``reduce(rows, 0)`` of ``rows [n, H]`` -> ``[H]``, with ``FOLD_ROWS`` rows folded into one first: torch's
+    CPU reductions over the outer dimension of a narrow matrix are slow (measured at [10k, 40] fp32: ``amax`` 0.29
+    against 0.03 ms over the [1250, 320] fold, an fp64 ``sum`` 0.21 against 0.16 ms). ``reduce`` gives the
+    ``[FOLD_ROWS * H]`` partial results, ``combine`` (``amax`` or ``sum``) merges them and the leftover rows'."""
+    n, h = rows.shape
+    body = n - n % FOLD_ROWS
+    if body == 0 or h == 1:  # one column: already a contiguous reduction
+        return reduce(rows, 0)
+    out = combine(reduce(rows[:body].reshape(body // FOLD_ROWS, FOLD_ROWS * h), 0).view(FOLD_ROWS, h), 0)
+    if body == n:
+        return out
+    return combine(torch.stack([out, reduce(rows[body:], 0)]), 0)
 
 
 def _softmax_per_bag(s: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +117,13 @@ def _softmax_per_bag(s: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, 
         if hi == lo:
             continue
         rows = s[lo:hi]
-        top = rows.amax(0)
+        top = _column_reduce(rows, torch.amax, torch.amax)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all masked: exp(-inf - 0) = 0
         e = torch.sub(rows, top, out=weights[lo:hi]).exp_()
-        denom = e.sum(0, dtype=torch.float64)
+        denom = _column_reduce(e, partial(torch.sum, dtype=torch.float64), torch.sum)
         e.div_(torch.where(denom > 0, denom, torch.ones_like(denom)).to(s.dtype))
         lse[b] = torch.where(denom > 0, top + torch.log(denom).to(s.dtype), lse[b])
-    return weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0), lse
+    return _flush_subnormals_(weights), lse
 
 
 def pool_per_bag(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -78,7 +78,7 @@ class _AttentionPoolTorch(torch.autograd.Function):
     def forward(ctx, scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None,
                 offsets_cpu: torch.Tensor):
         bounds = offsets_cpu.tolist()
-        weights, lse = segment_softmax(scores, offsets, mask)  # [N, H], [B, H] fp32 (fp64 for fp64 scores)
+        weights, lse = segment_softmax(scores, offsets, mask, bounds)  # [N, H], [B, H] fp32 (fp64 for fp64 scores)
         pooled = pool_per_bag(weights, values, offsets, bounds)
         ctx.save_for_backward(weights, values, offsets)
         ctx.bounds, ctx.scores_dtype = bounds, scores.dtype

@@ -165,7 +165,9 @@ class _LinearReLUDropout(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # the first chunk's GEMM writes grad_w (beta = 0 ignores the uninitialised memory): no zero fill
+        new_grad_w = torch.empty if y.shape[0] else torch.zeros
+        grad_w = new_grad_w(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         w_scaled = (weight * scale).to(grad_y.dtype) if need_x else None
@@ -175,7 +177,7 @@ class _LinearReLUDropout(torch.autograd.Function):
             # the dropout scale goes onto the small results, not onto this chunk
             grad_pre = torch.ops.aten.threshold_backward(grad_y[rows], y[rows], 0)  # grad_y * (y > 0) in one pass
             if need_w:
-                grad_w.addmm_(grad_pre.T.to(acc), x[rows].to(acc))
+                grad_w.addmm_(grad_pre.T.to(acc), x[rows].to(acc), beta=0.0 if lo == 0 else 1.0)
             if need_b:
                 grad_b += grad_pre.sum(0, dtype=acc)
             if need_x:

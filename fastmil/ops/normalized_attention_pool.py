@@ -32,7 +32,7 @@ import torch
 
 from ._autocast import no_autocast
 from ._backend import check_torch_only
-from ._segments import bag_grad_dot, bag_index, pool_per_bag, segment_softmax
+from ._segments import bag_grad_dot, pool_per_bag, segment_softmax
 from ._tiles import check_offsets, host_offsets
 
 __all__ = ["normalized_attention_pool", "normalized_attention_pool_reference"]
@@ -112,48 +112,56 @@ class _NormalizedAttentionPool(torch.autograd.Function):
     @no_autocast
     def backward(ctx, grad_pooled, grad_weights):
         x, u, offsets, mean, inv_sigma, weights, logits, pooled = ctx.saved_tensors
-        bounds = ctx.bounds
+        spans = [(b, lo, hi) for b, (lo, hi) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])) if hi > lo]
         n, dim = x.shape
         m = u.shape[1]
         g = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.to(x.dtype)  # [B, M, E]
-        # d L / d w_im = n_i . G_bm (+ grad_weights): the per-bag GEMM x_b G_b^T, corrected by the row mean
-        grad_w = torch.empty_like(weights)
-        for b in range(len(bounds) - 1):
-            lo, hi = bounds[b], bounds[b + 1]
-            if hi > lo:
-                torch.mm(x[lo:hi], g[b].T, out=grad_w[lo:hi])
-        bag = bag_index(offsets, n)
-        grad_w.sub_(mean[:, None] * g.sum(-1)[bag]).mul_(inv_sigma[:, None])
-        n_dot_g = grad_w.clone()  # n_i . G_bm, needed by the LayerNorm backward
+        g_sum = g.sum(-1)  # [B, M]
+        bag_dot = bag_grad_dot(g, pooled, weights, grad_weights, offsets)  # [B, M]: sum_i w_im (grad w)_im
+        # n_i . G_bm = (x_i . G_bm - mean_i sum_e G_bme) / sigma_i: per bag, one GEMM and one rank-1 update (the
+        # bag's rows are a slice, its [M] vectors broadcast: no [N, M] gathers of per-bag values)
+        n_dot_g = torch.empty_like(weights)  # [N, M]
+        for b, lo, hi in spans:
+            torch.mm(x[lo:hi], g[b].T, out=n_dot_g[lo:hi])
+            n_dot_g[lo:hi].addcmul_(mean[lo:hi, None], g_sum[b], value=-1)
+        n_dot_g.mul_(inv_sigma[:, None])
+        # the LayerNorm backward's sum_m w_im (n_i . G_bm), taken before n_dot_g becomes the logits' gradient
+        w_dot_g = (weights * n_dot_g).sum(1)
+        # softmax backward, in place: d L / d logit_im = w_im ((grad w)_im - bag_dot_bm), (grad w) = n . G (+ grad_w)
+        grad_logits = n_dot_g
         if grad_weights is not None:
-            grad_w += grad_weights.to(x.dtype)
-        # softmax backward: d L / d logit_im = w_im (grad_w_im - sum_j w_jm grad_w_jm)
-        grad_logits = weights * (grad_w - bag_grad_dot(g, pooled, weights, grad_weights, offsets)[bag])
+            grad_logits += grad_weights.to(x.dtype)
+        for b, lo, hi in spans:
+            grad_logits[lo:hi].sub_(bag_dot[b])
+        grad_logits.mul_(weights)
+        # grad_x = [w / sigma | grad_logits / sigma | shift] @ [G_b; u^T; 1] + (-c2 / sigma^2) x: the left operand is
+        # written in place, its middle block (grad_logits / sigma) doubles as the directions' gradient's operand
+        left = torch.empty(n, 2 * m + 1, dtype=x.dtype, device=x.device)  # [N, 2M + 1]
+        scaled = torch.mul(grad_logits, inv_sigma[:, None], out=left[:, m : 2 * m])
         grad_dirs = None
         if ctx.needs_input_grad[1]:  # sum_i n_i grad_logits_i^T, with n_i = (x_i - mean_i) / sigma_i
-            scaled = grad_logits * inv_sigma[:, None]
             # (scaled^T x)^T: the [M, N] x [N, E] product runs ~1.4x faster here than x^T scaled
-            grad_dirs = (scaled.T @ x).T - torch.outer(x.new_ones(dim), (scaled * mean[:, None]).sum(0))
+            grad_dirs = (scaled.T @ x).T - torch.outer(x.new_ones(dim), scaled.T @ mean)
             grad_dirs = grad_dirs.to(ctx.dtypes[1])
         grad_x = None
         if ctx.needs_input_grad[0]:
             # grad_n_i = w_i G_b + grad_logits_i u^T; LayerNorm backward:
             # grad_x_i = (grad_n_i - mean_e(grad_n_i) - n_i mean_e(grad_n_i * n_i)) / sigma_i, where
-            # mean_e(grad_n_i) = w_i . mean_e(G_b) + grad_logits_i . mean_e(u) and
-            # mean_e(grad_n_i * n_i) = (w_i . (n_i . G_b) + grad_logits_i . logits_i) / E: no pass over grad_n.
-            c1 = (weights * g.mean(-1)[bag]).sum(1) + grad_logits @ u.mean(0)
-            c2 = ((weights * n_dot_g).sum(1) + (grad_logits * logits).sum(1)) / dim
+            # mean_e(grad_n_i) = c1_i = w_i . mean_e(G_b) + grad_logits_i . mean_e(u) and
+            # mean_e(grad_n_i * n_i) = c2_i = (w_i . (n_i . G_b) + grad_logits_i . logits_i) / E: no pass over grad_n.
+            c1 = grad_logits @ u.mean(0)
+            for b, lo, hi in spans:
+                c1[lo:hi].addmv_(weights[lo:hi], g_sum[b], alpha=1.0 / dim)
+            c2 = w_dot_g.add_((grad_logits * logits).sum(1)).div_(dim)
             inv2 = inv_sigma * inv_sigma
-            # grad_x = [w/sigma | grad_logits/sigma | shift] @ [G_b; u^T; 1] + (-c2/sigma^2) x
-            left = torch.cat([weights * inv_sigma[:, None], grad_logits * inv_sigma[:, None],
-                              (mean * c2 * inv2 - c1 * inv_sigma)[:, None]], 1)  # [N, 2M + 1]
-            right = torch.cat([g.new_zeros(m, dim), u.T, g.new_ones(1, dim)])  # [2M + 1, E]; rows :M per bag
-            grad_x = torch.empty_like(x)
-            for b in range(len(bounds) - 1):
-                lo, hi = bounds[b], bounds[b + 1]
-                if hi > lo:
-                    right[:m] = g[b]
-                    torch.mm(left[lo:hi], right, out=grad_x[lo:hi])
+            torch.mul(weights, inv_sigma[:, None], out=left[:, :m])
+            left[:, 2 * m] = mean * c2 * inv2 - c1 * inv_sigma
+            right = torch.empty(2 * m + 1, dim, dtype=x.dtype, device=x.device)  # [G_b; u^T; 1], rows :M per bag
+            right[m : 2 * m], right[2 * m] = u.T, 1.0
+            grad_x = torch.empty_like(x)  # every row is in a non-empty bag
+            for b, lo, hi in spans:
+                right[:m] = g[b]
+                torch.mm(left[lo:hi], right, out=grad_x[lo:hi])
             grad_x.addcmul_(x, (-c2 * inv2)[:, None])
             grad_x = grad_x.to(ctx.dtypes[0])
         return grad_x, grad_dirs, None, None, None, None

@@ -175,3 +175,14 @@ def test_extreme_and_tiny_p_and_backend():
         EmbedBlock(6, 4, 1.0)
     y = linear_relu_dropout(x, weight, bias, 1e-6, training=True)
     torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, weight, bias)), atol=1e-6, rtol=1e-6)
+
+
+def test_no_rows_gives_zero_weight_and_bias_gradients():
+    """An empty ``x`` (no instances): ``y`` is ``[0, E]`` and the parameter gradients are zeros (the backward
+    writes ``grad_w`` with its first chunk's GEMM; without a chunk it must still be defined)."""
+    _, weight, bias = _case()
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    y = linear_relu_dropout(torch.zeros(0, weight.shape[1]), weight, bias, 0.25, training=True)
+    assert y.shape == (0, weight.shape[0])
+    y.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))

@@ -4,10 +4,11 @@ flushed to 0, fp32 and fp64."""
 import pytest
 import torch
 
+from fastmil.ops import _segments as segments
 from fastmil.ops._segments import segment_softmax
 from tests.ragged import offsets_of
 
-SIZES = [0, 1, 5, 0, 300, 2, 7]
+SIZES = [0, 1, 5, 0, 300, 2, 7, 16]  # 300 and 16 rows: folded column reductions with and without leftover rows
 
 
 def _reference(scores, bounds, mask):
@@ -24,7 +25,10 @@ def _reference(scores, bounds, mask):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_bag", [False, True], ids=["vectorised", "per-bag"])
-def test_matches_reference_with_empty_masked_and_peaked_bags(dtype, per_bag):
+def test_matches_reference_with_empty_masked_and_peaked_bags(dtype, per_bag, monkeypatch):
+    if per_bag:  # these bags are too small for the loop to pay: force it
+        monkeypatch.setattr(segments, "PER_BAG_MIN_ROWS", 0)
+        monkeypatch.setattr(segments, "PER_BAG_MIN_ELEMENTS", 0)
     g = torch.Generator().manual_seed(0)
     n = sum(SIZES)
     scores = (torch.randn(n, 3, generator=g) * 4).to(dtype)
@@ -47,3 +51,22 @@ def test_matches_reference_with_empty_masked_and_peaked_bags(dtype, per_bag):
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-6 if dtype == torch.float32 else 1e-12,
                                atol=0)
     assert weights[bounds[1]].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("per_bag", [False, True], ids=["vectorised", "per-bag"])
+def test_nan_propagates_from_unmasked_rows_only(per_bag, monkeypatch):
+    """The subnormal flush keeps NaN: a NaN score's weight is NaN, not a silent 0 (the bag's other weights are
+    not meaningful then); a masked row's NaN is ignored."""
+    if per_bag:
+        monkeypatch.setattr(segments, "PER_BAG_MIN_ROWS", 0)
+        monkeypatch.setattr(segments, "PER_BAG_MIN_ELEMENTS", 0)
+    scores = torch.randn(20, 2)
+    scores[3, 0] = float("nan")  # bag 0, unmasked
+    scores[15, 1] = float("nan")  # bag 1, masked
+    offsets = torch.tensor([0, 10, 20])
+    mask = torch.ones(20, dtype=torch.bool)
+    mask[15] = False
+    weights, _ = segment_softmax(scores, offsets, mask, offsets.tolist() if per_bag else None)
+    assert torch.isnan(weights[3, 0])
+    assert torch.isfinite(weights[:, 1]).all() and torch.isfinite(weights[10:]).all()
+    torch.testing.assert_close(weights[10:, 1].sum(), torch.tensor(1.0))
