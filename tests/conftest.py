@@ -31,3 +31,18 @@ def clam_coords_dir() -> Path:
 @pytest.fixture
 def cmu_slide() -> Path:
     return require(CMU_SLIDE)
+
+
+@pytest.fixture
+def nan_filled_empty():
+    """For one test, ``torch.empty`` (and ``empty_like``) fill new tensors with NaN (torch's deterministic mode, warn
+    only), so that code reading memory it never wrote gives NaN instead of the zeros fresh pages usually hold."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

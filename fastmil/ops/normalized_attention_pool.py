@@ -125,8 +125,9 @@ class _NormalizedAttentionPool(torch.autograd.Function):
             torch.mm(x[lo:hi], g[b].T, out=n_dot_g[lo:hi])
             n_dot_g[lo:hi].addcmul_(mean[lo:hi, None], g_sum[b], value=-1)
         n_dot_g.mul_(inv_sigma[:, None])
+        need_x = ctx.needs_input_grad[0]
         # the LayerNorm backward's sum_m w_im (n_i . G_bm), taken before n_dot_g becomes the logits' gradient
-        w_dot_g = (weights * n_dot_g).sum(1)
+        w_dot_g = (weights * n_dot_g).sum(1) if need_x else None
         # softmax backward, in place: d L / d logit_im = w_im ((grad w)_im - bag_dot_bm), (grad w) = n . G (+ grad_w)
         grad_logits = n_dot_g
         if grad_weights is not None:
@@ -136,15 +137,15 @@ class _NormalizedAttentionPool(torch.autograd.Function):
         grad_logits.mul_(weights)
         # grad_x = [w / sigma | grad_logits / sigma | shift] @ [G_b; u^T; 1] + (-c2 / sigma^2) x: the left operand is
         # written in place, its middle block (grad_logits / sigma) doubles as the directions' gradient's operand
-        left = torch.empty(n, 2 * m + 1, dtype=x.dtype, device=x.device)  # [N, 2M + 1]
-        scaled = torch.mul(grad_logits, inv_sigma[:, None], out=left[:, m : 2 * m])
+        left = torch.empty(n, 2 * m + 1 if need_x else m, dtype=x.dtype, device=x.device)  # [N, 2M + 1] or [N, M]
+        scaled = torch.mul(grad_logits, inv_sigma[:, None], out=left[:, m : 2 * m] if need_x else left)
         grad_dirs = None
         if ctx.needs_input_grad[1]:  # sum_i n_i grad_logits_i^T, with n_i = (x_i - mean_i) / sigma_i
             # (scaled^T x)^T: the [M, N] x [N, E] product runs ~1.4x faster here than x^T scaled
             grad_dirs = (scaled.T @ x).T - torch.outer(x.new_ones(dim), scaled.T @ mean)
             grad_dirs = grad_dirs.to(ctx.dtypes[1])
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             # grad_n_i = w_i G_b + grad_logits_i u^T; LayerNorm backward:
             # grad_x_i = (grad_n_i - mean_e(grad_n_i) - n_i mean_e(grad_n_i * n_i)) / sigma_i, where
             # mean_e(grad_n_i) = c1_i = w_i . mean_e(G_b) + grad_logits_i . mean_e(u) and

@@ -177,12 +177,21 @@ def test_extreme_and_tiny_p_and_backend():
     torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, weight, bias)), atol=1e-6, rtol=1e-6)
 
 
-def test_no_rows_gives_zero_weight_and_bias_gradients():
-    """An empty ``x`` (no instances): ``y`` is ``[0, E]`` and the parameter gradients are zeros (the backward
-    writes ``grad_w`` with its first chunk's GEMM; without a chunk it must still be defined)."""
-    _, weight, bias = _case()
-    weight, bias = weight.requires_grad_(), bias.requires_grad_()
-    y = linear_relu_dropout(torch.zeros(0, weight.shape[1]), weight, bias, 0.25, training=True)
-    assert y.shape == (0, weight.shape[0])
-    y.sum().backward()
-    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+@pytest.mark.parametrize("n", [0, 300])
+def test_weight_gradient_is_written_without_a_zero_fill(n, nan_filled_empty, monkeypatch):
+    """The backward writes ``grad_w`` with its first chunk's GEMM (``beta = 0``) instead of zero-filling it: with
+    uninitialised memory read as NaN, one chunk, several chunks with a tail, and an empty ``x`` (no chunk: zeros)
+    all give finite gradients equal to autograd's through the module chain."""
+    x, weight, bias = _case(dtype=torch.float64)
+    x = x[:n]
+    for chunk_rows in (4096, 64):
+        monkeypatch.setattr(op_module, "CHUNK_ROWS", chunk_rows)
+        leaves = [t.detach().clone().requires_grad_() for t in (weight, bias)]
+        refs = [t.detach().clone().requires_grad_() for t in (weight, bias)]
+        y = linear_relu_dropout(x, *leaves, 0.0, training=True)
+        assert y.shape == (n, weight.shape[0])
+        y.sum().backward()
+        torch.relu(x @ refs[0].T + refs[1]).sum().backward()
+        for got, want in zip(leaves, refs):
+            assert torch.isfinite(got.grad).all()
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)

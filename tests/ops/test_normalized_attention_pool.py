@@ -108,3 +108,21 @@ def test_under_autocast_computes_in_fp32():
     for got, want in zip(cast, plain):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("frozen", ["directions", "x"])
+def test_one_input_without_gradient(frozen, nan_filled_empty):
+    """With only ``x`` or only ``directions`` requiring grad, backward builds what that gradient needs (its scratch
+    buffers are uninitialised, read here as NaN) and equals the reference's."""
+    x, directions, offsets, mask = _case(SMALL_SIZES, "random", seed=4)
+    grads = _upstream(len(SMALL_SIZES), sum(SMALL_SIZES), x.shape[1])
+    results = []
+    for fn, dtype in ((normalized_attention_pool, torch.float32), (normalized_attention_pool_reference, torch.float64)):
+        xi = x.detach().to(dtype).clone().requires_grad_(frozen != "x")
+        di = directions.detach().to(dtype).clone().requires_grad_(frozen != "directions")
+        pooled, weights = fn(xi, di, offsets, mask)
+        ((pooled.double() * grads[0]).sum() + (weights.double() * grads[1]).sum()).backward()
+        results.append(di.grad if frozen == "x" else xi.grad)
+    assert torch.isfinite(results[0]).all()
+    error = relative_error(results[0], results[1]) if frozen == "x" else per_bag_error(*results, offsets)
+    assert error <= TOL_GRAD

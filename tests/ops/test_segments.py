@@ -1,6 +1,8 @@
 """segment_softmax, both paths (vectorised over rows; per bag over host bounds) against a per-bag fp64 reference:
 ragged bags with empty, all-masked and single-row bags, several heads, peaked scores whose tiny weights are
 flushed to 0, fp32 and fp64."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -70,3 +72,39 @@ def test_nan_propagates_from_unmasked_rows_only(per_bag, monkeypatch):
     assert torch.isnan(weights[3, 0])
     assert torch.isfinite(weights[:, 1]).all() and torch.isfinite(weights[10:]).all()
     torch.testing.assert_close(weights[10:, 1].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 300])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_folded_column_reductions_equal_plain_ones(n, heads, dtype):
+    """``_column_reduce`` (rows folded 8 into 1, then the leftover rows) gives ``amax(0)`` exactly and the fp64
+    ``sum(0)`` to rounding, for every remainder of ``n`` mod 8, a column of ``-inf`` (an all-masked bag's) and a
+    non-contiguous input."""
+    g = torch.Generator().manual_seed(n)
+    rows = (torch.randn(n, heads, generator=g) * 10).to(dtype)
+    rows[:, 0] = float("-inf")
+    rows[n // 2, -1] = 50.0  # the maximum in the middle; with n = 9 in the leftover row too
+    rows[-1, -1] = 60.0 if n % 8 else rows[-1, -1]
+    for x in (rows, torch.cat([rows, rows], 1)[:, ::2]):
+        assert torch.equal(segments._column_reduce(x, torch.amax, torch.amax), x.amax(0))
+        finite = x[:, 1:]
+        total = segments._column_reduce(finite, partial(torch.sum, dtype=torch.float64), torch.sum)
+        assert total.dtype == torch.float64
+        torch.testing.assert_close(total, finite.double().sum(0), rtol=1e-14, atol=1e-12)
+
+
+def test_per_bag_loop_only_for_large_bags(monkeypatch):
+    """The CPU loop over bags runs when the bags average >= PER_BAG_MIN_ROWS rows (and enough elements), else the
+    vectorised path; both give the same weights."""
+    calls = []
+    loop = segments._softmax_per_bag
+    monkeypatch.setattr(segments, "_softmax_per_bag", lambda s, b: calls.append(len(b) - 1) or loop(s, b))
+    g = torch.Generator().manual_seed(3)
+    for sizes, per_bag in (([2048, 1024], True), ([100] * 30, False), ([4000, 10], True), ([4000] + [10] * 4, False)):
+        offsets = offsets_of(sizes)
+        scores = torch.randn(sum(sizes), 8, generator=g)
+        calls.clear()
+        weights, _ = segment_softmax(scores, offsets, None, offsets.tolist())
+        assert bool(calls) == per_bag, sizes
+        torch.testing.assert_close(weights, segment_softmax(scores, offsets, None)[0], rtol=1e-6, atol=0)
