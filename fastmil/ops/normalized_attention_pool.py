@@ -128,7 +128,8 @@ class _NormalizedAttentionPool(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         # the LayerNorm backward's sum_m w_im (n_i . G_bm), taken before n_dot_g becomes the logits' gradient
         w_dot_g = (weights * n_dot_g).sum(1) if need_x else None
-        # softmax backward, in place: d L / d logit_im = w_im ((grad w)_im - bag_dot_bm), (grad w) = n . G (+ grad_w)
+        # softmax backward, in place: d L / d logit_im = w_im ((grad w)_im - bag_dot_bm), where the weights'
+        # gradient (grad w) = n . G + grad_weights
         grad_logits = n_dot_g
         if grad_weights is not None:
             grad_logits += grad_weights.to(x.dtype)
