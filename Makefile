@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fastmil-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench aot aot-triton lint clean device-check
+.PHONY: venv demo test test-numeric-path test-code-paths mutants bench aot aot-triton lint clean device-check
 
 venv: $(STAMP)
 
@@ -24,6 +24,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The numeric tests (ops, modules, methods against their references) once more on another code path of torch's CPU
+# kernels: MKL's compatibility branch, ATen's scalar kernels, one thread (tests/README.md). .ci/run runs it.
+NUMERIC_TESTS ?= tests/ops tests/nn tests/methods
+
+test-numeric-path: $(STAMP)
+	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default FASTMIL_TORCH_THREADS=1 $(PY) -m pytest -q $(NUMERIC_TESTS)
+
+# The whole suite once per code path (MKL_CBWR, ATEN_CPU_CAPABILITY, threads), tabulated in bench_out/code_paths/.
+test-code-paths: $(STAMP)
+	$(PY) -m tests.code_paths $(PYTEST_ARGS)
+
+# Small bugs the numeric tests must catch (tests/mutants.py): fails if one survives.
+mutants: $(STAMP)
+	$(PY) -m tests.mutants
 
 bench: $(STAMP)
 	mkdir -p bench_out

@@ -46,3 +46,40 @@ def nan_filled_empty():
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def pytest_configure(config):
+    """``FASTMIL_TORCH_THREADS=N`` runs the session with ``torch.set_num_threads(N)`` (the suite must pass with 1
+    and with 2: the reduction order of torch's CPU kernels depends on it)."""
+    threads = os.environ.get("FASTMIL_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def pytest_report_header(config):
+    import torch
+
+    paths = {name: os.environ.get(name, "unset") for name in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+    return (f"numeric code path: torch {torch.__version__}, {torch.get_num_threads()} thread(s), ATen CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The largest error-to-bound ratio per op family (tests/tolerance.py), and the same as JSON in
+    ``$FASTMIL_TOLERANCE_REPORT`` when set."""
+    from tests.tolerance import DETAIL, RATIOS, WORST
+
+    if not RATIOS:
+        return
+    terminalreporter.section("largest error / bound per family (tests/tolerance.py)")
+    for family in sorted(RATIOS):
+        terminalreporter.write_line(f"{family:28s} {RATIOS[family]:.3f}  {WORST.get(family, '')}")
+    report = os.environ.get("FASTMIL_TOLERANCE_REPORT")
+    if report:
+        import json
+
+        rows = {family: {"ratio": RATIOS[family], "where": WORST.get(family, "")} for family in sorted(RATIOS)}
+        detail = dict(sorted(DETAIL.items()))
+        Path(report).write_text(json.dumps({"families": rows, "quantities": detail}, indent=1) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,36 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tolerance import check, rounding_bound
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.py"
 OPS = {"attention_pool", "gated_attention_pool", "graph_attention", "linear_relu_dropout", "saliency_mask"}
+
+
+def _fp32_bounds() -> dict[str, float]:
+    """The relative error allowed to an fp32 output or gradient of each op at the script's QUICK sizes (bags of 1, 7
+    and 45 rows, N = 53, D = 40, embed 24), against the fp64 reference (``extra``: the largest |ln w| = |s - lse| of
+    a softmax weight, whose exp turns the absolute rounding of the score into a relative error of the weight)."""
+    n, n_max, d, e = 1 + 7 + 45, 45, 40, 24
+    hidden, neighbours, channels = 24, 5 * 5, 8  # the script's gated hidden width; radius-2 stencil; max(8, D // 8)
+    return {
+        # softmax, weighted sum and the softmax backward's sum, each over the bag; scores randn * 3: |s| <= 10.0
+        "attention_pool": rounding_bound(3 * n_max + 10, extra=2 * 10.0),
+        # parameter grads sum over all N rows, the bag's softmax backward, the two score GEMMs and their backward
+        # (over D and hidden); a score (a dot over hidden of gated GEMMs over D) has sqrt(D + hidden) roundings at
+        # the size of the terms it sums, sum_k |w_k t_k| <= 16.6, and |s| <= 6.9. This bound (3.9e-5) is above the
+        # script's fp32 FLOOR (1e-5): for these rows the script's own failure rule is the sharper check
+        "gated_attention_pool": rounding_bound(n + n_max + 2 * (d + hidden) + 10,
+                                               extra=math.sqrt(d + hidden) * 16.6 + 2 * 6.9),
+        # softmax and weighted sum over the stencil's neighbours, sums over the channels; |src + dst| <= 6.3
+        "graph_attention": rounding_bound(2 * neighbours + channels + 10, extra=2 * 6.3),
+        # the GEMM over D, grad_x's over the embedding, grad_weight's over the N rows
+        "linear_relu_dropout": rounding_bound(n + d + e + 10),
+    }
+
+
+_FP32_BOUND = _fp32_bounds()
 
 
 def _load():
@@ -40,7 +68,10 @@ def test_quick_run_through_the_interpreter_passes_and_writes_every_section(tmp_p
             ("linear_relu_dropout", "grad_weight"), ("attention_pool", "grad_scores")} <= outputs
     assert all(r["triton"] == 0 for r in rows if r["metric"] == "run-to-run max difference")
     fp32 = [r for r in rows if r["dtype"] == "float32" and r["torch_cpu"] is not None]
-    assert fp32 and all(r["triton"] < 1e-5 for r in fp32 if r["metric"] != "absolute_error")
+    assert fp32
+    for r in fp32:
+        if r["metric"] != "absolute_error":
+            check(r["triton"], _FP32_BOUND[r["op"]], "device_check", f"{r['op']} {r['case']} {r['output']}")
     assert "| op | case |" in (tmp_path / "accuracy.md").read_text()
 
 

@@ -15,10 +15,29 @@ from fastmil.nn import GraphMIL, model_config
 from fastmil.ops import grid_neighbours, reconstruction_loss
 from fastmil.train import TrainConfig, fit, predict
 from fastmil.train.config import load_config
+from tests.tolerance import check, check_close, rounding_bound
 
 DATA = SynthConfig(n_slides=24, dim=16, median_instances=150, size_sigma=0.3, tumour_fraction_min=0.05,
                    tumour_fraction_max=0.1, seed=4)
 SMALL = {"name": "graphmil", "heads": 2, "head_dim": 8, "radius": 1, "head_hidden": 8, "dropout": 0.0}
+FAMILY = "methods.srmil"
+
+
+def _graph_layer_depth(in_dim: int, head_dim: int, out_dim: int, k: int = 9) -> int:
+    """One graph-attention layer (tests/nn/test_graph.py): the projection and the folded scores over in_dim and
+    head_dim (+ LeakyReLU), the softmax and the weighted sum over the k stencil cells (radius 1: 8 + the self loop),
+    bias, the residual projection over in_dim, the LayerNorm over out_dim and PReLU."""
+    return in_dim + head_dim + in_dim + 1 + k + 3 + k + 2 + in_dim + 2 * out_dim + 5
+
+
+def _graphmil_depths(d: int, heads: int, head_dim: int, hidden: int, n: int) -> tuple[int, int]:
+    """(attention, logits) of GraphMIL for a bag of n rows: the reformer over d folded into layer 1, layer 2, the
+    readout's scores over head_dim (+ scale), its softmax over n (+ 3), the head mean (+ 2); the logits add the
+    pooled sum over n and the MLP (over head_dim, + bias, ReLU; over hidden, + bias)."""
+    width = heads * head_dim
+    encoder = d + _graph_layer_depth(d, head_dim, width) + _graph_layer_depth(width, head_dim, width)
+    attention = encoder + head_dim + 1 + n + 3 + 2
+    return attention, attention + n + head_dim + 2 + hidden + 1
 
 
 def _bags(sizes=(30, 1, 57), dim=6, seed=0) -> Bags:
@@ -49,8 +68,12 @@ def test_packed_batch_equals_each_bag_alone():
     for b, one in enumerate(bags):
         alone = model.forward_all(one)
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
-        torch.testing.assert_close(packed.logits[b], alone.logits[0], atol=1e-12, rtol=0)
-        torch.testing.assert_close(packed.attention[lo:hi], alone.attention, atol=1e-12, rtol=0)
+        # fp64, two computed sides (twice the bound); GraphMIL(6 features, 2 heads x 8, MLP hidden 128)
+        attention, logits = _graphmil_depths(6, 2, 8, 128, hi - lo)
+        check_close(packed.logits[b], alone.logits[0], 2 * rounding_bound(logits, torch.float64), FAMILY,
+                    "packed vs alone: logits")
+        check_close(packed.attention[lo:hi], alone.attention, 2 * rounding_bound(attention, torch.float64), FAMILY,
+                    "packed vs alone: attention")
 
 
 def test_a_masked_instance_has_no_effect_on_the_readout():
@@ -72,7 +95,8 @@ def test_srmil_step_terms_and_gradients():
     out = method.training_step(_bags(), _ctx())
     assert set(out.terms) == {"ce_masked", "ce_clean", "recon"}
     expected = 0.2 * (out.terms["ce_masked"] + out.terms["ce_clean"]) + 1.8 * out.terms["recon"]
-    torch.testing.assert_close(out.loss.detach(), expected)
+    # the weighted sum of the fp32 terms (all >= 0): 2 products and 2 sums, on both sides (twice the bound)
+    check_close(out.loss.detach(), expected, 2 * rounding_bound(4), FAMILY, "srmil loss of its terms")
     out.loss.backward()
     for name, p in method.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -91,7 +115,8 @@ def test_mhim_srmil_step_has_both_regularisers():
     assert {"ce", "consistency", "ce_masked", "recon", "keep_frac"} <= set(out.terms)
     expected = 0.2 * (out.terms["ce"] + 0.5 * out.terms["consistency"] + out.terms["ce_masked"]) \
         + 1.8 * out.terms["recon"]
-    torch.testing.assert_close(out.loss.detach(), expected)
+    # the weighted sum of the fp32 terms (all >= 0): 3 products and 3 sums, on both sides (twice the bound)
+    check_close(out.loss.detach(), expected, 2 * rounding_bound(6), FAMILY, "mhim+srmil loss of its terms")
     out.loss.backward()
     assert method.reconstruction.decoder.token.grad is not None
     assert all(p.grad is None for p in method.teacher.parameters())
@@ -118,10 +143,17 @@ def test_reconstruction_loss_equals_an_fp64_formula():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(50, 9, generator=g), torch.randn(50, 9, generator=g)
     mask = torch.rand(50, generator=g) > 0.3
+    cos = F.cosine_similarity(pred.double(), target.double(), dim=1)[mask]
     for alpha in (1.0, 2.0, 3.0):
         want = np.mean([(1 - np.dot(p, t) / np.linalg.norm(p) / np.linalg.norm(t)) ** alpha
                         for p, t, m in zip(pred.double().numpy(), target.double().numpy(), mask.numpy()) if m])
-        assert reconstruction_loss(pred, target, mask, alpha).item() == pytest.approx(want, rel=1e-5)
+        # fp32 against fp64: per row the dot product and the two norms over 9 (+ sqrt, 2 divisions), 1 - cos, the
+        # power, then the mean over the kept rows (+ division). 1 - cos cancels and the power scales its relative
+        # error by alpha: the condition is sum_i alpha (1 + |cos_i|) (1 - cos_i)^(alpha - 1) / sum_i (1 - cos_i)^alpha
+        condition = float((alpha * (1 + cos.abs()) * (1 - cos) ** (alpha - 1)).sum() / ((1 - cos) ** alpha).sum())
+        depth = 9 + 3 + 1 + 1 + int(mask.sum()) + 1
+        check(abs(reconstruction_loss(pred, target, mask, alpha).item() - want) / want,
+              rounding_bound(depth, torch.float32, condition), FAMILY, f"reconstruction loss alpha={alpha}")
     none = reconstruction_loss(pred.requires_grad_(), target, torch.zeros(50, dtype=torch.bool))
     none.backward()
     assert none.item() == 0 and pred.grad.abs().sum() == 0
@@ -195,7 +227,12 @@ def test_reconstruction_loss_gradient_equals_autograd_of_the_formula():
         reconstruction_loss(p1, target, mask, alpha).backward()
         err = (1 - F.cosine_similarity(p2, target, dim=1)).pow(alpha)
         (err[mask].sum() / mask.sum()).backward()
-        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-12, rtol=1e-10)
+        # fp64, two computed sides (twice the bound): the forward per row (dot product and norms over 7, + 3, 1 -
+        # cos, the power) and its backward (dcos/dp = t / (|p| |t|) - cos p / |p|^2, + the power's derivative,
+        # + 1 / count): each gradient row comes from its own row alone
+        depth = 2 * (7 + 3 + 2) + 4
+        check_close(p1.grad, p2.grad, 2 * rounding_bound(depth, torch.float64), FAMILY,
+                    f"reconstruction loss gradient alpha={alpha}")
     assert torch.autograd.gradcheck(lambda p: reconstruction_loss(p, target, mask, 2.0), pred.clone().requires_grad_())
 
 
@@ -215,9 +252,14 @@ def test_projected_reconstruction_loss_equals_the_unfused_loss():
         ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
         ref = reconstruction_loss(ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2], target, mask, alpha)
         ref.backward()
-        torch.testing.assert_close(fused, ref, atol=1e-12, rtol=0)
-        for a, r in zip(leaves, ref_leaves):
-            torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)
+        # fp64, two computed sides (twice the bound): the projection over 5 (+ bias), the row's dot product and
+        # norms over 9 (+ 3), 1 - cos, the power, the mean over the 37 rows (+ division)
+        depth = 5 + 1 + 9 + 3 + 2 + 37 + 1
+        check_close(fused, ref, 2 * rounding_bound(depth, torch.float64), FAMILY, f"projected loss alpha={alpha}")
+        # the backward as long as the forward, + the sum over the 37 rows into the weight and bias gradients
+        for a, r, name in zip(leaves, ref_leaves, ("h", "weight", "bias")):
+            check_close(a.grad, r.grad, 2 * rounding_bound(2 * depth + 37, torch.float64), FAMILY,
+                        f"projected loss alpha={alpha}: grad {name}")
 
 
 def test_decoder_loss_fused_or_not_is_the_same():
@@ -233,7 +275,11 @@ def test_decoder_loss_fused_or_not_is_the_same():
     masked = torch.rand(n) > 0.3
     fused = dec.reconstruction_loss(h, nbr, masked, target, 2.0)
     plain = reconstruction_loss(dec(h, nbr, masked), target, masked, 2.0)
-    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    # fp64, two computed sides (twice the bound): the decoder's projection over 8 (+ bias), its hidden layer
+    # (8 -> 2 x 4), the last layer (aggregate over the 9 cells, then project over 8, + bias), the loss per row over
+    # 20 (+ 5) and its mean over the n rows (+ division)
+    depth = 8 + 1 + _graph_layer_depth(8, 4, 8) + (8 + 4 + 1 + 9 + 3 + 9 + 8 + 1) + 20 + 5 + n + 1
+    check_close(fused, plain, 2 * rounding_bound(depth, torch.float64), FAMILY, "decoder loss fused vs plain")
 
 
 def test_an_unwritable_store_keeps_tables_in_memory_checked_like_the_files(store, monkeypatch):

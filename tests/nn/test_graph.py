@@ -8,6 +8,24 @@ from torch import nn
 
 from fastmil.nn import GraphAttentionLayer, SupernodeReadout, pool_with_tokens
 from fastmil.ops import graph_attention_reference, grid_neighbours
+from tests.tolerance import check_close, rounding_bound
+
+FAMILY = "nn.graph"
+K = 9  # radius-1 stencil: 8 neighbours and the self loop
+
+
+def _layer_depth(in_dim: int, head_dim: int, out_dim: int, pre: int = 0, norm: bool = True) -> int:
+    """Roundings into one output of a graph-attention layer (fp64): the projection over in_dim (after ``pre``'s
+    GEMM over its input, when folded in), the scores (the attention vector folded over head_dim, then over in_dim,
+    + LeakyReLU), the softmax over the K neighbours (+ 3), the weighted sum over K (the aggregate-first layer then
+    projects over in_dim), + bias, + residual (its own projection over in_dim), the LayerNorm over out_dim (mean and
+    variance, + 4) and PReLU."""
+    return pre + in_dim + head_dim + in_dim + 1 + K + 3 + K + in_dim + 2 + in_dim + (2 * out_dim + 5 if norm else 0)
+
+
+def _close(actual, expected, depth: int, what: str) -> None:
+    """fp64 against fp64, both computed with their own orders: twice the chain's bound."""
+    check_close(actual, expected, 2 * rounding_bound(depth, torch.float64), FAMILY, what)
 
 
 def _graph(n=40, seed=0):
@@ -38,7 +56,8 @@ def test_layer_equals_the_written_out_computation():
         layer = GraphAttentionLayer(in_dim, heads, head_dim, **kw).double()
         x = torch.randn(nbr.shape[0], in_dim, generator=g, dtype=torch.float64)
         assert layer.aggregates_first == (heads == 1 and in_dim < head_dim)
-        torch.testing.assert_close(layer(x, nbr), _plain(layer, x, nbr), atol=1e-12, rtol=1e-12)
+        _close(layer(x, nbr), _plain(layer, x, nbr), _layer_depth(in_dim, head_dim, heads * head_dim, norm=not kw),
+               f"layer {in_dim}->{heads}x{head_dim}{' plain' if kw else ''}")
 
 
 def test_reformer_folded_and_masked_view_from_clean_parts():
@@ -49,10 +68,11 @@ def test_reformer_folded_and_masked_view_from_clean_parts():
     token = torch.randn(10, generator=g, dtype=torch.float64)
     masked = torch.rand(nbr.shape[0], generator=g) < 0.6
     clean = layer.linear_parts(x, pre=pre)
-    torch.testing.assert_close(layer.mix(clean, nbr), _plain(layer, pre(x), nbr), atol=1e-12, rtol=1e-12)
+    depth = _layer_depth(10, 4, 8, pre=10)  # the reformer's GEMM over 10 (folded: W @ pre.weight over 10) first
+    _close(layer.mix(clean, nbr), _plain(layer, pre(x), nbr), depth, "reformer folded")
     view = torch.where(masked[:, None], token, x)
     from_parts = layer.mix(clean.where(masked, layer.linear_parts(token[None], pre=pre)), nbr)
-    torch.testing.assert_close(from_parts, _plain(layer, pre(view), nbr), atol=1e-12, rtol=1e-12)
+    _close(from_parts, _plain(layer, pre(view), nbr), depth, "masked view from clean parts")
 
 
 def test_multi_head_readout_with_tokens_equals_pooling_the_concatenation():
@@ -70,5 +90,8 @@ def test_multi_head_readout_with_tokens_equals_pooling_the_concatenation():
         rows = h[lo: lo + n][mask[lo: lo + n]]
         allx = torch.cat([rows, tokens[b]]) if valid[b] else rows
         a = torch.softmax(readout.scores(allx), 0)  # [n', H]
-        torch.testing.assert_close(pooled[b], a.T @ allx, atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(weights[lo: lo + n][mask[lo: lo + n]], a[: rows.shape[0]], atol=1e-12, rtol=1e-12)
+        # the scores over the head width 4 (+ scale), the merge of the rows' and tokens' softmax groups (~8
+        # elementwise steps), the softmax over the n' <= 9 rows and tokens (+ 3); the pooled sum over them
+        weights_depth = 4 + 1 + 8 + 9 + 3
+        _close(pooled[b], a.T @ allx, weights_depth + 9, "readout with tokens: pooled")
+        _close(weights[lo: lo + n][mask[lo: lo + n]], a[: rows.shape[0]], weights_depth, "readout with tokens: weights")

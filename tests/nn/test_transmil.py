@@ -13,8 +13,66 @@ import torch.nn.functional as F
 from fastmil.bags import Bags
 from fastmil.nn import TransMIL
 from fastmil.nn.transmil import moore_penrose_pinv
+from tests.nn.gradient_terms import close_grads, gradient_terms
+from tests.tolerance import check_close, rounding_bound
 
-TOL = {"rtol": 1e-9, "atol": 1e-11}  # fp64; the packed and per-bag paths differ in summation order only
+FAMILY = "nn.transmil"
+D, E, HEAD, M, ITERATIONS = 10, 16, 8, 4, 6  # _model's sizes: features, embedding, head width, landmarks, pinv steps
+
+
+# Depths (tests/tolerance.py) of one fp64 result's chain for a bag of n rows; every comparison here has two computed
+# sides with their own rounding orders, so it allows twice the chain's bound.
+def _length(n: int) -> int:
+    """The bag's sequence: the class token and the squared grid of its n rows (>= 1 token)."""
+    return math.ceil(math.sqrt(max(n, 1))) ** 2 + 1
+
+
+def _attention_depth(n: int, exact: bool) -> int:
+    """One layer ``x + to_out(attention(LayerNorm(x)))``: the LayerNorm (mean and variance over E, + 4), the qkv
+    projection over E; exact: scores over the head width (+ scale), the softmax over the L tokens (+ 3), the sum
+    over L; Nystrom (L padded to a multiple of M): the landmark means over a group (+ 1), the scores over the head
+    width and the softmax over L (+ 3) of the third kernel and its product with v over L, the pseudo-inverse (its
+    normalisation over 2M, + 1, then per iteration 5 products over M, + 4) and the two products over M; the
+    residual convolution over 33 taps (+ 1), to_out over E (+ bias), the residual add."""
+    length = _length(n)
+    core = HEAD + 1 + length + 3 + length
+    if not exact:
+        padded = math.ceil(length / M) * M
+        pinv = 2 * M + 1 + ITERATIONS * (5 * M + 4)
+        core = padded // M + 1 + HEAD + padded + 3 + padded + pinv + 2 * M
+    return 2 * E + 4 + E + core + 33 + 1 + E + 2
+
+
+def _features_depth(n: int, exact: bool) -> int:
+    """The final token features: the embedding over D (+ 2), layer 1, PPEG (7x7, 5x5 and 3x3 taps, + 4), layer 2,
+    the final LayerNorm (2 E + 4)."""
+    return D + 2 + 2 * _attention_depth(n, exact) + 49 + 25 + 9 + 4 + 2 * E + 4
+
+
+def _logits_depth(n: int, exact: bool) -> int:
+    return _features_depth(n, exact) + E + 1  # the classifier over E (+ bias)
+
+
+def _weights_depth(n: int, exact: bool) -> int:
+    """The heatmap attention: layer 2's input (all but its attention and the final LayerNorm), its LayerNorm and
+    query/key projections, the class token's scores over the head width (+ scale), the softmax over the grid
+    (+ 3), the mean over heads (+ 2), the sum of a row's repeats (+ 1)."""
+    before = _features_depth(n, exact) - _attention_depth(n, exact) - (2 * E + 4)
+    return before + 2 * E + 4 + E + HEAD + 1 + _length(n) + 3 + 2 + 1
+
+
+def _grad_depth(n: int, exact: bool, total: int) -> int:
+    """A gradient: the logits' chain, the cross-entropy (+ 6), the backward through the same reductions (as long
+    again), the sum over the batch's ``total`` sequence rows into the parameter."""
+    return 2 * (_logits_depth(n, exact) + 6) + total
+
+
+def _bound(depth: int) -> float:
+    return 2 * rounding_bound(depth, torch.float64)
+
+
+def _close(actual, expected, depth: int, what: str) -> None:
+    check_close(actual, expected, _bound(depth), FAMILY, what)
 
 
 def _model(attention: str = "nystrom", landmarks: int = 4) -> TransMIL:
@@ -98,18 +156,25 @@ def test_each_bag_equals_the_published_computation(attention):
     mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[0] = True
     out = model.forward_all(bags, mask=mask)
+    exact = attention == "exact"
     for b in range(len(bags)):
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
         keep = mask[lo:hi]
-        logits, weights, final = _reference_bag(model, bags.features[lo:hi][keep], exact=attention == "exact")
-        torch.testing.assert_close(out.logits[b], logits, **TOL)
-        torch.testing.assert_close(out.attention[lo:hi][keep], weights, **TOL)
-        torch.testing.assert_close(out.instance_embedding[lo:hi][keep], final, **TOL)
+        logits, weights, final = _reference_bag(model, bags.features[lo:hi][keep], exact=exact)
+        n = int(keep.sum())
+        _close(out.logits[b], logits, _logits_depth(n, exact), f"{attention} logits vs published")
+        _close(out.attention[lo:hi][keep], weights, _weights_depth(n, exact), f"{attention} heatmap vs published")
+        _close(out.instance_embedding[lo:hi][keep], final, _features_depth(n, exact), f"{attention} features")
         assert torch.all(out.instance_embedding[lo:hi][~keep] == 0)
         instance = (final @ model.classifier.weight.T) * weights[:, None] + model.classifier.bias  # MHIM's scores
-        torch.testing.assert_close(model.instance_logits(out)[lo:hi][keep], instance, **TOL)
+        # the product of the features through the classifier (over E) and the weight: both chains (+ 2)
+        _close(model.instance_logits(out)[lo:hi][keep], instance,
+               _features_depth(n, exact) + E + _weights_depth(n, exact) + 2, f"{attention} instance logits")
         assert torch.all(out.attention[lo:hi][~keep] == 0)
-        assert float(out.attention[lo:hi].detach().sum()) == pytest.approx(1.0, abs=1e-12)
+        # the weights' sum: their chain and the sum over the grid
+        check_close(out.attention[lo:hi].detach().sum(), torch.tensor(1.0, dtype=torch.float64),
+                    rounding_bound(_weights_depth(n, exact) + _length(n), torch.float64), FAMILY,
+                    f"{attention} heatmap sums to one")
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -125,18 +190,22 @@ def test_packed_batch_equals_each_bag_alone_outputs_and_gradients(masked):
     out = model.forward_all(bags, mask=mask)
     F.cross_entropy(out.logits, target, reduction="sum").backward()
     packed = {k: p.grad.clone() for k, p in model.named_parameters()}
+    terms = gradient_terms(model, lambda: F.cross_entropy(model.forward_all(bags, mask=mask).logits, target,
+                                                          reduction="sum"))
     model.zero_grad()
     total = 0.0
     for b in range(len(bags)):
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
         one = model.forward_all(bags[b], mask=None if mask is None else mask[lo:hi])
-        torch.testing.assert_close(one.logits[0], out.logits[b], **TOL)
-        torch.testing.assert_close(one.attention, out.attention[lo:hi], **TOL)
-        torch.testing.assert_close(one.bag_embedding[0], out.bag_embedding[b], **TOL)
+        n = hi - lo if mask is None else int(mask[lo:hi].sum())
+        _close(one.logits[0], out.logits[b], _logits_depth(n, False), "per-bag logits")
+        _close(one.attention, out.attention[lo:hi], _weights_depth(n, False), "per-bag heatmap")
+        _close(one.bag_embedding[0], out.bag_embedding[b], _features_depth(n, False), "per-bag embedding")
         total = total + F.cross_entropy(one.logits, target[b : b + 1], reduction="sum")
     total.backward()
-    for key, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, packed[key], **TOL, msg=key)
+    n_max, rows = max(bags.offsets.diff().tolist()), sum(_length(n) for n in bags.offsets.diff().tolist())
+    close_grads({k: p.grad for k, p in model.named_parameters()}, packed, _bound(_grad_depth(n_max, False, rows)),
+                FAMILY, "per-bag grad", terms)
 
 
 def test_masked_instances_have_no_effect():
@@ -145,6 +214,7 @@ def test_masked_instances_have_no_effect():
     mask = torch.rand(bags.n_instances, generator=torch.Generator().manual_seed(5)) > 0.4
     mask[0] = True
     results = []
+    terms = gradient_terms(model, lambda: model.forward_all(bags, mask=mask).logits.sum())
     for shift in (0.0, 1e3):
         features = bags.features.clone()
         features[~mask] += shift
@@ -153,10 +223,12 @@ def test_masked_instances_have_no_effect():
         out.logits.sum().backward()
         results.append((out.logits.detach(), out.attention.detach(), {k: p.grad.clone()
                                                                        for k, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
-    torch.testing.assert_close(results[1][1], results[0][1], **TOL)
-    for key in results[0][2]:
-        torch.testing.assert_close(results[1][2][key], results[0][2][key], **TOL, msg=key)
+    sizes = [int(m.sum()) for m in mask.split(bags.offsets.diff().tolist())]
+    n_max, rows = max(sizes), sum(_length(n) for n in sizes)
+    _close(results[1][0], results[0][0], _logits_depth(n_max, False), "masked rows moved: logits")
+    _close(results[1][1], results[0][1], _weights_depth(n_max, False), "masked rows moved: heatmap")
+    close_grads(results[1][2], results[0][2], _bound(_grad_depth(n_max, False, rows)), FAMILY,
+                "masked rows moved: grad", terms)
 
 
 def test_extra_tokens_equal_instances_appended_to_their_bags():
@@ -176,14 +248,16 @@ def test_extra_tokens_equal_instances_appended_to_their_bags():
         offsets.append(offsets[-1] + part.shape[0])
     ref = model.aggregate(torch.cat(rows), torch.tensor(offsets))
     offsets = offsets[:-1]
-    torch.testing.assert_close(out.logits, ref.logits, **TOL)
-    torch.testing.assert_close(out.bag_embedding, ref.bag_embedding, **TOL)
+    n = 20  # the largest sequence (bag 2: its tokens are invalid)
+    _close(out.logits, ref.logits, _logits_depth(n, False) - (D + 2), "tokens: logits")  # from h: no embedding
+    _close(out.bag_embedding, ref.bag_embedding, _features_depth(n, False) - (D + 2), "tokens: embedding")
     for b in range(3):  # each bag's unmasked rows come first in its reference bag
         lo, hi = int(bags.offsets[b]), int(bags.offsets[b + 1])
         keep = mask[lo:hi]
         rows = slice(offsets[b], offsets[b] + int(keep.sum()))
-        torch.testing.assert_close(out.attention[lo:hi][keep], ref.attention[rows], **TOL)
-        torch.testing.assert_close(out.instance_embedding[lo:hi][keep], ref.instance_embedding[rows], **TOL)
+        _close(out.attention[lo:hi][keep], ref.attention[rows], _weights_depth(n, False) - (D + 2), "tokens: heatmap")
+        _close(out.instance_embedding[lo:hi][keep], ref.instance_embedding[rows], _features_depth(n, False) - (D + 2),
+               "tokens: features")
     assert float(out.attention[:3].detach().sum()) < 1.0  # bag 0's tokens take a share
 
 
@@ -204,13 +278,20 @@ def test_bf16_autocast_keeps_the_attention_core_in_fp32(monkeypatch):
         half = model.forward_all(bags)
     assert seen == [torch.float32] * 4  # two layers, two bags
     assert half.attention.dtype == torch.float32 and torch.isfinite(half.logits).all()
-    torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.05)
+    # bf16 roundings on the chain into a logit (each against the fp32 model's value): a bf16 GEMM or convolution
+    # rounds its two operands and its output (3 each): the embedding, per layer qkv and to_out, PPEG's three
+    # convolutions, the classifier: 3 x (1 + 2 x 2 + 3 + 1) = 27; the fp32 roundings are negligible beside them
+    check_close(half.logits.float(), full.logits, rounding_bound(27, torch.bfloat16), FAMILY, "bf16 autocast logits")
 
 
 def test_moore_penrose_iterations_converge_to_the_inverse_of_a_softmax_kernel():
     a = torch.softmax(torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
-    z = moore_penrose_pinv(a, 30)
-    torch.testing.assert_close(z, torch.linalg.pinv(a), rtol=1e-8, atol=1e-8)
+    z = moore_penrose_pinv(a, 30)  # converged after ~15 iterations: what is left is rounding
+    # the pseudo-inverse's forward error is its condition number times the backward error: at the fixed point one
+    # iteration's chain (5 products over 6, + 4) against the SVD's (about as long)
+    condition = float(torch.linalg.cond(a).max())
+    check_close(z, torch.linalg.pinv(a), 2 * rounding_bound(5 * 6 + 4, torch.float64, condition), FAMILY,
+                "Newton-Schulz pseudo-inverse")
 
 
 def test_config_checks():

@@ -7,10 +7,12 @@ few fp32 roundings of the fp64 reference evaluated on the same (dtype-rounded) i
 dtype (grads of fp16/bf16 tensors) within one unit of that dtype's last place. The CUDA-only test at the end
 checks the GPU's TF32 weighted sums against a reference that applies the same rounding.
 
-Tolerances (largest error measured over all cases of a test, then about 3x): pooled 1.2e-6 relative to the
-tensor's largest value; weights 1.7e-6 per element, relative to the element; grad values (fp32) 6.2e-7 per bag,
-relative to the bag's largest value; grad scores 4.9e-7 per bag, relative to the magnitude of the two terms that
-cancel in ``a (u - c)``. Rounding the weights to fp16 before pooling gives ~1e-4 and fails.
+Tolerances follow tests/tolerance.py (bounds derived from each case's own shapes, checked on every CPU code path):
+pooled: depth 2n + 2 (the bag's softmax normaliser, then its weighted sum) times the cancellation of the weighted
+sum (``pooled_condition``); weights: per element, ``sqrt(n) + |ln w| + 1`` (``softmax_weight_ratio``); grad values
+(fp32): depth n + 2 per bag; grad scores: depth D + n + 4 relative to the magnitude of the two terms that cancel in
+``a (u - c)``; fp16/bf16 gradients: one unit in the last place of their dtype on top. Rounding the weights to fp16
+before pooling gives ~1e-4 and fails.
 """
 import inspect
 import math
@@ -27,21 +29,39 @@ from tests.ragged import (
     SMALL_SIZES,
     STRIDED_DIM,
     WIDE_DIM,
-    elementwise_error,
     make_mask,
     offsets_of,
     per_bag_error,
     relative_error,
     strided,
 )
+from tests.tolerance import (
+    check,
+    max_bag,
+    output_rounding,
+    pooled_condition,
+    rounding_bound,
+    softmax_weight_ratio,
+)
 
-TOL_POOLED = 4e-6
-TOL_WEIGHTS = 5e-6
-TOL_GRAD_VALUES = 2e-6
-TOL_GRAD_SCORES = 2e-6
-# an output stored in the input dtype is the fp32 result rounded once: within one unit in the last place of the
-# bag's largest value (the interpreter truncates fp32 -> bf16 instead of rounding to nearest, hence a full ulp)
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+FAMILY = "attention_pool"
+
+
+def _family(dtype):
+    """fp16/bf16 gradients are checked against one unit of their last place, a bound that one rounding can come close
+    to by construction: they are reported apart from the fp32 roundings."""
+    return FAMILY if dtype == torch.float32 else f"{FAMILY} ({str(dtype)[6:]} output)"
+
+
+def _pooled_bound(offsets, condition=1.0):
+    """The pooled vectors' bound: the bag's softmax normaliser (n terms), its weighted sum (n terms), the division
+    and the exp, scaled by the cancellation of the weighted sum."""
+    return rounding_bound(2 * max_bag(offsets) + 2, condition=condition)
+
+
+def _grad_bound(depth, dtype):
+    """A gradient of ``depth`` fp32 roundings, stored in ``dtype`` (one more rounding of that dtype)."""
+    return rounding_bound(depth) + (output_rounding(dtype) if dtype != torch.float32 else 0.0)
 
 
 def _case(sizes, dim, heads, dtype, mask_kind, seed=0):
@@ -95,22 +115,32 @@ def _cancellation_scale(weights, values, offsets, grads):
     return scale[:, 0] if squeeze else scale
 
 
+def _check_grad_scores(grad_s, r_grad_s, scale, offsets, dim, dtype):
+    """Per bag, the scores' gradient against the magnitude of the two terms that cancel in it (``scale``, from
+    ``_cancellation_scale``): depth D + n + 4 (``u_i = g . v_i`` over D, ``c = sum_j a_j u_j`` over the bag)."""
+    err = (grad_s.double() - r_grad_s).abs()
+    bound = _grad_bound(dim + max_bag(offsets) + 4, dtype)
+    bounds = offsets.tolist()
+    worst = 0.0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            worst = max(worst, float(err[lo:hi].max()) / max(float(scale[lo:hi].max()), 1e-300))
+    check(worst, bound, _family(dtype), "grad scores")
+
+
 def _check(actual, expected, offsets, values, mask, dtype, grads):
     pooled, weights, grad_s, grad_v = actual
     r_pooled, r_weights, r_grad_s, r_grad_v = expected
     assert pooled.dtype == weights.dtype == torch.float32
     assert grad_s.dtype == dtype and grad_v.dtype == dtype
-    assert relative_error(pooled, r_pooled) <= TOL_POOLED
-    assert elementwise_error(weights, r_weights, floor=1e-30) <= TOL_WEIGHTS
-    tol_v = ULP.get(dtype, TOL_GRAD_VALUES)
-    assert per_bag_error(grad_v, r_grad_v, offsets) <= tol_v
+    condition = pooled_condition(r_weights, values, offsets, r_pooled)
+    check(relative_error(pooled, r_pooled), _pooled_bound(offsets, condition), FAMILY, "pooled")
+    check(softmax_weight_ratio(weights, r_weights, offsets), 1.0, FAMILY, "weights")
+    # grad_v_i = w_i g_b (+ the weights' upstream term): the weight's error, relative to the bag's largest row
+    check(per_bag_error(grad_v, r_grad_v, offsets), _grad_bound(max_bag(offsets) + 2, dtype), _family(dtype),
+          "grad values")
     scale = _cancellation_scale(r_weights, values, offsets, grads)
-    err = (grad_s.double() - r_grad_s).abs()
-    bounds = offsets.tolist()
-    tol_s = ULP.get(dtype, TOL_GRAD_SCORES)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            assert float(err[lo:hi].max()) <= tol_s * max(float(scale[lo:hi].max()), 1e-300), (lo, hi)
+    _check_grad_scores(grad_s, r_grad_s, scale, offsets, values.shape[1], dtype)
     if mask is not None:
         assert torch.all(weights[~mask] == 0) and torch.all(grad_s[~mask] == 0) and torch.all(grad_v[~mask] == 0)
 
@@ -168,7 +198,9 @@ def test_weights_sum_to_one_per_bag_and_zero_on_masked(backend):
         seg = w[offsets[b] : offsets[b + 1]]
         m = mask[offsets[b] : offsets[b + 1]]
         assert torch.all(seg[~m] == 0)
-        assert abs(float(seg.sum()) - 1.0) < 1e-6
+        # each weight within its softmax bound (sqrt(n) + |ln w| + 1), then this sum's own n roundings
+        extra = float(torch.log(seg[m].double()).abs().max())
+        check(abs(float(seg.sum()) - 1.0), rounding_bound(2 * seg.numel() + 1, extra=extra), FAMILY, "sum of weights")
     assert float(w[5]) == 1.0
 
 
@@ -178,7 +210,8 @@ def test_empty_bags_pool_to_zero(backend):
     values = torch.randn(4, 3)
     pooled, w = attention_pool(scores, values, torch.tensor([0, 4, 4, 4]), backend=backend)
     assert torch.all(pooled[1:] == 0) and torch.isfinite(pooled).all()
-    assert abs(float(w.sum()) - 1.0) < 1e-6
+    extra = float(torch.log(w.double()).abs().max())
+    check(abs(float(w.sum()) - 1.0), rounding_bound(2 * 4 + 1, extra=extra), FAMILY, "sum of weights")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -198,8 +231,11 @@ def test_grad_of_scores_only(backend):
     pooled, _ = attention_pool(s, values, offsets, mask, backend=backend)
     pooled.sum().backward()
     s64 = scores.double().requires_grad_()
-    attention_pool_reference(s64, values.double(), offsets, mask)[0].sum().backward()
-    assert per_bag_error(s.grad, s64.grad, offsets) <= TOL_GRAD_SCORES
+    r_pooled, r_weights = attention_pool_reference(s64, values.double(), offsets, mask)
+    r_pooled.sum().backward()
+    grads = (torch.ones(2, 16, dtype=torch.float64), torch.zeros(scores.shape[0], dtype=torch.float64))
+    scale = _cancellation_scale(r_weights, values, offsets, grads)
+    _check_grad_scores(s.grad, s64.grad, scale, offsets, 16, torch.float32)
 
 
 def test_float64_torch_path_passes_gradcheck():
@@ -305,8 +341,10 @@ def test_gpu_tf32_weighted_sum_matches_a_reference_with_the_same_rounding(dtype)
     pooled, weights = attention_pool(scores.cuda(), values.cuda(), offsets.cuda(), mask.cuda(), backend="triton")
     _, ref_w = attention_pool_reference(scores.double(), values.double(), offsets, mask)
     ref = _tf32_tile_reference(scores, values, offsets, mask, pool_config(1, dtype).block_n)
-    assert elementwise_error(weights.cpu(), ref_w, floor=1e-30) <= TOL_WEIGHTS
-    assert relative_error(pooled.cpu(), ref) <= 5e-5
+    check(softmax_weight_ratio(weights.cpu(), ref_w, offsets), 1.0, FAMILY, "weights (GPU)")
+    # the TF32 rounding is in the reference: what remains is fp32 accumulation over the bag and the merge
+    condition = pooled_condition(ref_w, values, offsets, ref)
+    check(relative_error(pooled.cpu(), ref), _pooled_bound(offsets, condition), FAMILY, "pooled (GPU TF32)")
 
 
 @pytest.mark.parametrize("heads", [None, 3])
@@ -328,13 +366,18 @@ def test_log_sum_exp_output_and_its_gradient(heads, backend):
     ref_pooled, _ = attention_pool_reference(s64, v.detach().double(), offsets, mask)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool((lse[torch.isinf(lse)] < 0).all())
     finite = torch.isfinite(ref_lse)
-    assert relative_error(lse[finite], ref_lse[finite]) <= TOL_POOLED
+    # lse = m + log(sum exp(s - m)): the sum's n roundings (relative, so absolute in its log) plus the roundings
+    # of s - m and of m + log(...) at the size of the scores
+    lse_error = float((lse.detach()[finite].double() - ref_lse.detach()[finite]).abs().max())
+    check(lse_error, rounding_bound(max_bag(offsets), extra=2 * float(scores.abs().max()) + 2), FAMILY, "lse")
     g = torch.Generator().manual_seed(3)
     gl = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
     gp = torch.randn(ref_pooled.shape, generator=g, dtype=torch.float64)
     (torch.where(finite, lse.double() * gl, 0).sum() + (pooled.double() * gp).sum()).backward()
     (torch.where(finite, ref_lse * gl, 0).sum() + (ref_pooled * gp).sum()).backward()
-    assert per_bag_error(s.grad, s64.grad, offsets) <= TOL_GRAD_SCORES * 4
+    # the lse term adds gl_b w_i to the pooled term's a_i (u_i - c_b): same depth, relative to the bag's largest
+    check(per_bag_error(s.grad, s64.grad, offsets), _grad_bound(24 + max_bag(offsets) + 4, torch.float32), FAMILY,
+          "grad scores through lse")
 
 
 @pytest.mark.parametrize("kind", ["weights-column-slice", "pooled-broadcast"])
@@ -355,10 +398,17 @@ def test_sliced_and_broadcast_incoming_gradients(backend, kind):
     s, v = scores.detach().requires_grad_(), values.detach().requires_grad_()
     loss(*attention_pool(s, v, offsets, mask, backend=backend)).backward()
     s64, v64 = scores.double().requires_grad_(), values.double().requires_grad_()
-    loss(*attention_pool_reference(s64, v64, offsets, mask)).backward()
-    assert relative_error(s.grad, s64.grad) <= TOL_GRAD_SCORES
+    r_pooled, r_weights = attention_pool_reference(s64, v64, offsets, mask)
+    loss(r_pooled, r_weights).backward()
+    # the upstream gradients of the loss, for the cancellation scale of the scores' gradient
+    p0, w0 = r_pooled.detach().requires_grad_(), r_weights.detach().requires_grad_()
+    loss(p0, w0).backward()
+    scale = _cancellation_scale(r_weights, values, offsets, tuple(torch.zeros_like(t) if t.grad is None else t.grad
+                                                                    for t in (p0, w0)))
+    _check_grad_scores(s.grad, s64.grad, scale, offsets, dim, torch.float32)
     if kind == "pooled-broadcast":
-        assert per_bag_error(v.grad, v64.grad, offsets) <= TOL_GRAD_VALUES
+        check(per_bag_error(v.grad, v64.grad, offsets), _grad_bound(max_bag(offsets) + 2, torch.float32), FAMILY,
+              "grad values")
 
 
 
@@ -375,5 +425,6 @@ def test_peaked_softmax_leaves_no_subnormal_weights():
     tiny = torch.finfo(torch.float32).tiny
     assert not ((weights > 0) & (weights < tiny)).any()
     assert (weights > 0).sum() > n // 2  # only the underflowing tail was flushed
-    ref_pooled, _ = attention_pool_reference(scores.double(), values.double(), offsets)
-    assert relative_error(pooled, ref_pooled) < TOL_POOLED
+    ref_pooled, ref_weights = attention_pool_reference(scores.double(), values.double(), offsets)
+    condition = pooled_condition(ref_weights, values, offsets, ref_pooled)
+    check(relative_error(pooled, ref_pooled), _pooled_bound(offsets, condition), FAMILY, "pooled")

@@ -7,13 +7,16 @@ path runs the score GEMM with V and U rounded to fp16 (``score_weight_dtype``), 
 too; everything else is fp32 arithmetic in both paths (the interpreter computes dots in fp32, and under it the
 bf16 score GEMM is upcast). Hence fp32-level tolerances for every fp32 output whatever the input dtype.
 
-Tolerances (largest error measured over all cases, then about 3x): pooled 2.3e-6 relative to the tensor's
-largest value; weights 1.0e-5 per element, relative to the element (an fp32 error in a score of size ~20 is a
-relative error of the weight); grad h (fp32) 4.7e-6 per bag, relative to the bag's largest value, and one unit
-in the last place for fp16/bf16 grads; parameter grads 6.8e-6 relative to each tensor's largest value. Rounding
-the weights to fp16 before pooling gives ~2e-4 and fails.
+Tolerances follow tests/tolerance.py, from each case's shapes (D, hidden, bag sizes) and from ``score_error``: a score
+is a dot over hidden units of gated activations of two GEMMs over D, so its absolute error is ``sqrt(D + hidden)``
+roundings at the magnitude of the terms it sums (``_score_scale``); ``exp`` makes that a relative error of every
+weight. Pooled: the bag's softmax and weighted sum (depth 2n) plus the score error, times the weighted sum's
+cancellation; weights: ``softmax_weight_ratio``; grad h: per bag, depth n + 2(D + hidden) plus the score error;
+parameter grads: a sum over every row (depth N) plus the same. fp16/bf16 grads add one unit of their last place.
+Rounding the weights to fp16 before pooling gives ~2e-4 and fails.
 """
 import importlib
+import math
 
 import pytest
 import torch
@@ -27,23 +30,31 @@ from tests.ragged import (
     SMALL_SIZES,
     STRIDED_DIM,
     WIDE_DIM,
-    elementwise_error,
     make_mask,
     offsets_of,
     per_bag_error,
     relative_error,
     strided,
 )
+from tests.tolerance import (
+    check,
+    max_bag,
+    output_rounding,
+    pooled_condition,
+    rounding_bound,
+    softmax_weight_ratio,
+)
 
 gated_module = importlib.import_module("fastmil.ops.gated_attention_pool")  # the package exports the function
 
 DIM, HIDDEN = 40, 24  # neither a power of two: exercises the padded tails of every block
 PARAM_NAMES = ["v_weight", "v_bias", "u_weight", "u_bias", "w_weight", "w_bias"]
-TOL_POOLED = 7e-6
-TOL_WEIGHTS = 3e-5
-TOL_GRAD_H = 1.4e-5
-TOL_PARAMS = 2e-5
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # see tests/ops/test_attention_pool.py
+FAMILY = "gated_attention_pool"
+
+
+def _family(dtype):
+    """fp16/bf16 gradients: one unit of their last place on top, reported apart (see test_attention_pool.py)."""
+    return FAMILY if dtype == torch.float32 else f"{FAMILY} ({str(dtype)[6:]} output)"
 
 
 def _case(sizes, dtype, mask_kind, seed=0, dim=DIM, hidden=HIDDEN):
@@ -108,18 +119,65 @@ def _upstream(n_bags, n, dim, seed=1):
     return torch.randn(n_bags, dim, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
 
 
-def _check(actual, expected, offsets, mask, dtype):
+def _score_scale(h, params):
+    """The size of a score's rounding error in units of ``u sqrt(D + hidden)``, largest over the rows: the 2-norm of
+    the terms ``w_k g_k`` the score sums (a sum of terms of either sign errs by ~``u sqrt(K) |terms|_2``, not by
+    the worst case ``u K max|term|``), plus the inner GEMMs' errors ``u sqrt(D) |V_k * h|_2`` (and U's) carried to
+    the score by the slopes of the gate, ``|w_k d g_k / d a_k|``."""
+    h64 = h.detach().double()
+    v, bv, u, bu, w, bw = (p.detach().double() for p in params)
+    a, b = h64 @ v.T + bv, h64 @ u.T + bu
+    t, g = torch.tanh(a), torch.sigmoid(b)
+    # |V_k * h_i|_2 for every (row, unit): sqrt(h^2 @ (V^2)^T)
+    inner_v, inner_u = (h64.square() @ v.square().T).sqrt(), (h64.square() @ u.square().T).sqrt()
+    carried = ((1 - t.square()) * g * inner_v).abs() + (t * g * (1 - g) * inner_u).abs()
+    terms = (w[0] * t * g).square().sum(1).sqrt() + (w[0] * carried).square().sum(1).sqrt()
+    return float(terms.max()) if h.shape[0] else 0.0
+
+
+def _score_error(h, params):
+    """``sqrt(D + hidden) * _score_scale``: the score's absolute error in units of ``LAMBDA u`` (the ``extra`` of a
+    bound), counted twice: in the score itself and in the bag's log-sum-exp."""
+    dim, hidden = h.shape[1], params[0].shape[0]
+    return 2 * math.sqrt(dim + hidden) * _score_scale(h, params)
+
+
+def _grad_bound(depth, dtype, extra):
+    """A gradient of ``depth`` fp32 roundings plus the score error, stored in ``dtype`` (one more rounding)."""
+    return rounding_bound(depth, extra=extra) + (output_rounding(dtype) if dtype != torch.float32 else 0.0)
+
+
+def _check_grads(grad_h, r_grad_h, grad_p, r_grad_p, h, params, offsets, dtype, names=PARAM_NAMES[:-1]):
+    """grad h per bag (depth n + 2 (D + hidden)), each parameter gradient over every row (depth N + n + D + hidden),
+    both with the score error."""
+    dim, hidden, n = h.shape[1], params[0].shape[0], max_bag(offsets)
+    extra = _score_error(h, params)
+    if grad_h is not None:
+        check(per_bag_error(grad_h, r_grad_h, offsets), _grad_bound(n + 2 * (dim + hidden) + 4, dtype, extra),
+              _family(dtype), "grad h")
+    for name, got, ref in zip(names, grad_p, r_grad_p):
+        assert got.dtype == torch.float32
+        bound = _grad_bound(h.shape[0] + n + dim + hidden + 4, torch.float32, extra)
+        check(relative_error(got, ref), bound, FAMILY, f"grad {name}")
+
+
+def _check(actual, expected, offsets, mask, dtype, h, params, rounding=None):
     pooled, weights, grad_h, grad_p = actual
     r_pooled, r_weights, r_grad_h, r_grad_p = expected
     assert pooled.dtype == weights.dtype == torch.float32 and grad_h.dtype == dtype
-    assert relative_error(pooled, r_pooled) <= TOL_POOLED
-    assert elementwise_error(weights, r_weights, floor=1e-30) <= TOL_WEIGHTS
-    assert per_bag_error(grad_h, r_grad_h, offsets) <= ULP.get(dtype, TOL_GRAD_H)
-    for name, got, ref in zip(PARAM_NAMES[:-1], grad_p, r_grad_p):
-        assert got.dtype == torch.float32
-        assert relative_error(got, ref) <= TOL_PARAMS, name
+    if rounding is not None:  # the reference's score GEMM sees V and U rounded as the kernel's does
+        params = [p.to(rounding).float() if i in (0, 2) else p for i, p in enumerate(params)]
+    extra = _score_error(h, params)
+    condition = pooled_condition(r_weights, h, offsets, r_pooled)
+    # the bag's softmax and weighted sum (2n roundings), and the scores' error moving every weight
+    pooled_bound = rounding_bound(2 * max_bag(offsets) + 2, condition=condition, extra=extra * condition)
+    check(relative_error(pooled, r_pooled), pooled_bound, FAMILY, "pooled")
+    check(softmax_weight_ratio(weights, r_weights, offsets, _score_scale(h, params), h.shape[1] + params[0].shape[0]),
+          1.0, FAMILY, "weights")
+    _check_grads(grad_h, r_grad_h, grad_p[:5], r_grad_p[:5], h, params, offsets, dtype)
     # softmax ignores a shift of every score, so the exact gradient of w_bias is 0: compare on the scale of w
-    assert abs(float(grad_p[5])) <= TOL_PARAMS * float(r_grad_p[4].abs().max())
+    bound = _grad_bound(h.shape[0] + max_bag(offsets) + 4, torch.float32, extra)
+    check(abs(float(grad_p[5])) / float(r_grad_p[4].abs().max()), bound, FAMILY, "grad w_bias")
     if mask is not None:
         assert torch.all(weights[~mask] == 0)
 
@@ -134,7 +192,8 @@ def test_forward_and_all_gradients_match_fp64_reference(dtype, mask_kind, backen
         mask[offsets[:-1]] = True
     grads = _upstream(len(SIZES), sum(SIZES), DIM)
     actual = _run(h, params, offsets, mask, backend, grads)
-    _check(actual, _reference(h, params, offsets, mask, grads, _score_rounding(backend, dtype)), offsets, mask, dtype)
+    rounding = _score_rounding(backend, dtype)
+    _check(actual, _reference(h, params, offsets, mask, grads, rounding), offsets, mask, dtype, h, params, rounding)
     if mask_kind == "all-masked-bag":
         rows = slice(int(offsets[2]), int(offsets[3]))
         assert torch.all(actual[0][2] == 0) and torch.all(actual[1][rows] == 0)
@@ -151,7 +210,8 @@ def test_wide_features_and_every_hidden_pad(hidden, dtype, backend):
     h, params, offsets, mask = _case(SMALL_SIZES, dtype, "random", seed=7, dim=WIDE_DIM, hidden=hidden)
     grads = _upstream(len(SMALL_SIZES), sum(SMALL_SIZES), WIDE_DIM, seed=8)
     actual = _run(h, params, offsets, mask, backend, grads)
-    _check(actual, _reference(h, params, offsets, mask, grads, _score_rounding(backend, dtype)), offsets, mask, dtype)
+    rounding = _score_rounding(backend, dtype)
+    _check(actual, _reference(h, params, offsets, mask, grads, rounding), offsets, mask, dtype, h, params, rounding)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -169,7 +229,7 @@ def test_strided_inputs_and_outputs(layout, backend):
     assert not view.is_contiguous()
     actual = _run(view, params, offsets, mask_view[1::2], backend, grads)
     assert actual[2].shape == h.shape
-    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, torch.float32)
+    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, torch.float32, h, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,7 +248,7 @@ def test_chunks_of_one_bag(dtype, mask_kind, backend, monkeypatch):
     assert int(mask[3:].sum()) > 3 * 128
     grads = _upstream(len(sizes), sum(sizes), DIM)
     actual = _run(h, params, offsets, mask, "torch", grads)
-    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, dtype)
+    _check(actual, _reference(h, params, offsets, mask, grads, None), offsets, mask, dtype, h, params)
     assert torch.all(actual[2][~mask] == 0)
 
 
@@ -207,8 +267,7 @@ def test_edge_bags_and_grad_of_params_only(backend):
     pooled.square().sum().backward()
     p64 = [p.double().requires_grad_() for p in params]
     gated_attention_pool_reference(h.double(), *p64, offsets, mask)[0].square().sum().backward()
-    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
-        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
+    _check_grads(None, None, [p.grad for p in p1[:5]], [p.grad for p in p64[:5]], h, params, offsets, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch/recompute", "triton"])
@@ -351,10 +410,20 @@ def test_module_matches_unfused_chain():
     pool.zero_grad()
     chain = attention_pool(pool.scores(h), h, offsets, mask)
     chain[0].sum().backward()
-    torch.testing.assert_close(fused[0], chain[0])
-    torch.testing.assert_close(fused[1], chain[1])
-    for a, p in zip(fused_grads, pool.parameters()):
-        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+    # two fp32 computations of the same values in different orders: each within the bound, so the pair within twice
+    params = [pool.V.weight, pool.V.bias, pool.U.weight, pool.U.bias, pool.w.weight, pool.w.bias]
+    extra, n = _score_error(h, params), max_bag(offsets)
+    condition = pooled_condition(chain[1], h, offsets, chain[0])
+    pooled_bound = rounding_bound(2 * n + 2, condition=condition, extra=extra * condition)
+    check(relative_error(fused[0], chain[0]), 2 * pooled_bound, FAMILY, "module vs chain: pooled")
+    check(softmax_weight_ratio(fused[1], chain[1], offsets, _score_scale(h, params), DIM + HIDDEN), 2.0, FAMILY,
+          "module vs chain: weights")
+    bound = _grad_bound(h.shape[0] + n + DIM + HIDDEN + 4, torch.float32, extra)
+    for a, (name, p) in zip(fused_grads, pool.named_parameters()):
+        # the exact gradient of w.bias is 0 (softmax ignores a shift): compared on the scale of w.weight's
+        scale = float(pool.w.weight.grad.abs().max()) if name == "w.bias" else None
+        error = float((a - p.grad).abs().max()) / scale if scale else relative_error(a, p.grad)
+        check(error, 2 * bound, FAMILY, f"module vs chain: grad {name}")
 
 
 def test_float64_torch_path_passes_gradcheck():
@@ -399,13 +468,16 @@ def test_log_sum_exp_output_and_its_gradient(backend):
     ref_lse = torch.stack([torch.logsumexp(scores[lo:hi], 0) for lo, hi in zip(bounds[:-1], bounds[1:])])
     finite = torch.isfinite(ref_lse)
     assert not bool(finite[2]) and float(lse[2].detach()) == float("-inf")  # the all-masked bag
-    assert relative_error(lse[finite], ref_lse[finite]) <= TOL_POOLED
+    # absolute: the bag's sum (n roundings, relative, so absolute in its log), the scores' error, and the roundings
+    # of s - m and m + log(...) at the size of the scores
+    lse_error = float((lse.detach()[finite].double() - ref_lse.detach()[finite]).abs().max())
+    extra = _score_error(h, params) + 2 * float(scores.detach()[torch.isfinite(scores)].abs().max()) + 2
+    check(lse_error, rounding_bound(max_bag(offsets), extra=extra), FAMILY, "lse")
     gl = torch.randn(len(sizes), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.where(finite, lse.double() * gl, 0).sum().backward()
     torch.where(finite, ref_lse * gl, 0).sum().backward()
-    assert per_bag_error(h1.grad, h64.grad, offsets) <= TOL_GRAD_H
-    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
-        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
+    _check_grads(h1.grad, h64.grad, [p.grad for p in p1[:5]], [p.grad for p in p64[:5]], h, params, offsets,
+                 torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["column-slice", "broadcast"])
@@ -427,6 +499,5 @@ def test_sliced_and_broadcast_incoming_gradients(backend, kind):
     loss(gated_attention_pool(h1, *p1, offsets, mask, backend=backend)[0]).backward()
     h64, p64 = h.double().requires_grad_(), [p.double().requires_grad_() for p in params]
     loss(gated_attention_pool_reference(h64, *p64, offsets, mask)[0]).backward()
-    assert per_bag_error(h1.grad, h64.grad, offsets) <= TOL_GRAD_H
-    for name, got, ref in zip(PARAM_NAMES[:-1], p1, p64):
-        assert relative_error(got.grad, ref.grad) <= TOL_PARAMS, name
+    _check_grads(h1.grad, h64.grad, [p.grad for p in p1[:5]], [p.grad for p in p64[:5]], h, params, offsets,
+                 torch.float32)

@@ -12,6 +12,7 @@ from fastmil.survival import SurvivalRecord, group_logits, survival_nll
 from fastmil.train import TrainConfig, evaluate, fit, predict
 from fastmil.train.cv import cross_validate
 from fastmil.train.survival_task import SurvivalRun
+from tests.tolerance import check, rounding_bound
 
 DATA = SynthConfig(n_slides=300, dim=32, median_instances=500, min_instances=200, max_instances=1500, size_sigma=0.4,
                    survival=True, seed=1)
@@ -62,10 +63,18 @@ def test_step_loss_groups_a_patients_slides():
     run = SurvivalRun({"a": SurvivalRecord("p", 5.0, True), "b": SurvivalRecord("p", 5.0, True),
                        "c": SurvivalRecord("q", 1.0, False)}, [2.0, 4.0, 8.0], 0.25)
     bags = Bags.from_list([torch.zeros(2, 3)] * 3, ids=["a", "c", "b"])
-    logits = torch.randn(3, 4, dtype=torch.float64)
+    logits = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     grouped = group_logits(logits, torch.tensor([0, 1, 0]))  # p = mean of a and b, q = c
-    expected = survival_nll(grouped, torch.tensor([2, 0]), torch.tensor([True, False]), 0.25)
-    assert torch.allclose(run.loss_fn(logits, bags), expected.float(), rtol=1e-6)
+    expected = survival_nll(grouped, torch.tensor([2, 0]), torch.tensor([True, False]), 0.25)  # fp64 throughout
+    expected.backward()
+    actual = run.loss_fn(logits.detach(), bags)  # groups and takes the NLL in fp32
+    # depth: the patient mean of 2 slides (sum, division), logsigmoid (3), the cumsum over the 4 bins, the two log
+    # terms' sum, the alpha mix (3), the mean over the 2 patients and its division; the rounding of the logits to
+    # fp32 enters once, amplified by the loss's condition in them, sum |x dL/dx| / L
+    depth = 2 + 3 + 4 + 1 + 3 + 2 + 1
+    condition = float((logits.detach().abs() * logits.grad.abs()).sum() / expected.detach().abs())
+    check(abs(actual.item() - expected.item()) / abs(expected.item()), rounding_bound(depth, extra=condition),
+          "survival", "step loss fp32")
 
 
 def test_evaluate_and_predict_write_km_plots(cohort, trained, tmp_path):
