@@ -25,14 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The numeric tests (ops, modules, methods against their references) once more on another code path of torch's CPU
-# kernels: MKL's compatibility branch, ATen's scalar kernels, one thread (tests/README.md). .ci/run runs it.
+# The numeric tests (ops, modules, methods against their references) once more on other CPU code paths: MKL's
+# compatibility branch, ATen's scalar kernels, one thread, OpenBLAS's AVX kernels for the Triton interpreter's dots
+# (tests/README.md). .ci/run runs it.
 NUMERIC_TESTS ?= tests/ops tests/nn tests/methods
 
 test-numeric-path: $(STAMP)
-	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default FASTMIL_TORCH_THREADS=1 $(PY) -m pytest -q $(NUMERIC_TESTS)
+	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default FASTMIL_TORCH_THREADS=1 OPENBLAS_CORETYPE=Sandybridge \
+		$(PY) -m pytest -q $(NUMERIC_TESTS)
 
-# The whole suite once per code path (MKL_CBWR, ATEN_CPU_CAPABILITY, threads), tabulated in bench_out/code_paths/.
+# The whole suite once per code path (MKL_CBWR, ATEN_CPU_CAPABILITY, threads, OPENBLAS_CORETYPE; tests/code_paths.py),
+# tabulated in bench_out/code_paths/.
 test-code-paths: $(STAMP)
 	$(PY) -m tests.code_paths $(PYTEST_ARGS)
 

@@ -2,9 +2,10 @@
 [PYTEST ARGS...]`` (from the repository root, with the test environment's Python; ``make test-code-paths``).
 
 The paths (tests/tolerance.py): MKL's instruction-set branch (``MKL_CBWR``: on an AMD CPU MKL picks other kernels
-than on an Intel one, and this variable forces a branch on either), ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``)
-and the number of torch threads (``FASTMIL_TORCH_THREADS``, read by tests/conftest.py). Each setting gets one full
-run; the table lists passed / failed / time and the largest error-to-bound ratio per op family.
+than on an Intel one, and this variable forces a branch on either), ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``),
+the number of torch threads (``FASTMIL_TORCH_THREADS``, read by tests/conftest.py) and numpy's OpenBLAS kernels
+(``OPENBLAS_CORETYPE``: the Triton interpreter's ``tl.dot`` is a numpy matmul). Each setting gets one full run; the
+table lists exit code, passed / failed / errors / time and the largest error-to-bound ratio per op family.
 """
 from __future__ import annotations
 
@@ -18,17 +19,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VARIABLES = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "FASTMIL_TORCH_THREADS", "OPENBLAS_CORETYPE")
+"""What selects a code path: MKL's instruction-set branch, ATen's vectorised kernels, the torch thread count (read by
+tests/conftest.py) and the kernels of numpy's OpenBLAS, which computes the Triton interpreter's ``tl.dot``."""
+
 SETTINGS = [
     {},
-    {"MKL_CBWR": "COMPATIBLE"},
-    {"MKL_CBWR": "AVX2"},
-    {"MKL_CBWR": "AVX512"},
-    {"ATEN_CPU_CAPABILITY": "default"},
-    {"ATEN_CPU_CAPABILITY": "avx2"},
-    {"FASTMIL_TORCH_THREADS": "1"},
+    {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "FASTMIL_TORCH_THREADS": "1",
+     "OPENBLAS_CORETYPE": "Sandybridge"},
+    {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "FASTMIL_TORCH_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell"},
+    {"MKL_CBWR": "AVX512", "FASTMIL_TORCH_THREADS": "1", "OPENBLAS_CORETYPE": "SkylakeX"},
 ]
-"""One run each; ``{}`` is the machine's own path (MKL and ATen choose, torch's default thread count: 2 on the
-2-core machines of this project, so it is also the 2-thread run; the run's header line says how many)."""
+"""One full run each. ``{}`` is the machine's own path (every variable unset: MKL, ATen and OpenBLAS choose, torch
+its default thread count). The others combine one value of each variable, so that every value of every variable
+(``MKL_CBWR`` COMPATIBLE / AVX2 / AVX512, ``ATEN_CPU_CAPABILITY`` default / avx2, 1 and 2 threads, three OpenBLAS
+kernel sets) is exercised by a full run in 4 runs rather than 10; a failure names its run, and the variables can
+then be tried one at a time."""
 
 
 def _label(setting: dict[str, str]) -> str:
@@ -43,13 +49,16 @@ def _counts(output: str) -> dict[str, int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "code_paths")
+    parser.add_argument("--skip-native", action="store_true",
+                        help="leave out the machine's own path (make test runs it)")
     args, pytest_args = parser.parse_known_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], False
-    for setting in SETTINGS:
+    for setting in SETTINGS[1:] if args.skip_native else SETTINGS:
         label = _label(setting)
         report = args.out / f"tolerance-{len(rows)}.json"
-        env = {**os.environ, **setting, "FASTMIL_TOLERANCE_REPORT": str(report)}
+        inherited = {k: v for k, v in os.environ.items() if k not in VARIABLES}  # the caller's own choice is not one
+        env = {**inherited, **setting, "FASTMIL_TOLERANCE_REPORT": str(report)}
         start = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
                                 cwd=REPO, env=env, capture_output=True, text=True)
@@ -64,9 +73,10 @@ def main(argv: list[str]) -> int:
         print(f"{label:40s} exit {result.returncode}  {counts}  {seconds:.0f} s", flush=True)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     families = sorted({f for row in rows for f in row["ratios"]})
-    lines = ["| setting | passed | failed | skipped | time |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['counts'].get('passed', 0)} | {r['counts'].get('failed', 0)} | "
-              f"{r['counts'].get('skipped', 0)} | {r['seconds']} s |" for r in rows]
+    lines = ["| setting | exit | passed | failed | errors | skipped | time |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['exit']} | {r['counts'].get('passed', 0)} | {r['counts'].get('failed', 0)} | "
+              f"{r['counts'].get('errors', r['counts'].get('error', 0))} | {r['counts'].get('skipped', 0)} | "
+              f"{r['seconds']} s |" for r in rows]
     lines += ["", "| op family | largest error / bound over all settings |", "|---|---|"]
     lines += [f"| {f} | {max(r['ratios'].get(f, 0.0) for r in rows):.3f} |" for f in families]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -2,19 +2,26 @@
 test environment's Python).
 
 Each mutant is one small edit of the kind a real bug makes (a value rounded to fp16 on the way, a block offset
-dropped, a term left out, the wrong reverse slot). The harness applies it, runs the tests that guard the code, expects
-them to fail, and restores the file whatever happens. A mutant that survives means a tolerance (tests/tolerance.py)
-has become too loose to see that bug: the run exits 1 and names it. Not part of ``make test`` (each mutant reruns
-a slice of the suite); run it after changing a tolerance or a bound.
+dropped, a term left out, the wrong reverse slot). The harness applies it to a copy of the repository (the checkout
+is never touched, so a killed run leaves nothing mutated), runs the tests that guard the code there, and expects
+them to fail on an assertion. A mutant that survives means a tolerance (tests/tolerance.py) has become too loose to
+see that bug: the run exits 1 and names it. Not part of ``make test`` (each mutant reruns a slice of the suite); run
+it after changing a tolerance or a bound.
 """
 from __future__ import annotations
 
+import ast
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+COPIED = ("fastmil", "kernels", "tests", "pyproject.toml")
 
 
 @dataclass(frozen=True)
@@ -80,27 +87,63 @@ MUTANTS = [
            "        chunk = y[lo : lo + CHUNK_ROWS].relu_()\n",
            "        chunk = y[lo : lo + CHUNK_ROWS].relu_()\n        chunk.copy_(chunk.half())\n",
            ("tests/ops/test_linear_relu_dropout.py", "-k", "test_training_matches_reference")),
-    Mutant("segment_softmax: weights rounded to fp16", "fastmil/ops/attention_pool.py",
-           "weights, lse = segment_softmax(scores, offsets, mask, bounds)  # [N, H], [B, H] fp32",
-           "weights, lse = segment_softmax(scores, offsets, mask, bounds)  # [N, H], [B, H] fp32\n"
-           "        weights = weights.half().float()",
+    Mutant("segment_softmax: weights rounded to fp16 (vectorised path)", "fastmil/ops/_segments.py",
+           "    weights = e / safe[bag]\n", "    weights = (e / safe[bag]).half().float()\n",
+           ("tests/ops/test_segments.py", "-k", "with_empty_masked_and_peaked_bags and vectorised")),
+    Mutant("attention_pool: the softmax gradient's bag term rounded to fp16 (torch backward)",
+           "fastmil/ops/attention_pool.py",
+           "per_bag = segment_sum(wg, offsets)", "per_bag = segment_sum(wg, offsets).half().float()",
            ("tests/ops/test_attention_pool.py", "-k", "test_grad_of_scores_only and torch")),
+    Mutant("reconstruction_loss: the cosine rounded to fp16", "fastmil/ops/reconstruction_loss.py",
+           "        cos = dot / (p_norm * t_norm)\n", "        cos = (dot / (p_norm * t_norm)).half().to(acc)\n",
+           ("tests/methods/test_srmil.py", "-k", "test_reconstruction_loss_equals_an_fp64_formula")),
+    Mutant("DSMIL: the critical-query scores rounded to fp32 (fp64 model against the published computation)",
+           "fastmil/nn/dsmil.py",
+           "in enumerate(zip(edges[:-1], edges[1:]))]) * scale  # [N, C]",
+           "in enumerate(zip(edges[:-1], edges[1:]))]).float().to(h.dtype) * scale  # [N, C]",
+           ("tests/nn/test_backbones.py", "-k", "test_backbones_equal_the_published_computation_per_bag and dsmil")),
 ]
 
 
+def _copy_repository(into: Path) -> None:
+    """The package, its kernels and the tests, laid out as the editable install maps them (``fastmil.kernels`` is
+    ``kernels/``): run from ``into``, Python imports this copy before the installed checkout."""
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, into / name)
+    (into / "fastmil" / "kernels").symlink_to(Path("..") / "kernels")
+
+
+def _failed_on_assertions(output: str) -> bool:
+    """True if pytest's summary lists failures and every one of them is an assertion (not an import, compile or
+    indexing error, which would mean the mutant broke the code rather than being caught by a check)."""
+    failures = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return bool(failures) and all(line.startswith("FAILED") and "AssertionError" in line for line in failures)
+
+
 def run(mutant: Mutant) -> bool:
-    """Apply, test, restore; True if the tests failed (the mutant was killed)."""
-    path = REPO / mutant.path
-    original = path.read_text()
+    """Apply to a copy, test there; True if the tests failed on an assertion (the mutant was killed)."""
+    original = (REPO / mutant.path).read_text()
     if original.count(mutant.old) != 1:
         raise SystemExit(f"{mutant.name}: the text to mutate is not found exactly once in {mutant.path}")
-    try:
-        path.write_text(original.replace(mutant.old, mutant.new))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
-                                cwd=REPO, capture_output=True, text=True)
-    finally:
-        path.write_text(original)
-    return result.returncode == 1
+    mutated = original.replace(mutant.old, mutant.new)
+    if mutant.path.endswith(".py"):
+        ast.parse(mutated, mutant.path)  # a mutant that does not parse is a broken harness entry, not a survivor
+    with tempfile.TemporaryDirectory(prefix="fastmil-mutant-") as tmp:
+        root = Path(tmp)
+        _copy_repository(root)
+        (root / mutant.path).write_text(mutated)
+        env = {**os.environ, "FASTMIL_SHARED_DATA": str(REPO.parent / "shared" / "data"), "COLUMNS": "1000"}
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-rfE",
+                                     *mutant.tests], cwd=root, env=env, capture_output=True, text=True,
+                                    timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return False
+    return result.returncode == 1 and _failed_on_assertions(result.stdout)
 
 
 def main(names: list[str]) -> int:

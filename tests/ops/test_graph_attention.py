@@ -15,7 +15,7 @@ import torch
 
 from fastmil.ops import graph_attention, graph_attention_reference, grid_neighbours
 from fastmil.ops.grid_neighbours import check_stencil
-from tests.tolerance import LAMBDA, check, output_rounding, unit_roundoff
+from tests.tolerance import LAMBDA, check, family_of, output_rounding, unit_roundoff
 
 
 def _batch(sizes, radius, seed=0):
@@ -168,7 +168,7 @@ def test_half_inputs_accumulate_in_fp32(dtype, backend):
     assert got[0].dtype == dtype and got[1][0].dtype == dtype
     # fp32 accumulation, then one rounding to the output dtype (relative to the output's largest value)
     bounds = _bounds(x, nbr, src, dst, grad.to(dtype), True, saved_dtype=dtype if backend == "triton" else None)
-    _check(got, want, bounds, extra=output_rounding(dtype), family=f"{FAMILY} ({str(dtype)[6:]} output)")
+    _check(got, want, bounds, extra=output_rounding(dtype), family=family_of(FAMILY, dtype))
 
 
 def test_bad_inputs():

@@ -30,12 +30,24 @@ def test_equals_the_module_chain_values_and_gradients():
     condition = float(xd.abs().max() / xd.std(1, unbiased=False).min())
     check(relative_error(out, ref), 2 * rounding_bound(2 * 19 + 4, torch.float64, condition=condition), FAMILY,
           "fp64 out vs chain")
-    # the backward sums over D (grad x) and over the 37 rows (grad w, b, a) of terms the size of the upstream
-    # gradient times the normalised values: relative to each gradient's largest value, with its cancellation
+    # the backward sums over D (grad x, per row) and over the 37 rows (grad w, b, a, per entry) terms that cancel:
+    # each relative to its largest value times the magnitude of its terms over that value (fp64, from the data)
+    with torch.no_grad():
+        std = xd.std(1, unbiased=False, keepdim=True)
+        normed = (xd - xd.mean(1, keepdim=True)) / std
+        y = normed * w + b
+        slope = torch.where(y > 0, torch.ones_like(y), a.detach().expand_as(y))
+        g_hat = (grad * slope * w).abs()  # the gradient reaching the normalised values
+        magnitudes = {
+            "x": (g_hat + g_hat.mean(1, keepdim=True) + normed.abs() * (g_hat * normed.abs()).mean(1, keepdim=True))
+            / std * condition,
+            "w": (grad * slope * normed).abs().sum(0),
+            "b": (grad * slope).abs().sum(0),
+            "a": (grad * y).abs()[y <= 0].sum(),
+        }
     for name, gg, ww in zip("xwba", got, want):
         depth = 3 * 19 + 37 + 8
-        magnitude = float((grad.abs().sum() if name in "ba" else grad.abs().max() * 19) * condition)
-        cond = max(magnitude / float(ww.abs().max()), 1.0)
+        cond = max(float(magnitudes[name].max()) / float(ww.abs().max()), 1.0)
         check(relative_error(gg, ww), 2 * rounding_bound(depth, torch.float64, condition=cond), FAMILY,
               f"fp64 grad {name} vs chain")
     assert torch.autograd.gradcheck(layer_norm_prelu, (x, w, b, a))

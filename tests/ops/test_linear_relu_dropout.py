@@ -18,7 +18,7 @@ from fastmil.nn import EmbedBlock
 from fastmil.ops import linear_relu_dropout
 from fastmil.ops.linear_relu_dropout import dropout_threshold, keep_rule
 from tests.ragged import relative_error
-from tests.tolerance import check, output_rounding, rounding_bound
+from tests.tolerance import check, family_of, output_rounding, rounding_bound
 
 op_module = importlib.import_module("fastmil.ops.linear_relu_dropout")  # the package exports the function
 FAMILY = "linear_relu_dropout"
@@ -187,7 +187,7 @@ def test_without_bias_and_in_bf16():
     want_b = torch.relu(xb.double() @ wb.double().T + bb.double())
     magnitude = xb.double().abs() @ wb.double().abs().T + bb.double().abs()
     check(relative_error(yb, want_b), _bound(xb.shape[1] + 2, magnitude, want_b) + output_rounding(torch.bfloat16),
-          f"{FAMILY} (bfloat16 output)", "y")
+          family_of(FAMILY, torch.bfloat16), "y")
     yb.float().sum().backward()
     assert xb.grad.dtype == wb.grad.dtype == bb.grad.dtype == torch.bfloat16
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from fastmil.ops import linear_relu_dropout
 from tests.ops.test_linear_relu_dropout import FAMILY, _bound, _case
 from tests.ragged import relative_error
-from tests.tolerance import check, output_rounding
+from tests.tolerance import check, family_of, half_rounding
 
 kernel_module = importlib.import_module("fastmil.kernels.linear_relu_dropout")
 
@@ -28,12 +28,7 @@ kernel_module = importlib.import_module("fastmil.kernels.linear_relu_dropout")
 def _y_bound(x, weight, bias, want, dtype=torch.float32):
     """y: a GEMM over D with the bias (depth D + 2), then its rounding to ``dtype``."""
     magnitude = x.double().abs() @ weight.double().abs().T + (0.0 if bias is None else bias.double().abs())
-    half = output_rounding(dtype) if dtype != torch.float32 else 0.0
-    return _bound(x.shape[1] + 2, magnitude, want) + half
-
-
-def _family(dtype):
-    return FAMILY if dtype == torch.float32 else f"{FAMILY} ({str(dtype)[6:]} output)"
+    return _bound(x.shape[1] + 2, magnitude, want) + half_rounding(dtype)
 
 
 def _run(x, weight, bias, p, training=True, seed=5):
@@ -54,7 +49,8 @@ def test_matches_reference_with_the_mask_it_drew(dtype, shape, p):
     keep = ((y.detach() != 0) | (pre <= 0)).double()
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     want = torch.relu(ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]) * keep / (1 - round(p * 65536) / 65536)
-    check(relative_error(y.double(), want), _y_bound(x, weight, bias, want, dtype), _family(dtype), "triton y")
+    family = family_of(FAMILY, dtype)
+    check(relative_error(y.double(), want), _y_bound(x, weight, bias, want, dtype), family, "triton y")
     upstream = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     (y.double() * upstream).sum().backward()
     (want * upstream).sum().backward()
@@ -64,9 +60,8 @@ def test_matches_reference_with_the_mask_it_drew(dtype, shape, p):
                                           (e + 2, n + 2, n + 2)):
         assert got.grad.dtype == dtype
         # the upstream gradient reaches the backward rounded to the dtype, and the result is rounded to it
-        half = 2 * output_rounding(dtype) * float(mag.max()) / float(ref.grad.abs().max()) if dtype != torch.float32 \
-            else 0.0
-        check(relative_error(got.grad.double(), ref.grad), _bound(depth, mag, ref.grad) + half, _family(dtype),
+        half = 2 * half_rounding(dtype) * float(mag.max()) / float(ref.grad.abs().max())
+        check(relative_error(got.grad.double(), ref.grad), _bound(depth, mag, ref.grad) + half, family,
               f"triton grad {name}")
     if n > 1:
         observed = pre > 0
@@ -169,8 +164,8 @@ def test_features_of_another_dtype_are_converted_in_registers():
     seed = torch.zeros(1, dtype=torch.int64)
     kernel_module.linear_relu_dropout_launch(x, w16, b16, y, seed, -32768, 1.0, False)()
     want = torch.relu(x.half().double() @ w16.double().T + b16.double())
-    check(relative_error(y.double(), want), _y_bound(x.half(), w16, b16, want, torch.float16), _family(torch.float16),
-          "triton y from converted features")
+    check(relative_error(y.double(), want), _y_bound(x.half(), w16, b16, want, torch.float16),
+          family_of(FAMILY, torch.float16), "triton y from converted features")
 
 
 def test_compute_dtype_follows_cuda_autocast(monkeypatch):

@@ -4,11 +4,12 @@ The reference forms the LayerNorm-ed rows and runs softmax + matmul per bag; the
 LayerNorm backward into one GEMM. Checked: outputs and the gradients of ``x`` and ``directions`` with upstream
 gradients on both outputs, on ragged bags (bag of 1, empty bag, all-masked bag, sparse and dense masks), strided
 views of ``x``, and ``gradcheck`` in fp64. Tolerances follow tests/tolerance.py, from each case's shapes: a logit is
-a dot over D of a LayerNorm-ed row (2D roundings for the row's mean and variance, D for the dot), so its absolute
-error is ``sqrt(3D)`` roundings at the size of its terms (``_logit_scale``), which ``exp`` makes a relative error
-of the weight; pooled adds the bag's softmax and weighted sum (2n), times the sum's cancellation; the gradients
-add the backward's passes over the bag and over D. Dropping the LayerNorm's mean term from ``grad_x`` gives ~1e-1
-and fails, so does leaving out the per-bag term of its row mean or the softmax's bag term.
+a dot over D of a LayerNorm-ed row, so its absolute error (``_logit_error``) has the dot's ``sqrt(D)`` roundings
+at the size of its terms and the LayerNorm's ``sqrt(2D)`` relative ones times the condition of the op's variance
+formula; ``exp`` makes it a relative error of the weight. Pooled adds the bag's softmax and weighted sum (2n),
+times the sum's cancellation; the gradients add the backward's passes over the bag and over D. Dropping the
+LayerNorm's mean term from ``grad_x`` gives ~1e-1 and fails, so does leaving out the per-bag term of its row mean
+or the softmax's bag term.
 """
 import pytest
 import torch
@@ -25,28 +26,38 @@ def _normed(x):
     return torch.nn.functional.layer_norm(x.detach().double(), (x.shape[1],))
 
 
-def _logit_scale(x, directions):
-    """A logit's rounding error in units of ``u sqrt(3D)``, largest over rows and directions: the 2-norm of the
-    terms ``n_id d_dm`` of its dot, plus the logit itself (the LayerNorm's relative error scales the whole row).
-    The op forms ``var = E[x^2] - mean^2``, whose condition ``1 + mean^2 / var`` is ~2.3 (at most ~6) on these
-    ReLU-like rows (the regime the op documents): a factor the bound's LAMBDA covers, asserted here so that other
-    data fail loudly."""
-    normed, d = _normed(x), directions.detach().double()
+def _layer_norm_condition(x):
+    """Per row, ``1 + mean^2 / var``: the condition of the op's ``var = E[x^2] - mean^2`` (``[N]``, fp64)."""
     x64 = x.detach().double()
-    if x.shape[0]:
-        assert float((x64.mean(1).square() / x64.var(1, unbiased=False).clamp_min(1e-300)).max()) < 8
-    terms = (normed.square() @ d.square()).sqrt()
-    return float((terms + (normed @ d).abs()).max()) if x.shape[0] else 0.0
+    return 1 + x64.mean(1).square() / x64.var(1, unbiased=False).clamp_min(1e-300)
+
+
+def _logit_error(x, directions):
+    """A logit's absolute rounding error in units of ``LAMBDA u``, largest over rows and directions: its dot over D
+    (``sqrt(D)`` times the 2-norm of the terms ``n_id d_dm``), and the LayerNorm's relative error scaling the whole
+    logit (the row's mean and variance sum D terms each, ``sqrt(2D)`` roundings, times ``_layer_norm_condition``)."""
+    if not x.shape[0]:
+        return 0.0
+    normed, d, dim = _normed(x), directions.detach().double(), x.shape[1]
+    dot = dim**0.5 * (normed.square() @ d.square()).sqrt()
+    layer_norm = (2 * dim) ** 0.5 * _layer_norm_condition(x)[:, None] * (normed @ d).abs()
+    return float((dot + layer_norm).max())
+
+
+def _logit_max(x, directions):
+    return float((_normed(x) @ directions.detach().double()).abs().max()) if x.shape[0] else 0.0
 
 
 def _bounds(x, directions, offsets, r_weights, r_pooled):
-    """(pooled, weights-scale, grad x, grad directions) bounds of one case (see the module docstring)."""
+    """(pooled, grad x, grad directions) bounds of one case: the bag's softmax and sums (depth), the logits' error
+    (in each logit and in its bag's lse) and the normalised rows' own relative error (``extra``)."""
     dim, n, total = x.shape[1], max_bag(offsets), max(x.shape[0], 1)
-    logit_error = 2 * (3 * dim) ** 0.5 * _logit_scale(x, directions)  # in the logit and in the bag's lse
+    normed_error = (2 * dim) ** 0.5 * float(_layer_norm_condition(x).max()) if x.shape[0] else 0.0
+    extra = 2 * _logit_error(x, directions) + normed_error
     condition = pooled_condition(r_weights, _normed(x), offsets, r_pooled)
-    pooled = rounding_bound(2 * n + 3 * dim + 4, condition=condition, extra=logit_error * condition)
-    grad_x = rounding_bound(2 * n + 4 * dim + 2 * M + 8, extra=logit_error)  # forward, then the bag and D again
-    grad_d = rounding_bound(total + 2 * n + 4 * dim + 8, extra=logit_error)  # summed over every row
+    pooled = rounding_bound(2 * n + 4, condition=condition, extra=extra * condition)
+    grad_x = rounding_bound(2 * n + 2 * dim + 2 * M + 8, extra=extra)  # the backward's passes over the bag and D
+    grad_d = rounding_bound(total + 2 * n + dim + 8, extra=extra)  # summed over every row
     return pooled, grad_x, grad_d
 
 
@@ -79,7 +90,8 @@ def _check(x, directions, offsets, mask, grads):
     assert got[0].dtype == got[1].dtype == torch.float32 and got[2].dtype == x.dtype
     pooled_bound, grad_x_bound, grad_d_bound = _bounds(x, directions, offsets, want[1], want[0])
     check(relative_error(got[0], want[0]), pooled_bound, FAMILY, "pooled")
-    weights_ratio = softmax_weight_ratio(got[1], want[1], offsets, _logit_scale(x, directions), 3 * x.shape[1])
+    weights_ratio = softmax_weight_ratio(got[1], want[1], offsets, _logit_error(x, directions),
+                                         score_max=_logit_max(x, directions))
     check(weights_ratio, 1.0, FAMILY, "weights")
     check(per_bag_error(got[2], want[2], offsets), grad_x_bound, FAMILY, "grad x")
     check(relative_error(got[3], want[3]), grad_d_bound, FAMILY, "grad directions")
