@@ -58,12 +58,16 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
-def pytest_report_header(config):
+def _code_path() -> str:
     import torch
 
-    paths = {name: os.environ.get(name, "unset") for name in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+    paths = {name: os.environ.get(name, "unset") for name in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE")}
     return (f"numeric code path: torch {torch.__version__}, {torch.get_num_threads()} thread(s), ATen CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}, " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+def pytest_report_header(config):
+    return _code_path()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -74,6 +78,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RATIOS:
         return
     terminalreporter.section("largest error / bound per family (tests/tolerance.py)")
+    terminalreporter.write_line(_code_path())
     for family in sorted(RATIOS):
         terminalreporter.write_line(f"{family:28s} {RATIOS[family]:.3f}  {WORST.get(family, '')}")
     report = os.environ.get("FASTMIL_TOLERANCE_REPORT")
@@ -82,4 +87,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
         rows = {family: {"ratio": RATIOS[family], "where": WORST.get(family, "")} for family in sorted(RATIOS)}
         detail = dict(sorted(DETAIL.items()))
-        Path(report).write_text(json.dumps({"families": rows, "quantities": detail}, indent=1) + "\n")
+        payload = {"code_path": _code_path(), "families": rows, "quantities": detail}
+        Path(report).write_text(json.dumps(payload, indent=1) + "\n")
