@@ -65,7 +65,9 @@ def merge_tiles_kernel(
 ):
     """Grid ``(B, H, cdiv(D, BLOCK_D))``. Combines the tiles ``bag_tiles[b]:bag_tiles[b+1]`` of bag ``b``:
     ``pooled[b, h] = sum_t exp(m_t - M) partial_t / L`` with ``M = max_t m_t``, ``L = sum_t exp(m_t - M) l_t``;
-    stores ``lse[b, h] = M + log L`` (``+inf`` and a zero vector when ``L == 0``: empty or all-masked bag).
+    stores ``lse[b, h] = M + log L`` (``+inf`` and a zero vector when ``L == 0``: empty or all-masked bag). A NaN
+    anywhere in a bag's scores (a corrupted row, an fp16 overflow) makes some ``l_t`` NaN: the tests are ``!= 0``,
+    never ``> 0``, so NaN reaches ``pooled`` and ``lse`` (as in torch) instead of turning the bag into an empty one.
     ``tile_max``/``tile_sum`` ``[T, H]``, ``partial [T, H, D]``, ``pooled [B, H, D]``, ``lse [B, H]``: fp32,
     contiguous (allocated by the launcher)."""
     b = tl.program_id(0)
@@ -88,7 +90,7 @@ def merge_tiles_kernel(
         t_ok = ts < t1
         m_t = tl.load(tile_max_ptr + ts * H + head, mask=t_ok, other=float("-inf"))
         l_t = tl.load(tile_sum_ptr + ts * H + head, mask=t_ok, other=0.0)
-        scale = tl.where(t_ok & (l_t > 0), tl.exp(m_t - m_safe), 0.0)
+        scale = tl.where(t_ok & (l_t != 0), tl.exp(m_t - m_safe), 0.0)
         l_acc += scale * l_t
         part = tl.load(
             partial_ptr + (ts.to(tl.int64)[:, None] * H + head) * D + cols[None, :],
@@ -96,10 +98,10 @@ def merge_tiles_kernel(
         )
         acc += tl.sum(scale[:, None] * part, axis=0)
     total = tl.sum(l_acc, axis=0)
-    pooled = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
+    pooled = tl.where(total != 0, acc / tl.where(total != 0, total, 1.0), 0.0)
     tl.store(pooled_ptr + (b.to(tl.int64) * H + head) * D + cols, pooled, mask=col_ok)
     if pid_d == 0:
-        lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("inf"))
+        lse = tl.where(total != 0, m_safe + tl.log(tl.where(total != 0, total, 1.0)), float("inf"))
         tl.store(lse_ptr + b * H + head, lse)
 
 

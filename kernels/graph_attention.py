@@ -101,7 +101,7 @@ def gat_fwd_kernel(
         denom = denom * scale + p
         acc = acc * scale[:, None] + p[:, None] * xj
         m = m_new
-    has_edges = denom > 0
+    has_edges = denom != 0  # NaN (a NaN score or feature) propagates; only a row without edges gives zeros
     inv = tl.where(has_edges, 1.0 / tl.where(has_edges, denom, 1.0), 0.0)
     tl.store(out_ptr + rows[:, None] * (HEADS * C) + h * C + cols[None, :],
              (acc * inv[:, None]).to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & in_cols[None, :])

@@ -83,8 +83,8 @@ def segment_softmax(
     bag_max = torch.where(torch.isfinite(bag_max), bag_max, torch.zeros_like(bag_max))
     e = torch.exp(s - bag_max[bag])  # exp(-inf) = 0 on masked rows
     denom = segment_sum(e, offsets)
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    lse = torch.where(denom > 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
+    safe = torch.where(denom != 0, denom, torch.ones_like(denom))  # != 0: a NaN sum propagates, only 0 is empty
+    lse = torch.where(denom != 0, bag_max + torch.log(safe), torch.full_like(denom, float("-inf")))
     weights = e / safe[bag]
     return _flush_subnormals_(weights), lse
 
@@ -121,8 +121,8 @@ def _softmax_per_bag(s: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, 
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all masked: exp(-inf - 0) = 0
         e = torch.sub(rows, top, out=weights[lo:hi]).exp_()
         denom = _column_reduce(e, partial(torch.sum, dtype=torch.float64), torch.sum)
-        e.div_(torch.where(denom > 0, denom, torch.ones_like(denom)).to(s.dtype))
-        lse[b] = torch.where(denom > 0, top + torch.log(denom).to(s.dtype), lse[b])
+        e.div_(torch.where(denom != 0, denom, torch.ones_like(denom)).to(s.dtype))
+        lse[b] = torch.where(denom != 0, top + torch.log(denom).to(s.dtype), lse[b])
     return _flush_subnormals_(weights), lse
 
 

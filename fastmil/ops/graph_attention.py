@@ -91,7 +91,7 @@ class _GraphAttentionTorch(torch.autograd.Function):
         alpha = torch.exp(e - m[:, None, :])
         alpha_self = torch.exp(e_self - m)
         total = alpha.sum(1) + alpha_self
-        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+        inv = torch.where(total != 0, 1.0 / total, torch.zeros_like(total))  # NaN propagates; no edge gives 0
         alpha *= inv[:, None, :]
         alpha_self *= inv
         xa = x.to(acc)

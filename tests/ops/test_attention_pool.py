@@ -432,3 +432,26 @@ def test_peaked_softmax_leaves_no_subnormal_weights():
     ref_pooled, ref_weights = attention_pool_reference(scores.double(), values.double(), offsets)
     condition = pooled_condition(ref_weights, values, offsets, ref_pooled)
     check(relative_error(pooled, ref_pooled), _pooled_bound(offsets, condition), FAMILY, "pooled")
+
+
+@pytest.mark.parametrize("where", ["score NaN", "score +inf", "value NaN"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_non_finite_input_gives_a_non_finite_bag_not_an_empty_one(where, backend):
+    """A corrupted row (NaN) or an overflowed score (+inf) makes its bag's pooled vector and gradients non-finite, as
+    torch's softmax does; zeros stay reserved for empty and all-masked bags. The other bags are untouched. (The tile
+    merge once tested ``l > 0``, which NaN fails: the bag came out as an empty one, zeros and lse = +inf.)"""
+    scores, values, offsets, _ = _case([100, 40, 1], 8, None, torch.float32, "none", seed=31)
+    if where == "value NaN":
+        values[5, 3] = float("nan")
+    else:
+        scores[5] = float("nan") if where == "score NaN" else float("inf")
+    s, v = scores.detach().requires_grad_(), values.detach().requires_grad_()
+    pooled, weights, lse = attention_pool(s, v, offsets, backend=backend, return_lse=True)
+    if where == "value NaN":
+        assert torch.isnan(pooled[0, 3]) and torch.isfinite(weights).all()
+    else:
+        assert torch.isnan(pooled[0]).all() and not torch.isfinite(lse[0]) and torch.isnan(weights[:100]).any()
+    assert torch.isfinite(pooled[1:]).all() and torch.isfinite(weights[100:]).all() and torch.isfinite(lse[1:]).all()
+    pooled.sum().backward()
+    assert not torch.isfinite(s.grad[:100]).all() or not torch.isfinite(v.grad[:100]).all()
+    assert torch.isfinite(s.grad[100:]).all() and torch.isfinite(v.grad[100:]).all()

@@ -508,3 +508,19 @@ def test_sliced_and_broadcast_incoming_gradients(backend, kind):
     loss(gated_attention_pool_reference(h64, *p64, offsets, mask)[0]).backward()
     _check_grads(h1.grad, h64.grad, [p.grad for p in p1[:5]], [p.grad for p in p64[:5]], h, params, offsets,
                  torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_non_finite_feature_gives_a_non_finite_bag_not_an_empty_one(bad, backend):
+    """A NaN or an overflowed (+inf) feature in one row makes its bag's pooled vector non-finite on both paths, as
+    torch's modules do, and leaves the other bags finite. On the Triton path an inf meets the zero-padded hidden
+    units (hidden 24 pads to 32: inf x 0 = NaN in a score), which the tile merge once turned into an empty bag."""
+    h, params, offsets, _ = _case([100, 40, 1], torch.float32, "none", seed=32)
+    h[5, 3] = bad
+    h1 = h.detach().requires_grad_()
+    pooled, weights = gated_attention_pool(h1, *params, offsets, backend=backend)
+    assert not torch.isfinite(pooled[0]).all()
+    assert torch.isfinite(pooled[1:]).all() and torch.isfinite(weights[100:]).all()
+    pooled[1:].sum().backward()  # the other bags' gradients reach no corrupted row
+    assert torch.isfinite(h1.grad[100:]).all()

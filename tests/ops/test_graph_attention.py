@@ -182,3 +182,30 @@ def test_bad_inputs():
         graph_attention(x, nbr, src[:, :1], dst)
     with pytest.raises(ValueError, match="negative_slope"):
         graph_attention(x, nbr, src, dst, negative_slope=-1.0)
+
+
+@pytest.mark.parametrize("where", ["score", "feature"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_non_finite_input_reaches_the_rows_that_attend_to_it(where, backend):
+    """A NaN source score or feature of one row (the one with most neighbours) makes the output of every row
+    with an edge to it NaN (its softmax or weighted sum), not zeros, and leaves the rows without such an edge and
+    their gradients finite. On a GPU ``max`` drops NaN, so the NaN arrives only in the softmax's sum, which the
+    kernel once tested with ``> 0`` (the no-edge branch: zeros); the interpreter's ``maximum`` propagates NaN, so
+    here this test guards the contract, not that particular bug."""
+    nbr = _batch([40, 25], 1, seed=7)
+    x, src, dst, grad = _inputs(nbr.shape[0], 2, 8, seed=8)
+    x, src, dst = x.float(), src.float(), dst.float()
+    bad = int((nbr >= 0).sum(1).argmax())
+    if where == "score":
+        src[bad, 0] = float("nan")
+    else:
+        x[bad, 0, 2] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, src, dst)]
+    out = graph_attention(leaves[0], nbr, leaves[1], leaves[2], backend=backend)
+    hears = (nbr == bad).any(1)
+    hears[bad] = True  # the self loop
+    assert hears.sum() > 1 and torch.isnan(out[hears]).any(dim=(1, 2)).all()
+    assert torch.isfinite(out[~hears]).all()
+    (out[~hears].float() * grad[~hears].float()).sum().backward()
+    clean = ~hears & ~(nbr[:, None, :] == torch.nonzero(hears)[:, 0][None, :, None]).any((1, 2))  # no edge to them
+    assert torch.isfinite(leaves[1].grad[clean]).all() and torch.isfinite(leaves[0].grad[clean]).all()

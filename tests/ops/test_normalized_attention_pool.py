@@ -178,3 +178,12 @@ def test_one_input_without_gradient(frozen, nan_filled_empty):
         check(relative_error(results[0], results[1]), grad_d_bound, FAMILY, "grad directions alone")
     else:
         check(per_bag_error(*results, offsets), grad_x_bound, FAMILY, "grad x alone")
+
+
+def test_a_nan_feature_gives_a_nan_bag_not_an_empty_one():
+    """A NaN in one row makes its bag's outputs NaN (the softmax's sum tests ``!= 0``, not ``> 0``), the other bags
+    stay finite."""
+    x, directions, offsets, _ = _case([30, 20, 1], "none", seed=6)
+    x[5, 3] = float("nan")
+    pooled, weights = normalized_attention_pool(x, directions, offsets)
+    assert torch.isnan(pooled[0]).any() and torch.isfinite(pooled[1:]).all() and torch.isfinite(weights[30:]).all()
