@@ -20,6 +20,7 @@ for unusual views) and writes every output with its own strides.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HEADS
@@ -151,6 +152,7 @@ class _AttentionPoolTriton(torch.autograd.Function):
         return pooled, weights, torch.where(torch.isposinf(lse), -lse, lse)  # log 0 = -inf for empty bags
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_pooled: torch.Tensor | None, grad_weights: torch.Tensor | None,
                  grad_lse: torch.Tensor | None):
         from ..kernels import attention_pool as k

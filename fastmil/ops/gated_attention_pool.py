@@ -37,6 +37,7 @@ recomputes otherwise.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels._launch import canonical
 from ..kernels.limits import MAX_HIDDEN
@@ -151,6 +152,7 @@ class _GatedPoolTorch(torch.autograd.Function):
 
     @staticmethod
     @no_autocast
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_pooled, grad_weights, grad_lse):
         (h, v_weight, v_bias, u_weight, u_bias, w_weight, w_bias, weights, pooled, offsets, acts,
          gathered) = ctx.saved_tensors
@@ -323,6 +325,7 @@ class _GatedPoolTriton(torch.autograd.Function):
         return pooled, weights, torch.where(torch.isposinf(lse), -lse, lse)  # log 0 = -inf for empty bags
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_pooled, grad_weights, grad_lse):
         from ..kernels import gated_attention_pool as k
 

@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..kernels._launch import canonical
 from ._backend import resolve_backend
@@ -105,6 +106,7 @@ class _GraphAttentionTorch(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_out):
         x, nbr, src, dst, alpha, alpha_self = ctx.saved_tensors
         slope = ctx.slope
@@ -154,6 +156,7 @@ class _GraphAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_out):
         from ..kernels import graph_attention as k
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["layer_norm_prelu"]
 
@@ -23,6 +24,7 @@ class _LayerNormPReLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_out):
         x, weight, bias, slope, mean, rstd = ctx.saved_tensors
         # two N x C temporaries at a time: the recomputed LayerNorm output, then the PReLU input gradient

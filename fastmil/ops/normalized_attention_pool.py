@@ -29,6 +29,7 @@ ReLU) have ``mean / sigma`` of order 1.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._autocast import no_autocast
 from ._backend import check_torch_only
@@ -110,6 +111,7 @@ class _NormalizedAttentionPool(torch.autograd.Function):
 
     @staticmethod
     @no_autocast
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad_pooled, grad_weights):
         x, u, offsets, mean, inv_sigma, weights, logits, pooled = ctx.saved_tensors
         spans = [(b, lo, hi) for b, (lo, hi) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])) if hi > lo]

@@ -10,6 +10,7 @@ the gradient it returns (``F.cosine_similarity`` and its autograd make several).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["projected_reconstruction_loss", "reconstruction_loss"]
 
@@ -36,6 +37,7 @@ class _ScaledCosineError(torch.autograd.Function):
         return (torch.where(mask, error.pow(alpha), torch.zeros_like(error))).sum() / count
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad):
         pred, target, mask, cos, p_norm, t_norm, count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -100,6 +102,7 @@ class _ProjectedScaledCosineError(torch.autograd.Function):
         return torch.where(mask, error.pow(alpha), torch.zeros_like(error)).sum() / count
 
     @staticmethod
+    @once_differentiable  # a second derivative raises: this backward builds no (correct) graph of its own
     def backward(ctx, grad):
         h, weight, bias, target, mask, cos, p_norm, t_norm, count = ctx.saved_tensors
         alpha, acc = ctx.alpha, cos.dtype
