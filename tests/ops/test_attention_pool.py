@@ -14,9 +14,11 @@ sum (``pooled_condition``); weights: per element, ``sqrt(n) + |ln w| + 1`` (``so
 ``a (u - c)``; fp16/bf16 gradients: one unit in the last place of their dtype on top. Rounding the weights to fp16
 before pooling gives ~1e-4 and fails.
 """
+import importlib
 import inspect
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -47,6 +49,7 @@ from tests.tolerance import (
 )
 
 FAMILY = "attention_pool"
+backend_module = importlib.import_module("fastmil.ops._backend")
 
 
 def _pooled_bound(offsets, condition=1.0):
@@ -265,6 +268,7 @@ def test_bad_inputs():
 
 def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(backend_module, "device_capability", lambda device: (9, 0))  # an H100
     monkeypatch.delenv("FASTMIL_BACKEND", raising=False)
     assert resolve_backend("auto", "op", cpu, has_triton=True) == "torch"
     assert resolve_backend("auto", "op", cuda, has_triton=True) == "triton"
@@ -281,6 +285,26 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", "op", cpu, has_triton=True)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "torch"), ((8, 0), "triton"), ((8, 6), "triton"),
+                                                  ((9, 0), "triton")])
+def test_auto_runs_triton_only_on_gpus_the_kernels_are_checked_for(capability, expected, monkeypatch):
+    """``auto`` picks the kernels from compute capability 8.0 (the sm_80/sm_90 targets ``make aot`` checks); on an
+    older GPU it runs the torch path and says so once per device; ``backend="triton"`` still forces the kernels."""
+    monkeypatch.setattr(backend_module, "device_capability", lambda device: capability)
+    monkeypatch.setattr(backend_module, "_warned_devices", set())
+    monkeypatch.delenv("FASTMIL_BACKEND", raising=False)
+    cuda = torch.device("cuda:1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_backend("auto", "op", cuda, has_triton=True) == expected
+        assert resolve_backend("auto", "other op", cuda, has_triton=True) == expected
+    said = [str(w.message) for w in caught if "compute capability" in str(w.message)]
+    assert len(said) == (1 if expected == "torch" else 0)
+    if said:
+        assert "cuda:1" in said[0] and "7.5" in said[0] and "torch path" in said[0]
+    assert resolve_backend("triton", "op", cuda, has_triton=True) == "triton"
 
 
 def test_kernels_are_deterministic_by_construction():
