@@ -56,6 +56,10 @@ class Launch:
         if set(names) != set(self.args):
             missing, extra = sorted(set(names) - set(self.args)), sorted(set(self.args) - set(names))
             raise TypeError(f"{self.name}: launch arguments do not match the kernel (missing {missing}, extra {extra})")
+        devices = {str(v.device) for v in self.args.values() if isinstance(v, torch.Tensor)}
+        if len(devices) > 1:
+            where = {name: str(v.device) for name, v in self.args.items() if isinstance(v, torch.Tensor)}
+            raise ValueError(f"{self.name}: the tensors are on different devices ({where}); move them to one device")
         for name, value in self.args.items():
             if isinstance(value, torch.Tensor) and not is_canonical(value, strided=name in self.strided):
                 raise ValueError(
@@ -69,11 +73,23 @@ class Launch:
     def name(self) -> str:
         return self.kernel.__name__
 
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the launch's tensors (one, checked at construction), or None without tensors."""
+        return next((v.device for v in self.args.values() if isinstance(v, torch.Tensor)), None)
+
     def __call__(self) -> None:
-        """Run the kernel (on a GPU, or through the interpreter on CPU tensors)."""
+        """Run the kernel (on a GPU, or through the interpreter on CPU tensors). Triton launches on the *current*
+        CUDA device and its current stream: the launch enters the tensors' device first, so a batch on ``cuda:1``
+        runs there, ordered with that device's current stream, whatever device is current in the caller."""
         if min(self.grid, default=0) <= 0:
             return
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+        device = self.device
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+        else:
+            self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def is_canonical(t: torch.Tensor, strided: bool = False) -> bool:
