@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +86,8 @@ class Launch:
         if min(self.grid, default=0) <= 0:
             return
         device = self.device
-        if device is not None and device.type == "cuda":
-            with torch.cuda.device(device):
-                self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
-        else:
+        on_device = torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext()
+        with on_device:
             self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 

@@ -27,14 +27,14 @@ _warned_devices: set[str] = set()
 
 
 @functools.cache
-def _capability(device: str) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """``(major, minor)`` compute capability of a CUDA device (asked once per device name; ``cuda`` is the current
-    device)."""
-    return _capability(str(device))
+    """``(major, minor)`` compute capability of a CUDA device (asked once per device; ``cuda`` without an index is
+    the current device)."""
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _checked_gpu(device: torch.device) -> bool:
