@@ -88,15 +88,6 @@ def per_bag_error(actual: torch.Tensor, expected: torch.Tensor, offsets: torch.T
     return worst
 
 
-def elementwise_error(actual: torch.Tensor, expected: torch.Tensor, floor: float) -> float:
-    """Largest ``|a - e| / max(|e|, floor)``: a relative error per element, with ``floor`` the magnitude below
-    which an absolute error is enough (exact zeros must stay exact: a non-zero where 0 is expected is inf)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    if bool(((e == 0) & (a != 0)).any()):
-        return float("inf")
-    return float(((a - e).abs() / e.abs().clamp_min(floor)).max()) if e.numel() else 0.0
-
-
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest error relative to the largest reference magnitude of the whole tensor."""
     e = expected.detach().double()

@@ -49,6 +49,8 @@ from collections import defaultdict
 
 import torch
 
+from tests.ragged import per_bag_error
+
 LAMBDA = 4.0
 """The policy's one constant (see the module docstring)."""
 
@@ -199,15 +201,7 @@ def check_per_bag(actual: torch.Tensor, expected: torch.Tensor, offsets: torch.T
     """``check`` of the largest error of any bag's rows relative to that bag's own largest reference value (so the
     ~1/n weights of a large bag are held as tightly as the weight 1 of a bag of one)."""
     assert actual.shape == expected.shape, f"{family} {what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double(), expected.detach().double()
-    worst = 0.0
-    bounds = offsets.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            scale = float(e[lo:hi].abs().max())
-            error = float((a[lo:hi] - e[lo:hi]).abs().max())
-            worst = max(worst, error / scale if scale > 0 else (math.inf if error > 0 else 0.0))
-    check(worst, bound, family, what)
+    check(per_bag_error(actual, expected, offsets), bound, family, what)
 
 
 def max_bag(offsets: torch.Tensor) -> int:
