@@ -15,6 +15,8 @@ from fastmil.bench import write_report
 RATIOS = [
     ("test_read_fastmil_store", "test_read_h5py_4096_chunks", 1.5,
      "store read / h5py (4096, D) read, 100k x 1024 fp16"),
+    ("test_read_fastmil_store", "test_read_fastmil_store_checksums_not_verified", None,
+     "store read verifying every chunk's CRC32C / the same read unverified (what verification costs)"),
     ("test_gated_pool_time[cpu-fused-100000-1024]", "test_gated_pool_time[cpu-chain-100000-1024]", 1.0,
      "GatedAttentionPool fwd+bwd CPU time, fused / plain chain, N=100k D=1024 hidden=128"),
     ("test_gated_pool_time[cuda-fused-100000-1024]", "test_gated_pool_time[cuda-chain-100000-1024]", 1.0,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -16,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "build", "closest", "coerce", "read_yaml_mapping", "suggest", "to_dict"]
+__all__ = ["ConfigError", "build", "closest", "coerce", "read_yaml_mapping", "short_repr", "suggest", "to_dict"]
 
 T = TypeVar("T")
 
@@ -25,18 +27,59 @@ class ConfigError(ValueError):
     """A config value or key that cannot be used; the message names the key (``section.key``)."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused unread (configs are a few kB)."""
+MAX_CONFIG_NODES = 100_000
+"""Values in a config once YAML aliases are expanded: a few dozen aliases can otherwise stand for 10^9 values."""
+MAX_CONFIG_DEPTH = 32
+
+_SHORT = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_SHORT.maxdict = _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 6
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a line (nested and long values elided), for error messages."""
+    return _SHORT.repr(value)
+
+
+def _expanded_size(value: Any, depth: int, memo: dict[int, int], where: str) -> int:
+    """Values in ``value`` with every shared (aliased) node counted once per use, computed once per node."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key not in memo:
+        children = value.values() if isinstance(value, dict) else value
+        memo[key] = 1 + sum(_expanded_size(v, depth + 1, memo, where) for v in children)
+    return memo[key]
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """The mapping a YAML file holds (an empty file: ``{}``); ``ConfigError`` naming the file when it is not valid
-    YAML or not a mapping (``what`` says what the file should be, e.g. "a training config")."""
+    YAML or not a mapping (``what`` says what the file should be, e.g. "a training config"), and when it is larger
+    than :data:`MAX_CONFIG_BYTES`, nests deeper than :data:`MAX_CONFIG_DEPTH` or its aliases expand to more than
+    :data:`MAX_CONFIG_NODES` values (an "alias bomb")."""
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; {what} is at most {MAX_CONFIG_BYTES} bytes")
     with open(path, encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({short_repr(str(exc))})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} must be a mapping of key: value, got {type(data).__name__}")
+    try:
+        nodes = _expanded_size(data, 0, {}, str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    if nodes > MAX_CONFIG_NODES:
+        raise ConfigError(f"{path}: its YAML aliases expand to {nodes} values (at most {MAX_CONFIG_NODES}); "
+                          "write the values out")
     return data
 
 
@@ -72,12 +115,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(inner)
         if value not in choices:
             hint = suggest(str(value), map(str, choices))
-            raise ConfigError(f"{where}: must be one of {list(choices)}, got {value!r}{hint}")
+            raise ConfigError(f"{where}: must be one of {list(choices)}, got {short_repr(value)}{hint}")
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(inner) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         items = [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if inner is bool:
@@ -85,10 +128,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
             return value.strip().lower() in ("true", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
     if inner is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -97,25 +140,30 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 number = float(value)
             except ValueError:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+                raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}") from None
             if number.is_integer():
                 return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
     if inner is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+                raise ConfigError(f"{where}: expected a number, got {short_repr(value)}") from None
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        if not math.isfinite(number):  # `lr: .inf` trained to NaN and failed in scikit-learn
+            raise ConfigError(f"{where}: must be a finite number, got {short_repr(value)}")
+        return number
     if inner is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
     if inner is Any:
         return value
     raise TypeError(f"{where}: unsupported config type {inner!r}")
@@ -130,7 +178,8 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
-        raise ConfigError(f"{where}: unknown key {key!r}{suggest(str(key), fields)}; known keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key {short_repr(key)}{suggest(str(key)[:200], fields)}; "
+                          f"known keys: {sorted(fields)}")
     values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**values)

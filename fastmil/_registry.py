@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from ._config import ConfigError, build, suggest
+from ._config import ConfigError, build, short_repr, suggest
 
 __all__ = ["Registry"]
 
@@ -42,6 +42,9 @@ class Registry(Generic[T]):
         return wrap
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):  # a YAML mapping or list (an alias bomb) must not be formatted whole
+            raise ConfigError(f"{self.kind}.name: must be a string, got a {type(name).__name__} "
+                              f"({short_repr(name)})")
         if name not in self.entries:
             raise ConfigError(f"{self.kind}.name: unknown {self.kind} {name!r}{suggest(name, self.entries)}; "
                               f"registered: {sorted(self.entries)}")
@@ -50,7 +53,8 @@ class Registry(Generic[T]):
     def config(self, data: Mapping[str, Any] | None) -> Any:
         """The ``<kind>:`` config section as the chosen class's ``Config`` (the default class without a name)."""
         data = dict(data or {})
-        name = str(data.get("name", self.default))
+        name = data.get("name", self.default)
+        self.get(name)  # a string naming a registered class, before anything formats it
         data["name"] = name
         return build(self.get(name).Config, data, self.kind)
 

@@ -1,7 +1,9 @@
 """Checkpoints: plain dicts of tensors and primitives, written atomically, loaded with ``weights_only=True``."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,22 @@ __all__ = ["save_checkpoint", "load_checkpoint", "check_model_config", "write_te
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` via a temporary file and an atomic rename (a crash leaves the old file)."""
-    with atomic_target(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` to ``path`` via a temporary file and an atomic rename (a crash leaves the old file).
+
+    Raises:
+        OSError: naming the path, the cause and the free space left, when the file cannot be written (torch
+            reports a full disk as ``RuntimeError: ... basic_ios::clear: iostream error``).
+    """
+    try:
+        with atomic_target(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as exc:
+        parent = Path(path).resolve().parent
+        free = shutil.disk_usage(parent).free if parent.is_dir() else None
+        space = "" if free is None else f"; {free / 2**20:.0f} MiB free on that disk"
+        raise OSError(getattr(exc, "errno", None) or errno.EIO,
+                      f"cannot write checkpoint {path}: {getattr(exc, 'strerror', None) or exc}{space}; the previous "
+                      "checkpoint (if any) is unchanged") from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

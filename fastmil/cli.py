@@ -53,6 +53,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         compression=args.compression,
         strict=args.strict,
         progress=not args.quiet,
+        lock_timeout=args.wait,
     )
     print(f"ingest: {len(report.written)} slide(s) written, {len(report.skipped)} already present (skipped), "
           f"{len(report.failed)} failed")
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first bad slide, and make labels for unknown slides an error")
     p.add_argument("--failures", default=None, metavar="CSV",
                    help="where to list the slides that failed (default: OUT_STORE.failures.csv)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for another process writing the store (one writer at a time; "
+                        "default: refuse at once, naming it)")
 
     p = add("bench", _cmd_bench, "Compare two benchmark runs, or write the report of one (pytest-benchmark JSON).")
     p.add_argument("action", choices=["compare", "report"],
@@ -437,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # user-facing input errors: one clear line, exit 2
         print(f"fastmil {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's side (disk full, read-only, gone): one line naming it, exit 1
+        print(f"fastmil {args.command}: error: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

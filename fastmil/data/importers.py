@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from .store import DEFAULT_CHUNK_ROWS, FeatureStore, StoreError, create_store, t
 __all__ = ["SlideSource", "IngestReport", "discover_sources", "ingest", "patch_attrs_from_h5", "write_failures"]
 
 FORMATS = ("auto", "h5", "pt")
+MAX_SOURCE_ATTR_BYTES = 4096
+"""A source attribute larger than this (as JSON) is not copied into the slide's metadata (its name is kept in
+``source_attrs_dropped``): slide metadata is read for every slide of every listing."""
+MAX_SOURCE_ATTRS_BYTES = 65536
+"""All copied source attributes of one slide together stay below this."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ def _candidate_dirs(src: Path, kind: str) -> list[Path]:
 def discover_sources(src_dir: str | os.PathLike, format: str = "auto") -> list[SlideSource]:
     """List the slide files in ``src_dir`` (and its CLAM-style ``h5_files/`` / ``pt_files/`` subfolders).
 
+    Hidden files (``._x.h5``, macOS's resource forks) are not slides and are passed over. A file whose name is not
+    a valid slide id is listed all the same: :func:`ingest` reports it as failed and goes on.
+
     Raises ``ValueError`` when two files would give the same slide id, or when nothing is found.
     """
     if format not in FORMATS:
@@ -83,7 +92,9 @@ def discover_sources(src_dir: str | os.PathLike, format: str = "auto") -> list[S
     for kind in kinds:
         for d in _candidate_dirs(src, kind):
             for path in sorted(d.glob(f"*.{kind}")):
-                sid = validate_slide_id(path.stem)
+                if path.name.startswith("."):
+                    continue
+                sid = path.stem
                 if sid in found:
                     raise ValueError(
                         f"duplicate slide id {sid!r}: {found[sid].path} and {path} "
@@ -95,9 +106,31 @@ def discover_sources(src_dir: str | os.PathLike, format: str = "auto") -> list[S
     return [found[s] for s in sorted(found)]
 
 
+def _bounded_attrs(attrs: Any) -> tuple[dict, list[str]]:
+    """The h5 attributes as JSON values, without those over :data:`MAX_SOURCE_ATTR_BYTES` or past
+    :data:`MAX_SOURCE_ATTRS_BYTES` in all (their names are returned): a 16 MB attribute must not become a 26 MB
+    ``zarr.json`` that every listing parses."""
+    kept, dropped, total = {}, [], 0
+    for key in attrs.keys():
+        name = str(key)[:200]
+        stored = attrs.get_id(key).get_storage_size() if hasattr(attrs, "get_id") else 0
+        if stored > MAX_SOURCE_ATTR_BYTES:  # not even read: an attribute may be gigabytes
+            dropped.append(name)
+            continue
+        value = to_jsonable(attrs[key])
+        size = len(json.dumps(value, default=str))
+        if size > MAX_SOURCE_ATTR_BYTES or total + size > MAX_SOURCE_ATTRS_BYTES:
+            dropped.append(name)
+            continue
+        kept[name] = value
+        total += size
+    return kept, dropped
+
+
 def patch_attrs_from_h5(attrs: Any) -> dict:
-    """Normalise the patch geometry attrs of a TRIDENT/CLAM ``coords`` dataset."""
-    raw = {str(k): to_jsonable(v) for k, v in attrs.items()}
+    """Normalise the patch geometry attrs of a TRIDENT/CLAM ``coords`` dataset (large attributes are left out,
+    :data:`MAX_SOURCE_ATTR_BYTES`)."""
+    raw, dropped = _bounded_attrs(attrs)
     out: dict[str, Any] = {}
     if "patch_size_level0" in raw:
         out["patch_size_level0"] = int(raw["patch_size_level0"])
@@ -112,7 +145,26 @@ def patch_attrs_from_h5(attrs: Any) -> dict:
     if "level0_magnification" in raw:
         out["level0_magnification"] = raw["level0_magnification"]
     out["source_attrs"] = raw
+    if dropped:
+        out["source_attrs_dropped"] = dropped
     return out
+
+
+def _plain_dataset(sid: str, path: Path, fh: h5py.File, name: str) -> h5py.Dataset:
+    """``fh[name]`` if it is a plain dataset stored in ``fh`` itself; ValueError naming the slide otherwise. An h5
+    file may point a dataset at other files of the host (external raw storage, virtual datasets, external or
+    soft links): importing one would copy an arbitrary host file into the store."""
+    link = fh.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise ValueError(f"slide {sid!r}: {path}: '{name}' is a {type(link).__name__} (a link elsewhere), not a "
+                         "dataset of this file; refusing to follow it")
+    obj = fh[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise ValueError(f"slide {sid!r}: {path}: '{name}' is a {type(obj).__name__.lower()}, not a dataset")
+    if obj.external or obj.is_virtual:
+        raise ValueError(f"slide {sid!r}: {path}: '{name}' keeps its data outside this file "
+                         f"({'external storage' if obj.external else 'a virtual dataset'}); refusing to read it")
+    return obj
 
 
 def _read_coords_h5(sid: str, path: Path) -> tuple[np.ndarray, dict]:
@@ -120,7 +172,7 @@ def _read_coords_h5(sid: str, path: Path) -> tuple[np.ndarray, dict]:
         with h5py.File(path, "r") as fh:
             if "coords" not in fh:
                 raise ValueError(f"slide {sid!r}: {path} has no 'coords' dataset")
-            ds = fh["coords"]
+            ds = _plain_dataset(sid, path, fh, "coords")
             return ds[:], patch_attrs_from_h5(ds.attrs)
     except OSError as exc:
         raise ValueError(
@@ -136,13 +188,14 @@ def _write_h5_slide(store: FeatureStore, src: SlideSource, encoder: str | None, 
             if "features" not in fh:
                 hint = " (a patch-coordinates file? pair .pt features with --coords-dir)" if "coords" in fh else ""
                 raise ValueError(f"slide {sid!r}: {path} has no 'features' dataset{hint}")
-            feats = fh["features"]
+            feats = _plain_dataset(sid, path, fh, "features")
             if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM h5_files sometimes keep a leading batch dim
                 feats = feats[0]
             coords, attrs = None, {}
             if "coords" in fh:
-                coords = fh["coords"][:]
-                attrs = patch_attrs_from_h5(fh["coords"].attrs)
+                cds = _plain_dataset(sid, path, fh, "coords")
+                coords = cds[:]
+                attrs = patch_attrs_from_h5(cds.attrs)
             if encoder is not None:
                 attrs["encoder"] = encoder
             elif "encoder" in fh.attrs:
@@ -167,6 +220,11 @@ def _load_pt_tensor(sid: str, path: Path) -> torch.Tensor:
         raise ValueError(f"slide {sid!r}: {path} holds a {type(obj).__name__}, expected a [N, D] tensor")
     if obj.dim() == 3 and obj.shape[0] == 1:
         obj = obj[0]
+    logical = obj.numel() * obj.element_size()
+    stored = obj.untyped_storage().nbytes()
+    if logical > stored:  # expand()/stride tricks: a 1.6 KB file would become a 1.2 GB slide
+        raise ValueError(f"slide {sid!r}: {path} holds a tensor of {logical} bytes on {stored} bytes of storage "
+                         "(repeated by zero strides); save real features (.contiguous() / .clone())")
     return obj
 
 
@@ -201,6 +259,7 @@ def ingest(
     compression: str | None = None,
     strict: bool = False,
     progress: bool = True,
+    lock_timeout: float = 0.0,
 ) -> IngestReport:
     """Import every slide file in ``src_dir`` into the store at ``store_path`` (created if needed).
 
@@ -208,14 +267,18 @@ def ingest(
     id already in the store from another file) is listed in ``report.failed`` with the reason and skipped; with
     ``strict`` the first failure raises. Labels (``labels_csv``) for slides that are neither in ``src_dir`` nor
     in the store (a cohort CSV ahead of extraction) are left out with a warning naming them (``strict``: an error
-    before anything is written); labels of slides that failed are not recorded.
+    before anything is written); labels of slides that failed are not recorded. The store's write lock is held
+    throughout (``lock_timeout``: seconds to wait for another writer, else StoreError naming it).
     """
     sources = discover_sources(src_dir, format)
     cdir = Path(coords_dir) if coords_dir is not None else None
     if cdir is not None and not cdir.is_dir():
         raise ValueError(f"--coords-dir {cdir}: not a directory")
-    store = create_store(store_path)
     raw_labels = read_labels_csv(labels_csv) if labels_csv is not None else None
+    # classes from the whole CSV, so that a class index does not change as more of the cohort arrives; encoded
+    # (and so checked) before anything is written
+    encoded = encode_labels(raw_labels) if raw_labels is not None else None
+    store = create_store(store_path, lock_timeout=lock_timeout)  # the write lock: one writer at a time
     report = IngestReport()
     if raw_labels is not None:
         known = {s.slide_id for s in sources} | set(store.slide_ids)
@@ -231,6 +294,7 @@ def ingest(
     write_kw = {"chunk_rows": chunk_rows, "dtype": dtype, "compression": compression}
     for src in tqdm(sources, desc="ingest", unit="slide", disable=None if progress else True):
         try:
+            validate_slide_id(src.slide_id)
             if src.slide_id in store:
                 existing = store.slide_attrs(src.slide_id).get("source")
                 if existing != src.path.name:
@@ -251,9 +315,8 @@ def ingest(
         if not has_coords:
             report.without_coords.append(src.slide_id)
 
-    if raw_labels is not None:
-        # classes from the whole CSV, so that a class index does not change as more of the cohort arrives
-        labels, classes = encode_labels(raw_labels)
+    if encoded is not None:
+        labels, classes = encoded
         present = set(store.slide_ids)
         labels = {s: y for s, y in labels.items() if s in present}
         store.set_labels(labels, classes)

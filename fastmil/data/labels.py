@@ -12,7 +12,10 @@ import csv
 import os
 from pathlib import Path
 
-__all__ = ["read_labels_csv", "encode_labels", "read_splits_csv"]
+__all__ = ["MAX_CLASSES", "read_labels_csv", "encode_labels", "read_splits_csv"]
+
+MAX_CLASSES = 10_000
+"""Integer labels are class indices below this."""
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
@@ -52,7 +55,11 @@ def encode_labels(raw: dict[str, str]) -> tuple[dict[str, int], list[str]]:
     values = list(raw.values())
     if all(v.lstrip("+").isdigit() for v in values):
         ints = {sid: int(v) for sid, v in raw.items()}
-        n_classes = max(ints.values()) + 1
+        sid, top = max(ints.items(), key=lambda item: item[1])
+        if top >= MAX_CLASSES:  # 100000000000 would make a class list of 10^11 names
+            raise ValueError(f"slide {sid!r}: integer label {top} is not a class index below {MAX_CLASSES}; "
+                             "use class indices 0..C-1 or class names")
+        n_classes = top + 1
         return ints, [str(i) for i in range(n_classes)]
     classes = sorted(set(values))
     index = {name: i for i, name in enumerate(classes)}

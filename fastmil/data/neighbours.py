@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,7 @@ def _read_cached(path, n: int, k: int, step: int, digest: str) -> np.ndarray | N
             if str(z["coords_sha1"]) != digest or int(z["step"]) != step:
                 return None
             table = z["neighbours"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # any damage: rebuild
         return None
     return table if table.shape == (n, k) and table.dtype == np.int32 else None
 
@@ -78,7 +79,10 @@ def slide_neighbours(store: FeatureStore, slide_id: str, radius: int, coords: np
     if coords is None:
         raise StoreError(f"slide {slide_id!r}: no patch coordinates in the store; spatial methods (srmil) need "
                          "them (re-ingest with coordinates)")
-    step = patch_stride(coords, store.slide_attrs(slide_id).get("patch_size_level0"))
+    try:
+        step = patch_stride(coords, store.slide_attrs(slide_id).get("patch_size_level0"))
+    except ValueError as exc:
+        raise StoreError(f"slide {slide_id!r}: {exc}") from None
     digest = coords_digest(coords)
     key = (str(store.path), slide_id, radius)
     cached = _memory.get(key)

@@ -26,18 +26,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import stat
+import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 
 from .._atomic import write_text_atomic
+from .._config import short_repr
 from ..bags import Bags
+from . import store_lock
+from .labels import MAX_CLASSES
 
 if TYPE_CHECKING:
     from .cache import CohortCache
@@ -53,6 +61,13 @@ _LABEL_JOURNAL = "labels.pending.json"
 _FEATURE_DTYPES = (np.float16, np.float32)
 # zarr skips chunks equal to the fill value by default; writing every chunk lets a missing chunk file mean damage.
 _ALL_CHUNKS = {"write_empty_chunks": True}
+# a staged or trashed slide folder: "<slide id>.<uuid4 hex>" (write_slide/_commit name them so)
+_ENTRY_NAME = re.compile(r"^(?P<slide_id>.+)\.(?P<tag>[0-9a-f]{32})$")
+# a write-aside file of _atomic.atomic_target: ".<name>.<uuid4 hex>.tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
+_WRITER_TEMP_NAMES = ("zarr.json", _LABEL_JOURNAL)  # written only under the write lock
+_STALE_TEMP_SECONDS = 3600.0  # other write-aside files (readers' neighbour caches) older than this are litter
+_CRC32C_RESIDUE = 0x48674BC7  # CRC32C of any message followed by its own CRC32C, little-endian
 
 
 class StoreError(ValueError):
@@ -60,12 +75,41 @@ class StoreError(ValueError):
 
 
 def validate_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it is usable as a directory name, else raise ``ValueError``."""
+    """Return ``slide_id`` if it is usable as a directory name, else raise ``ValueError``: a non-empty string
+    without path separators, NUL or other control characters, not starting with '.' (so never '.' or '..'),
+    at most 255 bytes. Every id that reaches a path goes through this (:meth:`FeatureStore._slide_dir`)."""
     if not isinstance(slide_id, str) or not slide_id:
         raise ValueError(f"invalid slide id {slide_id!r}: must be a non-empty string")
-    if slide_id.startswith(".") or "/" in slide_id or "\\" in slide_id or "\x00" in slide_id:
+    if slide_id.startswith(".") or "/" in slide_id or "\\" in slide_id:
         raise ValueError(f"invalid slide id {slide_id!r}: must not start with '.' or contain path separators")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in slide_id):
+        raise ValueError(f"invalid slide id {slide_id!r}: must not contain control characters")
+    if len(slide_id.encode("utf-8", errors="surrogatepass")) > 255:
+        raise ValueError(f"invalid slide id {slide_id[:40]!r}...: longer than 255 bytes (a file name's limit)")
     return slide_id
+
+
+def _is_valid_slide_id(slide_id: object) -> bool:
+    try:
+        validate_slide_id(slide_id)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
+def _entry_slide_id(entry: Path) -> str | None:
+    """The slide id of a staging/trash entry ``<slide id>.<uuid4 hex>`` that is a real folder (not a link), or
+    None for anything else (which recovery never removes or renames)."""
+    match = _ENTRY_NAME.match(entry.name)
+    if match is None or entry.is_symlink() or not entry.is_dir() or not _is_valid_slide_id(match["slide_id"]):
+        return None
+    return match["slide_id"]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, all links resolved, lies inside ``root`` (links resolved too)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
 
 
 def _read_json(path: Path) -> dict:
@@ -108,14 +152,21 @@ def to_jsonable(value: Any) -> Any:
 class FeatureStore:
     """A fastmil feature store on local disk. Use :func:`open_store` / :func:`create_store`.
 
-    Reading never needs write access; ``mode="a"`` enables :meth:`write_slide` and label updates.
+    Reading never needs write access; ``mode="a"`` enables :meth:`write_slide` and label updates. A writable
+    store holds the store's write lock (:mod:`fastmil.data.store_lock`: one writer process at a time, waiting up to
+    ``lock_timeout`` seconds for another) until :meth:`close` (also on ``with`` exit and garbage collection).
+    Chunks written with a checksum (the default) are verified on every read; ``verify_checksums=False`` skips
+    that for uncompressed features (zarr always verifies compressed ones).
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
+    def __init__(self, path: str | os.PathLike, mode: str = "r", *, lock_timeout: float = 0.0,
+                 verify_checksums: bool = True) -> None:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         self.path = Path(path)
         self.mode = mode
+        self.verify_checksums = verify_checksums
+        self._locked = False
         root_meta = self.path / "zarr.json"
         if not root_meta.is_file():
             raise StoreError(f"{self.path}: not a fastmil store (no zarr.json); create one with create_store()")
@@ -128,10 +179,36 @@ class FeatureStore:
         self._slide_meta: dict[str, dict] = {}
         self._orphans: dict[str, Path] = {}
         self._journal: dict | None = None
+        self._classes_seen: tuple[tuple[int, int, int], list[str] | None] | None = None  # (root stamp, classes)
         if mode == "a":
+            try:
+                store_lock.acquire(self.path, lock_timeout)
+            except store_lock.StoreBusyError as exc:
+                raise StoreError(str(exc)) from None
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot open the store for writing: {exc.strerror or exc} "
+                                 f"({exc.filename or self.path})") from None
+            self._locked = True
             self.recover()
         self._orphans = self._find_orphans()
         self._journal = self._read_label_journal()
+
+    def close(self) -> None:
+        """Release the write lock (a no-op for a read-only or closed store); the store then reads only."""
+        if self._locked:
+            self._locked = False
+            self.mode = "r"
+            store_lock.release(self.path)
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_locked", False):
+            self.close()
 
     # ------------------------------------------------------------------ store level
     @property
@@ -149,7 +226,18 @@ class FeatureStore:
         """Class names (index = class id), or None if the store carries no labels."""
         if self._journal is not None:
             return list(self._journal["classes"])
-        return self.attrs.get("classes")
+        root = self.path / "zarr.json"
+        info = root.stat()  # a label check per slide must not parse the root metadata per slide
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)  # atomic rewrites make a new inode
+        if self._classes_seen is None or self._classes_seen[0] != stamp:
+            classes = _read_json(root).get("attributes", {}).get("classes")
+            if classes is not None and (not isinstance(classes, list) or not classes
+                                        or not all(isinstance(c, str) for c in classes)):
+                raise StoreError(f"{self.path}: store attribute 'classes' must be a non-empty list of class names, "
+                                 f"got {short_repr(classes)}")
+            self._classes_seen = (stamp, classes)
+        classes = self._classes_seen[1]
+        return None if classes is None else list(classes)
 
     @property
     def slide_ids(self) -> list[str]:
@@ -157,14 +245,21 @@ class FeatureStore:
         slides = self.path / _SLIDES
         ids = set(self._orphans)
         if slides.is_dir():
-            ids.update(p.name for p in slides.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
+            ids.update(p.name for p in slides.iterdir()
+                       if _is_valid_slide_id(p.name) and not p.is_symlink() and (p / "zarr.json").is_file())
         return sorted(ids)
 
     def __len__(self) -> int:
         return len(self.slide_ids)
 
     def __contains__(self, slide_id: object) -> bool:
-        return isinstance(slide_id, str) and (self._slide_dir(slide_id) / "zarr.json").is_file()
+        """Whether ``slide_id`` names a complete slide of this store; an invalid id (a path, '..') never does."""
+        if not _is_valid_slide_id(slide_id):
+            return False
+        try:
+            return (self._slide_dir(slide_id) / "zarr.json").is_file()  # type: ignore[arg-type]
+        except StoreError:  # a folder that escapes the store is no slide of it
+            return False
 
     # ------------------------------------------------------------------ crash recovery
     def _find_orphans(self) -> dict[str, Path]:
@@ -175,8 +270,11 @@ class FeatureStore:
             return {}
         found = {}
         for entry in trash.iterdir():
-            sid = entry.name.rsplit(".", 1)[0]
-            if (entry / "zarr.json").is_file() and not (self.path / _SLIDES / sid / "zarr.json").is_file():
+            sid = _entry_slide_id(entry)
+            if sid is None or not (entry / "zarr.json").is_file():
+                continue
+            final = self.path / _SLIDES / sid
+            if not final.is_symlink() and not (final / "zarr.json").is_file():
                 found[sid] = entry
         return found
 
@@ -186,11 +284,14 @@ class FeatureStore:
         stagings, and finish applying a committed label update."""
         self._require_writable()
         trash = self.path / _TRASH
-        if trash.is_dir():
+        if trash.is_dir() and not trash.is_symlink():
             for entry in sorted(trash.iterdir()):
-                final = self.path / _SLIDES / entry.name.rsplit(".", 1)[0]
-                if (entry / "zarr.json").is_file() and not (final / "zarr.json").is_file():
-                    if final.exists():  # not a slide (no metadata): nothing a complete write leaves
+                sid = _entry_slide_id(entry)
+                final = None if sid is None else self.path / _SLIDES / sid
+                if final is None or final.is_symlink():
+                    _leave_alone(entry, "not a slide folder this store wrote")
+                elif (entry / "zarr.json").is_file() and not (final / "zarr.json").is_file():
+                    if final.exists():  # a real folder without metadata: nothing a complete write leaves
                         shutil.rmtree(final)
                     os.rename(entry, final)  # the new version never arrived: the old one is the slide
                     _fsync_dir(final.parent)
@@ -198,22 +299,60 @@ class FeatureStore:
                     shutil.rmtree(entry)  # superseded by a complete new version
             _remove_if_empty(trash)
         staging = self.path / _STAGING
-        if staging.exists():
-            shutil.rmtree(staging)  # never renamed into place: the old version (or no slide) stands
+        if staging.is_dir() and not staging.is_symlink():
+            for entry in sorted(staging.iterdir()):  # we hold the write lock: no live writer stages anything
+                if _entry_slide_id(entry) is None:
+                    _leave_alone(entry, "not a slide folder this store staged")
+                else:
+                    shutil.rmtree(entry)  # never renamed into place: the old version (or no slide) stands
+            _remove_if_empty(staging)
+        self._remove_stale_temp_files()
         self._journal = self._read_label_journal()
         if self._journal is not None:
             self._apply_label_journal()
         self._orphans = {}
+
+    def _remove_stale_temp_files(self) -> None:
+        """Write-aside files a killed process left (``.<name>.<hex>.tmp``, :mod:`fastmil._atomic`) in the store's
+        root and slide folders: those of files only a lock holder writes at once, others once they are an hour
+        old (a reader may be writing its neighbour cache right now)."""
+        folders = [self.path]
+        slides = self.path / _SLIDES
+        if slides.is_dir():
+            folders += [p for p in slides.iterdir() if _is_valid_slide_id(p.name) and not p.is_symlink()]
+        now = time.time()
+        for folder in folders:
+            try:
+                names = os.listdir(folder)
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for name in names:
+                match = _TEMP_NAME.match(name)
+                if match is None:
+                    continue
+                path = folder / name
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if match["name"] in _WRITER_TEMP_NAMES or now - info.st_mtime > _STALE_TEMP_SECONDS:
+                    path.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, slides={len(self)}, mode={self.mode!r})"
 
     # ------------------------------------------------------------------ per-slide metadata
     def _slide_dir(self, slide_id: str) -> Path:
+        """The folder of ``slide_id``: the one place ids become paths. Raises StoreError for an invalid id (it
+        names no slide of this store) and for a folder that leads out of the store (a symbolic link)."""
+        if not _is_valid_slide_id(slide_id):
+            raise StoreError(f"slide {slide_id!r}: not in store {self.path} (not a valid slide id)")
         orphan = self._orphans.get(slide_id)
         final = self.path / _SLIDES / slide_id
         if orphan is not None and not (final / "zarr.json").is_file() and (orphan / "zarr.json").is_file():
-            return orphan
+            final = orphan
+        if final.is_symlink() or (final.exists() and not _inside(final, self.path)):
+            raise StoreError(f"slide {slide_id!r}: its folder {final} is a link out of store {self.path}; refusing "
+                             "to read or write through it")
         return final
 
     def _meta(self, slide_id: str) -> dict:
@@ -229,14 +368,16 @@ class FeatureStore:
             fmeta = _read_json(sdir / "features" / "zarr.json")
         except (OSError, json.JSONDecodeError) as exc:
             raise StoreError(f"slide {slide_id!r}: corrupt metadata in {sdir}: {exc}") from exc
-        shape = fmeta["shape"]
-        chunk_rows = fmeta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        shape, chunk_rows = _checked_layout(slide_id, sdir / "features", fmeta, 2)
+        if fmeta.get("data_type") not in ("float16", "float32"):
+            raise StoreError(f"slide {slide_id!r}: features of data type {short_repr(fmeta.get('data_type'))}; a "
+                             "store holds float16 or float32")
         meta = {
             "attrs": attrs,
-            "n": int(shape[0]),
-            "dim": int(shape[1]),
+            "n": shape[0],
+            "dim": shape[1],
             "dtype": fmeta["data_type"],
-            "chunk_rows": int(chunk_rows),
+            "chunk_rows": chunk_rows,
             "has_coords": (sdir / "coords" / "zarr.json").is_file(),
             "has_instance_labels": (sdir / "instance_labels" / "zarr.json").is_file(),
         }
@@ -271,10 +412,20 @@ class FeatureStore:
         return dims.pop()
 
     def label(self, slide_id: str) -> int | None:
+        """The slide's class index, or None; StoreError naming the slide unless it is an integer in
+        ``[0, len(classes))`` (``[0, MAX_CLASSES)`` without class names): 1.7 is no class, nor is [1] or 1e12."""
         if self._journal is not None and slide_id in self._journal["labels"]:
-            return int(self._journal["labels"][slide_id])
-        value = self._meta(slide_id)["attrs"].get("label")
-        return None if value is None else int(value)
+            value = self._journal["labels"][slide_id]
+        else:
+            value = self._meta(slide_id)["attrs"].get("label")
+        if value is None:
+            return None
+        classes = self.classes
+        limit = len(classes) if classes else MAX_CLASSES
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            raise StoreError(f"slide {slide_id!r}: label {short_repr(value)} is not a class index in [0, {limit})"
+                             f"{' (classes ' + short_repr(classes) + ')' if classes else ''}")
+        return value
 
     def labels(self, slide_ids: Iterable[str] | None = None) -> dict[str, int | None]:
         ids = self.slide_ids if slide_ids is None else slide_ids
@@ -309,11 +460,11 @@ class FeatureStore:
             ameta = _read_json(array_dir / "zarr.json")
         except (OSError, json.JSONDecodeError) as exc:
             raise StoreError(f"slide {slide_id!r}: corrupt array metadata in {array_dir}: {exc}") from exc
-        shape = tuple(ameta["shape"])
-        chunk_rows = int(ameta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        shape, chunk_rows = _checked_layout(slide_id, array_dir, ameta, None)
+        self._check_chunks_present(slide_id, array_dir, shape[0], chunk_rows, len(shape))  # before allocating
         if _is_raw_layout(ameta):
-            return _read_raw_chunks(slide_id, array_dir, shape, np.dtype(ameta["data_type"]), chunk_rows)
-        self._check_chunks_present(slide_id, array_dir, shape[0], chunk_rows)
+            return _read_raw_chunks(slide_id, array_dir, shape, np.dtype(ameta["data_type"]), chunk_rows,
+                                    _has_checksum(ameta), self.verify_checksums)
         try:
             return zarr.open_array(str(array_dir), mode="r")[:]
         except Exception as exc:  # zarr/numcodecs raise many types; re-raise with the slide named
@@ -336,14 +487,28 @@ class FeatureStore:
             return None
         return self._read_array(slide_id, self._slide_dir(slide_id) / "instance_labels")
 
-    def _check_chunks_present(self, slide_id: str, array_dir: Path, n_rows: int, chunk_rows: int) -> None:
+    def _check_chunks_present(self, slide_id: str, array_dir: Path, n_rows: int, chunk_rows: int,
+                              n_dims: int = 2) -> None:
         """zarr silently returns fill values for missing chunk files; a missing chunk here means damage."""
         expected = math.ceil(n_rows / chunk_rows) if n_rows else 0
         chunk_dir = array_dir / "c"
         found = sum(1 for p in chunk_dir.rglob("*") if p.is_file()) if chunk_dir.is_dir() else 0
+        odd = [p for p in chunk_dir.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())] \
+            if chunk_dir.is_dir() else []
+        if odd:
+            raise StoreError(f"slide {slide_id!r}: {array_dir.name} chunk {odd[0]} is not a regular file (a link, "
+                             "FIFO or device); store damaged or tampered with, re-ingest this slide")
         if found != expected:
+            missing = ""
+            if found < expected:  # the first absent chunk is among the first found + 1 (checked in order)
+                tail = [] if n_dims == 1 else ["0"] * (n_dims - 1)
+                for index in range(found + 1):
+                    path = chunk_dir.joinpath(str(index), *tail)
+                    if not path.is_file():
+                        missing = f"; chunk {index} is missing ({path})"
+                        break
             raise StoreError(
-                f"slide {slide_id!r}: {array_dir.name} has {found} of {expected} chunk files in {chunk_dir} "
+                f"slide {slide_id!r}: {array_dir.name} has {found} of {expected} chunk files in {chunk_dir}{missing} "
                 "(store damaged or written by an interrupted copy); re-ingest this slide"
             )
 
@@ -409,6 +574,7 @@ class FeatureStore:
         dtype: np.dtype | str | None = None,
         compression: str | None = None,
         overwrite: bool = False,
+        checksum: bool = True,
     ) -> None:
         """Write one slide atomically.
 
@@ -420,6 +586,8 @@ class FeatureStore:
             instance_labels: optional ``[N]`` per-instance ground truth (stored as uint8).
             dtype: stored feature dtype (default: float16 stays float16, everything else becomes float32).
             compression: None (default, fastest reads) or "zstd".
+            checksum: end every chunk with its CRC32C (zarr v3's ``crc32c`` codec; default), so that a flipped
+                bit is an error on read, not a silently different feature.
             overwrite: replace an existing slide (otherwise an existing slide is an error).
 
         Raises:
@@ -453,7 +621,10 @@ class FeatureStore:
 
         if compression not in (None, "zstd"):
             raise ValueError(f"unknown compression {compression!r} (None or 'zstd')")
-        compressors = None if compression is None else zarr.codecs.ZstdCodec(level=3)
+        # every chunk ends in its CRC32C (zarr's crc32c codec), checked on every read (verify_checksums)
+        crc = [zarr.codecs.Crc32cCodec()] if checksum else []
+        compressors = crc if compression is None else [zarr.codecs.ZstdCodec(level=3), *crc]
+        small = [zarr.codecs.ZstdCodec(level=0), *crc]  # coordinates and instance labels
 
         staging = self.path / _STAGING / f"{slide_id}.{uuid.uuid4().hex}"
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -465,28 +636,36 @@ class FeatureStore:
                 config=_ALL_CHUNKS,
             )
             for start in range(0, n_rows, rows):
-                block = _as_numpy(features[start : start + rows]).astype(out_dtype, copy=False)
+                try:
+                    block = _as_numpy(features[start : start + rows]).astype(out_dtype, copy=False)
+                except OSError as exc:  # the source (an h5 dataset read lazily), not the store
+                    raise ValueError(f"slide {slide_id!r}: cannot read feature rows {start}..{start + rows} from "
+                                     f"its source (truncated or corrupt file?): {exc}") from exc
                 if not np.isfinite(block).all():
                     bad = start + int(np.nonzero(~np.isfinite(block).all(axis=1))[0][0])
                     raise ValueError(f"slide {slide_id!r}: features contain NaN/Inf (instance {bad})")
                 farr[start : start + block.shape[0]] = block
             if coords_np is not None:
                 carr = group.create_array(
-                    "coords", shape=coords_np.shape, chunks=(min(65536, n_rows), 2), dtype=np.int32, config=_ALL_CHUNKS
+                    "coords", shape=coords_np.shape, chunks=(min(65536, n_rows), 2), dtype=np.int32,
+                    compressors=small, config=_ALL_CHUNKS,
                 )
                 carr[:] = coords_np
             if inst_np is not None:
                 iarr = group.create_array(
                     "instance_labels", shape=inst_np.shape, chunks=(min(65536, n_rows),), dtype=np.uint8,
-                    config=_ALL_CHUNKS,
+                    compressors=small, config=_ALL_CHUNKS,
                 )
                 iarr[:] = inst_np
             group.attrs.update(to_jsonable(dict(attrs or {})))
             _fsync_tree(staging)
             self._commit(staging, final_dir)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             _remove_if_empty(staging.parent)
+            if isinstance(exc, OSError):  # the store's disk: full, read-only, gone
+                raise StoreError(f"slide {slide_id!r}: cannot write to store {self.path}: "
+                                 f"{exc.strerror or exc} ({exc.filename or staging}); nothing of it was kept") from exc
             raise
         finally:
             self._slide_meta.pop(slide_id, None)
@@ -556,8 +735,10 @@ class FeatureStore:
             journal = _read_json(path)
         except (OSError, json.JSONDecodeError) as exc:  # written atomically, so this is damage, not a crash
             raise StoreError(f"{path}: unreadable label update journal: {exc}") from exc
-        if not isinstance(journal.get("classes"), list) or not isinstance(journal.get("labels"), dict):
-            raise StoreError(f"{path}: not a fastmil label journal")
+        classes, labels = journal.get("classes"), journal.get("labels")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes) or \
+                not isinstance(labels, dict):
+            raise StoreError(f"{path}: not a fastmil label journal (classes: a list of names, labels: a mapping)")
         return journal
 
     def _apply_label_journal(self) -> None:
@@ -565,9 +746,9 @@ class FeatureStore:
         journal = self._journal
         _merge_attrs(self.path / "zarr.json", {"classes": journal["classes"]})
         for sid, y in journal["labels"].items():
-            meta_path = self._slide_dir(sid) / "zarr.json"
-            if meta_path.is_file():  # a slide deleted by hand since is simply skipped
-                _merge_attrs(meta_path, {"label": int(y)})
+            if sid not in self:  # a slide deleted by hand since, or an id that names no slide: skipped
+                continue
+            _merge_attrs(self._slide_dir(sid) / "zarr.json", {"label": int(y)})
             self._slide_meta.pop(sid, None)
         (self.path / _LABEL_JOURNAL).unlink()
         _fsync_dir(self.path)
@@ -604,6 +785,36 @@ class FeatureStore:
         }
 
 
+def _checked_layout(slide_id: str, array_dir: Path, ameta: Mapping[str, Any], ndim: int | None
+                    ) -> tuple[tuple[int, ...], int]:
+    """``(shape, chunk_rows)`` of an array's zarr.json, or StoreError naming the slide: positive integer extents
+    (1 to 2^31 rows; at most 2^20 columns) and a chunk of 1 to 2^31 rows covering whole rows. Metadata is
+    checked before it sizes an allocation: ``[1e12, D]`` must not ask for 58 TiB, ``chunk_shape [-1, D]`` must
+    not return uninitialised memory."""
+    where = f"slide {slide_id!r}: {array_dir.name} metadata ({array_dir / 'zarr.json'})"
+    try:
+        shape = ameta["shape"]
+        chunks = ameta["chunk_grid"]["configuration"]["chunk_shape"]
+    except (KeyError, TypeError) as exc:
+        raise StoreError(f"{where}: missing {exc}; store damaged, re-ingest") from None
+
+    def whole(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not isinstance(shape, list) or not shape or (ndim is not None and len(shape) != ndim) or not (
+            whole(shape[0], 1, 1 << 31) and all(whole(v, 1, 1 << 20) for v in shape[1:])):
+        raise StoreError(f"{where}: shape {short_repr(shape)} is not one of positive integer extents")
+    if not isinstance(chunks, list) or len(chunks) != len(shape) or not whole(chunks[0], 1, 1 << 31) or \
+            list(chunks[1:]) != list(shape[1:]):
+        raise StoreError(f"{where}: chunk shape {short_repr(chunks)} does not cut whole rows of shape {shape}")
+    return tuple(shape), chunks[0]
+
+
+def _leave_alone(entry: Path, why: str) -> None:
+    warnings.warn(f"{entry}: {why}; recovery leaves it alone (remove it by hand if it is litter)", RuntimeWarning,
+                  stacklevel=3)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a folder's entries (a rename into it, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -623,12 +834,19 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
+def _has_checksum(ameta: Mapping[str, Any]) -> bool:
+    """Whether the array's chunks end in a CRC32C (its last codec is ``crc32c``)."""
+    codecs = ameta.get("codecs", [])
+    return bool(codecs) and codecs[-1].get("name") == "crc32c"
+
+
 def _is_raw_layout(ameta: Mapping[str, Any]) -> bool:
-    """True for an uncompressed little-endian array with default '/' chunk keys, chunked along axis 0 only."""
+    """True for an uncompressed little-endian array (optionally checksummed: ``bytes`` then ``crc32c``) with
+    default '/' chunk keys, chunked along axis 0 only."""
     codecs = ameta.get("codecs", [])
     chunk_shape = ameta["chunk_grid"]["configuration"]["chunk_shape"]
     return (
-        len(codecs) == 1
+        len(codecs) == 1 + int(_has_checksum(ameta))
         and codecs[0].get("name") == "bytes"
         and codecs[0].get("configuration", {}).get("endian", "little") == "little"
         and ameta.get("chunk_key_encoding", {}).get("name") == "default"
@@ -638,7 +856,12 @@ def _is_raw_layout(ameta: Mapping[str, Any]) -> bool:
     )
 
 
-def _read_raw_chunks(slide_id: str, array_dir: Path, shape: tuple, dtype: np.dtype, chunk_rows: int) -> np.ndarray:
+def _read_raw_chunks(slide_id: str, array_dir: Path, shape: tuple, dtype: np.dtype, chunk_rows: int,
+                     has_checksum: bool = False, verify: bool = True) -> np.ndarray:
+    """Read an uncompressed array chunk file by chunk file into one buffer (``readinto``: one copy from the page
+    cache). ``has_checksum``: each file ends in the CRC32C of its data (4 bytes, little-endian), checked here when
+    ``verify`` (google-crc32c's C code, ~10 GB/s, over the rows in place)."""
+    checksum = has_checksum and verify
     out = np.empty(shape, dtype=dtype.newbyteorder("<"))
     tail = "/".join("0" for _ in shape[1:])
     n_rows = shape[0]
@@ -646,20 +869,38 @@ def _read_raw_chunks(slide_id: str, array_dir: Path, shape: tuple, dtype: np.dty
         stop = min(n_rows, start + chunk_rows)
         path = array_dir / "c" / str(index) / tail if tail else array_dir / "c" / str(index)
         view = memoryview(out[start:stop]).cast("B")
-        expected = chunk_rows * (out[start:stop].nbytes // (stop - start))  # edge chunks are stored full size
+        data_bytes = chunk_rows * (out[start:stop].nbytes // (stop - start))  # edge chunks are stored full size
+        expected = data_bytes + (4 if has_checksum else 0)
         try:
-            with open(path, "rb") as fh:
-                got = fh.readinto(view)
-                rest = len(fh.read())
+            # no link followed, no FIFO waited on: a chunk must be a regular file of this store
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise StoreError(
                 f"slide {slide_id!r}: {array_dir.name} chunk {index} is missing ({path}); store damaged, re-ingest"
             ) from exc
+        except OSError as exc:  # ELOOP: a symbolic link
+            raise StoreError(f"slide {slide_id!r}: cannot open {array_dir.name} chunk {index} ({path}): "
+                             f"{exc.strerror} (a link? chunks must be regular files); re-ingest") from exc
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"slide {slide_id!r}: {array_dir.name} chunk {index} ({path}) is not a regular "
+                                 "file (a FIFO or device); store damaged or tampered with, re-ingest")
+            got = fh.readinto(view)
+            rest_bytes = fh.read(expected + 1)  # bounded: a huge file is not read whole to learn it is too long
+            rest = len(rest_bytes)
         if got != view.nbytes or got + rest != expected:
             raise StoreError(
                 f"slide {slide_id!r}: cannot read {array_dir.name} chunk {index} ({path}): "
                 f"{got + rest} bytes, expected {expected} (truncated file)"
             )
+        if checksum:
+            # google-crc32c takes read-only buffers: a read-only view of the rows just read (no copy), then the
+            # rest of the file (an edge chunk's padding, the stored CRC): data + its own CRC gives a constant
+            rows = out[start:stop].view(np.uint8)
+            rows.flags.writeable = False
+            if google_crc32c.extend(google_crc32c.value(rows), rest_bytes) != _CRC32C_RESIDUE:
+                raise StoreError(f"slide {slide_id!r}: {array_dir.name} chunk {index} ({path}) fails its CRC32C "
+                                 "checksum (a flipped bit on disk or in a copy); re-ingest this slide")
     return out
 
 
@@ -717,24 +958,27 @@ def _check_coords(slide_id: str, coords: Any, n_rows: int) -> np.ndarray:
     return c32
 
 
-def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> FeatureStore:
-    """Create (or, with ``exist_ok``, open for appending) a fastmil store at ``path``."""
+def create_store(path: str | os.PathLike, *, exist_ok: bool = True, lock_timeout: float = 0.0) -> FeatureStore:
+    """Create (or, with ``exist_ok``, open for appending) a fastmil store at ``path``; the returned store holds
+    the write lock (``lock_timeout``: seconds to wait for another writer)."""
     p = Path(path)
     if (p / "zarr.json").is_file():
         if not exist_ok:
             raise StoreError(f"{p}: store already exists")
-        return FeatureStore(p, mode="a")
+        return FeatureStore(p, mode="a", lock_timeout=lock_timeout)
     if p.exists() and any(p.iterdir()):
         raise StoreError(f"{p}: exists and is not a fastmil store; refusing to write into it")
     group = zarr.open_group(str(p), mode="w", zarr_format=3)
     group.attrs.update({"fastmil_format": FORMAT_VERSION})
     (p / _SLIDES).mkdir(exist_ok=True)
-    return FeatureStore(p, mode="a")
+    return FeatureStore(p, mode="a", lock_timeout=lock_timeout)
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
-    """Open an existing store for reading (``mode="r"``) or appending (``mode="a"``)."""
+def open_store(path: str | os.PathLike, mode: str = "r", *, lock_timeout: float = 0.0,
+               verify_checksums: bool = True) -> FeatureStore:
+    """Open an existing store for reading (``mode="r"``) or appending (``mode="a"``: takes the write lock,
+    waiting up to ``lock_timeout`` seconds for another writer); see :class:`FeatureStore`."""
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p}: no such store")
-    return FeatureStore(p, mode=mode)
+    return FeatureStore(p, mode=mode, lock_timeout=lock_timeout, verify_checksums=verify_checksums)

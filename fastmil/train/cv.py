@@ -9,6 +9,7 @@ folds are read from a folder of CLAM split files (``splits_<k>.csv`` and/or ``sp
 Output::
 
     OUT/splits/splits_<k>.csv, splits_<k>_bool.csv   the folds used (CLAM's two forms)
+    OUT/splits/folds.json                             written last: the split set is complete (resume reads it)
     OUT/fold_<k>/                                     one run folder per fold (fastmil train's layout)
     OUT/summary.csv, OUT/summary.md                   every test metric per fold, mean and sd over folds
     OUT/km_test.png, OUT/test_risks.csv               survival (``task: survival``): Kaplan-Meier curves of the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -41,6 +43,9 @@ from .config import TrainConfig
 from .splits import SPLITS, labelled_slides, write_splits
 
 __all__ = ["cross_validate", "draw_folds", "patient_folds", "read_case_ids", "read_split_dir", "write_splits_bool"]
+
+SPLITS_COMPLETE = "folds.json"
+"""Written (atomically) after every split file of a cross-validation: the split set is complete."""
 
 
 def read_case_ids(path: str | os.PathLike) -> dict[str, str]:
@@ -226,17 +231,19 @@ def cross_validate(
     split_files = out / "splits"
     if split_dir is not None:
         fold_splits = read_split_dir(split_dir)
-    elif (split_files / "splits_0.csv").exists():  # a resumed cv keeps the folds it drew
+    elif (split_files / SPLITS_COMPLETE).exists():  # a resumed cv keeps the folds it drew
         fold_splits = read_split_dir(split_files)
         if len(fold_splits) != folds:
             raise ValueError(f"{out} holds a {len(fold_splits)}-fold cross-validation; resume it with --folds "
                              f"{len(fold_splits)} or choose another --out")
-    else:
+    else:  # first run, or one killed while writing the split files: draw (deterministic from the seed) again
         fold_splits = draw_folds(store, cfg, folds, cases_csv)
     split_files.mkdir(parents=True, exist_ok=True)
     for k, splits in enumerate(fold_splits):
         write_splits(split_files / f"splits_{k}.csv", splits)
         write_splits_bool(split_files / f"splits_{k}_bool.csv", splits)
+    # the completion marker, written last: without it a resume treats the split files as unfinished
+    write_text_atomic(split_files / SPLITS_COMPLETE, json.dumps({"folds": len(fold_splits)}) + "\n")
     per_fold = []
     for k in tqdm(range(len(fold_splits)), desc="cv", unit="fold", disable=None if progress else True):
         fold_dir = out / f"fold_{k}"

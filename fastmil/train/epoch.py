@@ -14,7 +14,11 @@ from ..data.transfer import device_batches
 from ..methods import StepContext
 from .step import Stepper
 
-__all__ = ["EpochStats", "epoch_seed", "train_epoch"]
+__all__ = ["DivergedError", "EpochStats", "epoch_seed", "train_epoch"]
+
+
+class DivergedError(ValueError):
+    """Training produced a non-finite loss: the message names the epoch, the step and what to try."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -53,7 +57,9 @@ def train_epoch(
 ) -> EpochStats:
     """Run one epoch of ``stepper`` over ``loader`` (a :class:`fastmil.data.BagLoader`).
 
-    Terms are summed on the device and read once at the end (one host synchronisation per epoch).
+    Terms are summed on the device and read once at the end (one host synchronisation per epoch). So is the first
+    step whose loss was not finite: the epoch then raises :class:`DivergedError` naming it (the weights are NaN
+    from there on; the run's last checkpoint is the previous epoch's).
     ``step_callback(epoch, step, loss)``, when given, is called after every step (it reads the loss: a sync).
     ``progress`` shows a step bar on a terminal (tqdm hides it elsewhere). ``loss_fn``/``loss_name``: the task's
     supervised loss for the methods (:class:`fastmil.methods.StepContext`; default: cross-entropy, ``ce``).
@@ -65,6 +71,8 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     clock = {"data": 0.0}
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # the first non-finite step, on the device
+    bad_value = torch.zeros((), dtype=torch.float32, device=device)
     start = time.perf_counter()
     batches = device_batches(_timed(loader, clock), device)  # on CUDA, copies overlap the previous step
     for step, bags in enumerate(tqdm(batches, desc=f"epoch {epoch}", unit="step", total=n_steps, leave=False,
@@ -72,6 +80,9 @@ def train_epoch(
         ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=n_steps, epochs=epochs, seed=seed,
                           class_weight=class_weight, loss_fn=loss_fn, loss_name=loss_name)
         terms = stepper.step(bags, ctx)
+        newly_bad = (first_bad < 0) & ~torch.isfinite(terms["loss"])
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_value = torch.where(newly_bad, terms["loss"].float(), bad_value)
         for key, value in terms.items():
             sums[key] = sums[key] + value if key in sums else value.float().clone()
             counts[key] = counts.get(key, 0) + 1
@@ -80,5 +91,10 @@ def train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
+    if int(first_bad) >= 0:
+        raise DivergedError(
+            f"training diverged: the loss is {float(bad_value)} at epoch {epoch} step {int(first_bad)} (lr "
+            f"{stepper.lr:.3g}); lower optim.lr, set optim.grad_clip, check the features for values near their "
+            "dtype's limit (fp16: 65504), or train with run.amp=none")
     means = {key: float(total) / counts[key] for key, total in sums.items()}
     return EpochStats(means, counts.get("loss", 0), clock["data"], max(0.0, wall - clock["data"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,23 @@ def _nothing_left(state: TrainState, cfg: TrainConfig) -> str:
             "with --resume to continue it")
 
 
+EXPLODING_FACTOR = 100.0
+"""An epoch whose mean training loss exceeds this multiple of the first epoch's (and 10) gets a warning."""
+
+
+def _warn_if_exploding(history: list[dict]) -> None:
+    """Warn (once, on the epoch it happens) when the training loss has grown far past its first epoch's value:
+    finite, but diverging (a too high learning rate, features near their dtype's limit)."""
+    losses = [r["train"].get("loss") for r in history]
+    if len(losses) < 2 or losses[0] is None or losses[-1] is None:
+        return
+    limit = max(10.0, EXPLODING_FACTOR * abs(losses[0]))
+    if losses[-1] > limit and all(x is None or x <= limit for x in losses[1:-1]):
+        warnings.warn(f"the training loss is exploding: {losses[-1]:.3g} in epoch {len(losses) - 1} against "
+                      f"{losses[0]:.3g} in epoch 0; lower optim.lr or set optim.grad_clip", RuntimeWarning,
+                      stacklevel=3)
+
+
 def fit(
     store: FeatureStore | str | os.PathLike,
     out: str | os.PathLike,
@@ -257,6 +275,7 @@ def fit(
             started = time.perf_counter()
             val = task.split_metrics(method, store, splits[monitor_split], splits["train"], device, cfg.run.amp, cache)
             record = logger.record(epoch, stepper.lr, stats, val, time.perf_counter() - started)
+            _warn_if_exploding(logger.history)
             improved = early.update(epoch, val)
             if distributed is not None:  # rank 0 decides for every process, whatever their metrics' rounding
                 improved = _agree_on_early_stopping(distributed, early, improved)

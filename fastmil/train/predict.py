@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .._atomic import write_text_atomic
 from ..data.grid import lattice_cells, patch_stride
 from ..data.labels import read_splits_csv
-from ..data.store import FeatureStore, open_store
+from ..data.store import FeatureStore, StoreError, open_store
 from ..survival import risk_from_logits, save_km_plot, survival_metrics
 from .loop import load_method
 from .metrics import binary_auc, compute_metrics, pr_curve, roc_curve
@@ -233,7 +233,10 @@ def predict(
         if coords is None:
             continue
         patch_size = store.slide_attrs(sid).get("patch_size_level0")
-        stride = patch_stride(coords, patch_size)  # the lattice step (equals the patch size without overlap)
+        try:
+            stride = patch_stride(coords, patch_size)  # the lattice step (equals the patch size without overlap)
+        except ValueError as exc:
+            raise StoreError(f"slide {sid!r}: {exc}") from None
         patch_size = int(patch_size or stride)
         title = titles[sid]
         slide_file = find_slide_file(slides_dir, sid) if slides_dir is not None else None

@@ -124,3 +124,47 @@ def test_broken_yaml_files_name_the_file(tmp_path, text, error):
         run.read_config()
     with pytest.raises(ConfigError, match=error):
         load_spec(path, store="s", out="o")
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8))  # 10^9 values once expanded, 700 bytes on disk
+
+
+@pytest.mark.parametrize("where", ["model: {name: *i}", "optim: {lr: *i}", "run: {seed: *i}"])
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path, where):
+    """An alias bomb in ``model.name`` used to run until killed (the name was formatted into an error)."""
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB + where + "\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases expand to") as info:
+        load_config(path)
+    assert time.monotonic() - start < 5 and len(str(info.value)) < 400
+
+
+def test_a_structured_model_name_and_huge_values_give_short_errors():
+    with pytest.raises(ConfigError, match="model.name: must be a string, got a list") as info:
+        TrainConfig.from_dict(model={"name": [["x"] * 10_000] * 100})
+    assert len(str(info.value)) < 400
+    with pytest.raises(ConfigError, match="optim.lr: expected a number") as info:
+        TrainConfig.from_dict(optim={"lr": "9" * 1_000_000 + "x"})
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_non_finite_config_numbers_are_refused(value):
+    """``lr: .inf`` used to train to NaN and fail later inside scikit-learn."""
+    import yaml as pyyaml
+
+    with pytest.raises(ConfigError, match="optim.lr: must be a finite number"):
+        TrainConfig.from_dict(optim={"lr": pyyaml.safe_load(value)})
+
+
+def test_an_oversized_config_file_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("run: {seed: 1}\n" + "#" * (2 << 20))
+    with pytest.raises(ConfigError, match="bytes"):
+        load_config(path)

@@ -110,3 +110,30 @@ def test_cli_cv_on_a_synthetic_cohort_writes_a_summary_and_resumes(tmp_path, cap
     assert (tmp_path / "cv" / "summary.csv").read_text() == before
     assert main([a if a != "3" else "4" for a in args]) == 2  # other --folds on the same --out: refused
     assert "3-fold cross-validation" in capsys.readouterr().err
+
+
+def test_a_cv_killed_while_writing_its_splits_resumes(tmp_path, monkeypatch):
+    """Killed right after ``splits_0.csv`` (issue 29 item 9): the resume used to read a 1-fold cross-validation
+    and ask for ``--folds 1``, itself invalid. The split set counts only once its completion marker is written."""
+    from types import SimpleNamespace
+
+    import fastmil.train.loop as loop
+    from fastmil.train.cv import SPLITS_COMPLETE, cross_validate, draw_folds
+
+    store = synthesize_store(SynthConfig(n_slides=12, dim=4, median_instances=40, min_instances=20, seed=1),
+                             tmp_path / "store", progress=False)
+    trained = []
+    monkeypatch.setattr(loop, "fit", lambda store, run, cfg, **kw: trained.append(kw["split_csv"]) or SimpleNamespace(
+        metrics={"test": {"auc": 0.5, "n": 4}}))
+    out = tmp_path / "cv"
+    from fastmil.train import TrainConfig
+
+    first = draw_folds(store, TrainConfig(), 3, None)
+    (out / "splits").mkdir(parents=True)
+    write_splits(out / "splits" / "splits_0.csv", first[0])  # what the kill left
+    cross_validate(store, out, folds=3, progress=False)
+    assert len(trained) == 3 and (out / "splits" / SPLITS_COMPLETE).is_file()
+    assert read_split_dir(out / "splits") == first
+    cross_validate(store, out, folds=3, progress=False)  # a finished split set is read back, not redrawn
+    with pytest.raises(ValueError, match="3-fold"):
+        cross_validate(store, out, folds=4, progress=False)

@@ -1,6 +1,7 @@
 """End to end: fit / evaluate / predict on synthetic slides, resume after a kill, bad inputs."""
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -275,3 +276,51 @@ def test_tensorboard_events_when_installed(tmp_path):
     tags = events.Tags()["scalars"]
     assert {"train/ce", "train/loss", "val/auc"} <= set(tags)
     assert [e.step for e in events.Scalars("train/ce")] == [0, 1]
+
+
+def test_predict_refuses_a_path_as_slide_id_and_writes_nothing_outside(trained, tmp_path):
+    """``--slide-ids ../../victim/slides/v`` used to read outside the store and write ``v.npy`` outside ``--out``
+    (issue 29 item 3): an id that is a path names no slide."""
+    root, store, _ = trained
+    outside = create_store(tmp_path / "victim")  # a slide outside the store, of the right width
+    outside.write_slide("v", np.ones((20, store.dim), np.float32))
+    outside.close()
+    victim = tmp_path / "victim" / "slides" / "v"
+    sneaky = os.path.relpath(victim, store.path / "slides")
+    with pytest.raises(ValueError, match="not in store"):
+        predict(root / "run", store, tmp_path / "out" / "deep", [sneaky])
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["v"] and not (tmp_path / "out").exists()
+
+
+class _ListLoader(list):
+    def set_epoch(self, epoch):
+        pass
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step():
+    """Features near fp32's limit used to train on to a loss of 1e29 or NaN and exit 0 (issue 29 item 14)."""
+    from fastmil.bags import Bags
+    from fastmil.methods import build_method, method_config
+    from fastmil.nn import model_config
+    from fastmil.train.epoch import DivergedError, train_epoch
+    from fastmil.train.step import Stepper
+
+    torch.manual_seed(0)
+    method = build_method(method_config({"name": "plain"}), model_config({"embed_dim": 8, "attn_dim": 4}), 4, 2)
+    g = torch.Generator().manual_seed(0)
+    batches = [Bags.from_list([torch.randn(5, 4, generator=g)], labels=[i % 2]) for i in range(4)]
+    batches[2] = Bags.from_list([torch.full((5, 4), 3e38)], labels=[1], validate=False)
+    stepper = Stepper(method, TrainConfig().optim, "none", torch.device("cpu"))
+    with pytest.raises(DivergedError, match=r"loss is (nan|inf) at epoch 0 step 2"):
+        train_epoch(stepper, _ListLoader(batches), 0, epochs=1, seed=0, device=torch.device("cpu"),
+                    class_weight=None)
+
+
+def test_an_exploding_loss_is_a_warning():
+    from fastmil.train.loop import _warn_if_exploding
+
+    history = [{"train": {"loss": 0.7}}, {"train": {"loss": 0.5}}]
+    _warn_if_exploding(history)  # no warning
+    history.append({"train": {"loss": 1e29}})
+    with pytest.warns(RuntimeWarning, match="exploding: 1e\\+29 in epoch 2"):
+        _warn_if_exploding(history)
