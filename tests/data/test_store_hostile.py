@@ -523,3 +523,24 @@ def test_checksums_can_be_skipped_on_read_and_old_stores_without_them_still_read
     assert np.array_equal(open_store(root).read("plain")[0], feats)
     unchecked = open_store(root, verify_checksums=False).read("summed")[0]
     assert unchecked[0, 0] != feats[0, 0] and np.array_equal(unchecked[1:], feats[1:])
+
+
+def test_ingest_into_a_read_only_store_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastmil.cli import main
+    from fastmil.data import store_lock
+
+    root = _store(tmp_path / "s", n_slides=1)
+    src = _mkdir(tmp_path / "src")
+
+    def read_only(store, timeout=0.0):
+        raise OSError(errno.EROFS, "Read-only file system", str(store / store_lock.LOCK_NAME))
+
+    monkeypatch.setattr(store_lock, "acquire", read_only)
+    import torch
+
+    torch.save(torch.ones(3, 8), src / "x.pt")
+    assert main(["ingest", str(src), str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot open the store for writing: Read-only file system" in err
