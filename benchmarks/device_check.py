@@ -18,7 +18,10 @@ listed as not run, apart from failures) and writes each section to ``DIR`` as it
    path's and above the dtype's floor (:data:`FLOOR`), or above a row's own ``limit`` (0 for exact contracts and
    the run-to-run check: the kernels use no atomics). Checks that raise are failures; tracebacks in
    ``accuracy_errors.log``.
-3. ``tests.log``: the tests marked ``cuda`` (:data:`CUDA_TEST_FILES`), run compiled (``TRITON_INTERPRET=0``).
+3. ``tests.log``: the tests marked ``cuda`` (:data:`CUDA_TEST_FILES`), run compiled (``TRITON_INTERPRET=0``): among
+   them a training step of every method under ``torch.cuda.set_sync_debug_mode("error")`` and the per-dot precision
+   check (``tests/ops/test_tf32_emulation.py``: the kernels' fp32 ``tl.dot`` products within the contract of
+   ``kernels/_launch.py: dot_precision`` and at the values their CPU emulation gives).
 4. ``bench/GROUP/``: the CUDA cases of the benchmark suite, a group at a time (:data:`BENCH_GROUPS`), each with its
    pytest-benchmark JSON, ``benchmarks/report.py``'s report and both logs.
 
@@ -46,7 +49,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FAIL_FACTOR = 20.0
 """A row fails when its error exceeds this multiple of the torch path's error (and the dtype's floor)."""
-CUDA_TEST_FILES = ("tests/data/test_transfer.py", "tests/ops/test_attention_pool.py")
+CUDA_TEST_FILES = ("tests/data/test_transfer.py", "tests/ops/test_attention_pool.py", "tests/train/test_host_sync.py",
+                   "tests/ops/test_tf32_emulation.py")
 """The test files holding tests marked ``cuda`` (``tests/test_device_check.py`` checks that none is elsewhere);
 named, so that collecting them imports only what they import."""
 NEEDED_MODULES = ("numpy", "pytest", "pytest_benchmark", "zarr", "h5py", "yaml", "tqdm", "matplotlib", "sklearn")

@@ -70,17 +70,21 @@ class Specialisation:
     def label(self) -> str:
         """A compact description: main dtype, the runtime-specialised arguments, the constexprs, warps/stages."""
         sig = dict(self.signature)
-        main = ("h_ptr", "values_ptr", "scores_ptr", "dpre_ptr", "tile_max_ptr")
+        main = ("h_ptr", "values_ptr", "x_ptr", "scores_ptr", "dout_ptr", "dpre_ptr", "tile_max_ptr")
         main_ptr = next((n for n in main if n in sig), None)
         dtype = sig[main_ptr].lstrip("*") if main_ptr else "-"
-        ints = [n for n, t in self.signature if t[0] in "iu" and not n.endswith("_ptr")]
         consts = dict(self.constants)
+        # runtime integers, and those Triton made constants because they were 1 (constexpr parameters are upper case)
+        ints = [n for n, t in self.signature
+                if (t[0] in "iu" or (t == "constexpr" and not n.isupper())) and not n.endswith("_ptr")]
         runtime = [f"{n}={consts[n]}" if n in consts else (f"{n}%16" if n in self.divisible else n) for n in ints]
         ptrs = [n for n, t in self.signature if t.startswith("*")]
         unaligned = [n.removesuffix("_ptr") for n in ptrs if n not in self.divisible]
         flags = " ".join(f"{k}={v}" for k, v in self.constants if k.isupper())
         misaligned = f" unaligned({','.join(unaligned)})" if unaligned else ""
         mask = f" mask={sig['mask_ptr'].lstrip('*')}" if "mask_ptr" in sig else ""
+        outs = [n for n in ("ddst_ptr", "dsrc_ptr") if n in sig]  # graph: the score gradients' dtype
+        mask += "".join(f" {n.removesuffix('_ptr')}={sig[n].lstrip('*')}" for n in outs)
         return f"{dtype}{mask} [{' '.join(runtime)}]{misaligned} {flags} w{self.num_warps}s{self.num_stages}"
 
 

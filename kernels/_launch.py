@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "AOT_DIMS", "AotTiles", "DEFAULT_NUM_STAGES", "KernelConfig", "Launch", "aot_views", "canonical", "dot_precision",
-    "interpreting", "is_canonical", "pow2_at_least", "upcast_dots",
+    "AOT_DIMS", "AotTiles", "DEFAULT_NUM_STAGES", "KernelConfig", "Launch", "aot_views", "canonical",
+    "compiled_dot_precision", "dot_precision", "interpreting", "is_canonical", "pow2_at_least", "upcast_dots",
 ]
 
 DEFAULT_NUM_STAGES = 3
@@ -135,18 +135,45 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """Mode of the fp32 ``tl.dot`` products (weighted sums, gradient GEMMs, the fp32 score GEMM).
+def compiled_dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
+    """Mode of the fp32 ``tl.dot`` products of compiled kernels (a GPU) for ``dtype`` inputs: ``"tf32"`` only
+    for fp32 inputs where the user opted in to TF32 for fp32 GEMMs (``allow_tf32``, default
+    ``torch.backends.cuda.matmul.allow_tf32``), ``"tf32x3"`` otherwise. :func:`dot_precision` explains why."""
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "tf32x3"
 
-    fp16/bf16 inputs: ``"tf32"`` (TF32 holds their mantissas exactly; the fp32 operand is rounded to 10 bits).
-    fp32 inputs: ``"tf32"`` where torch itself would use TF32 (``torch.backends.cuda.matmul.allow_tf32``),
-    else ``"tf32x3"`` (three TF32 products, close to fp32 accuracy, still on tensor cores). Under the
-    interpreter: ``"ieee"`` (it computes every dot in full fp32 whatever the mode says)."""
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Mode of the fp32 ``tl.dot`` products (``DOT_PRECISION``): the weighted sums ``p x`` with fp32 softmax
+    weights, the gradient GEMMs over fp32 ``dpre``/``grad_pooled``/weights, the fp32 score GEMMs and the fp32
+    embed GEMM. (A ``tl.dot`` of fp16/bf16 operands, the score and embed GEMMs of half inputs, ignores it: its
+    products are exact in fp32.)
+
+    The accuracy contract: every fp32 ``tl.dot`` errs like an fp32 computation, unless the user opted in to TF32.
+
+    - ``"tf32x3"`` (every input dtype by default): each fp32 operand ``a`` becomes ``hi + lo`` with ``hi`` its
+      TF32 rounding (``cvt.rna``) and ``lo = a - hi`` (exact), which the tensor core truncates to TF32;
+      ``hi*hi + hi*lo + lo*hi`` on tensor cores (``_dot.fp32_dot``: two products, ``hi*b + lo*b``, when the other
+      operand ``b`` holds fp16/bf16 values, exact in TF32). Per product, the relative error is at most ``2^-21``
+      per inexact operand (``2^-22`` more for the dropped ``lo*lo``), without bias; the accumulation is fp32 and
+      up to three dots' worth long (``tests/tolerance.py: dot_product_roundoff``). The pooling dots move far more
+      bytes than they compute, so the extra products cost no time there; the gated backward's two GEMMs over
+      ``dpre`` (4 N D hidden flops each) become tensor-core bound at large ``hidden`` (``docs/performance.md``).
+      Plain ``"tf32"`` is not used for them: the tensor core *truncates* fp32 operands to 10 mantissa bits, so
+      the fp32 softmax weights, ``dpre`` and gradients would lose ~``2^-11`` of their magnitude on average, a
+      bias that shrinks every pooled vector and gradient by ~``2^-11`` relative (~``2^-10`` when both operands
+      are fp32) and does not average out over a bag. (fp16/bf16 values are exact in TF32; the other operand is
+      not.)
+    - ``"tf32"``: fp32 inputs with ``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 GEMMs then
+      run. The kernels round both operands to nearest TF32 first (``_dot.round_tf32``), so the tensor core's
+      truncation drops nothing and the products err by at most ``2^-11`` per operand, without bias.
+    - ``"ieee"`` under the interpreter, which computes every dot in full fp32 whatever the mode says. The
+      interpreter tests therefore check fp32-level bounds; ``tests/ops/test_tf32_emulation.py`` checks the GPU
+      modes by emulating their operand rounding."""
     if interpreting():
         return "ieee"
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3"
+    return compiled_dot_precision(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

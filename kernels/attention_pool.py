@@ -8,7 +8,10 @@
 Every ``[N, *]`` input and output is addressed with its own row stride (unit column stride); the launch
 functions below are the only place the arguments are assembled (``fastmil.ops.attention_pool`` runs them,
 ``make aot`` compiles them). Precision: loads are cast to fp32, accumulation is fp32; ``DOT_PRECISION`` picks
-the mode of the fp32 ``tl.dot`` products (see ``_launch.dot_precision``). No atomics: deterministic.
+the mode of the fp32 ``tl.dot`` products (``_launch.dot_precision``: 3xTF32, fp32-level, for every value dtype,
+since the softmax weights, ``grad_pooled`` and fp32 values are not TF32 numbers; TF32 rounded to nearest only for
+fp32 values under ``allow_tf32``), run by ``_dot.fp32_dot`` (which splits only the fp32 operand when the other
+is an fp16/bf16 value). No atomics: deterministic.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import fp32_dot
 from ._launch import AOT_DIMS, AotTiles, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least
 from ._tiled_softmax import merge_launch, normalize_launch, tile_rows, tile_softmax_stats
 from .limits import MAX_HEADS
@@ -28,8 +32,8 @@ __all__ = ["MAX_HEADS", "aot_launches", "pool_bwd_config", "pool_bwd_launch", "p
 
 def pool_config(heads: int, dtype: torch.dtype) -> KernelConfig:
     """Tile config of the forward tile kernel (and the tile size of the op) for ``heads`` heads of ``dtype``
-    values. fp32 values, whose 3xTF32 dots hold three operand copies in registers, and 17..32 heads get
-    narrower tiles."""
+    values. Every dtype's weighted sum is a 3xTF32 dot (``_launch.dot_precision``); fp32 values, whose split
+    doubles the registers of the big operand too, and 17..32 heads get narrower tiles."""
     if pow2_at_least(heads) <= 16 and dtype != torch.float32:
         return KernelConfig(block_n=64, block_d=64, num_warps=4)
     return KernelConfig(block_n=32, block_d=32, num_warps=4)
@@ -39,7 +43,7 @@ def pool_bwd_config(heads: int, dtype: torch.dtype) -> KernelConfig:
     """Config of the backward tile kernel: the forward's tile size (the tile table is shared) and a narrower
     D block, since it holds two ``[BLOCK_N, BLOCK_D]`` products (``u`` and ``grad_values``) at once."""
     fwd = pool_config(heads, dtype)
-    if dtype == torch.float32 and pow2_at_least(heads) == 32:  # 3xTF32 operands for 32 heads: spread them
+    if pow2_at_least(heads) == 32:  # 3xTF32 operands (every dtype) for 32 heads: spread them
         return KernelConfig(block_n=fwd.block_n, block_d=16, num_warps=8, num_stages=fwd.num_stages)
     return KernelConfig(block_n=fwd.block_n, block_d=32, num_warps=fwd.num_warps, num_stages=fwd.num_stages)
 
@@ -74,7 +78,7 @@ def pool_fwd_tile_kernel(
         col_ok = cols < D
         x_ok = in_bag[:, None] & col_ok[None, :]
         x = tl.load(v_base + local[:, None] * stride_v + cols[None, :], mask=x_ok, other=0.0)
-        acc = tl.dot(p_t, x.to(tl.float32), input_precision=DOT_PRECISION)  # [H_PAD, BLOCK_D]
+        acc = fp32_dot(p_t, x, tl.zeros((H_PAD, BLOCK_D), dtype=tl.float32), DOT_PRECISION)  # [H_PAD, BLOCK_D]
         tl.store(out_base + heads[:, None] * D + cols[None, :], acc, mask=head_ok[:, None] & col_ok[None, :])
 
 
@@ -110,9 +114,9 @@ def pool_bwd_tile_kernel(
         x_ok = in_bag[:, None] & col_ok[None, :]
         x = tl.load(v_base + local[:, None] * stride_v + cols[None, :], mask=x_ok, other=0.0)
         g = tl.load(g_base + heads[:, None] * D + cols[None, :], mask=head_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.dot(x.to(tl.float32), tl.trans(g), u, input_precision=DOT_PRECISION)
+        u = fp32_dot(x, tl.trans(g), u, DOT_PRECISION)
         if NEED_GRAD_VALUES:
-            gv = tl.dot(a, g, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
+            gv = fp32_dot(a, g, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
             tl.store(gv_base + local[:, None] * stride_gv + cols[None, :], gv.to(grad_values_ptr.dtype.element_ty),
                      mask=x_ok)
     if HAS_GRAD_WEIGHTS:

@@ -20,7 +20,11 @@ Precision: every load is cast to fp32 before elementwise arithmetic; reductions 
 ``UPCAST`` (constexpr) also casts the score GEMM's ``tl.dot`` operands to fp32 (``_launch.upcast_dots``);
 otherwise (fp16/bf16 on a GPU, fp16 in the interpreter) the score GEMM runs in the input dtype with fp32
 accumulation, like ``torch.autocast``, with V and U passed in that dtype. ``DOT_PRECISION`` selects the mode of
-the fp32 ``tl.dot`` products. ``h`` and ``grad_h`` are addressed with their own row strides.
+the fp32 ``tl.dot`` products (``_launch.dot_precision``): 3xTF32 for every input dtype, fp32-level, since ``dpre``
+and the fp32 parameters are not TF32 numbers (plain TF32 would truncate them: a bias of ~2^-11 in every gradient);
+TF32 rounded to nearest only for fp32 inputs under ``allow_tf32`` (``_dot``: ``fp32_dot`` splits only ``dpre`` when
+the other operand holds fp16/bf16 values, ``dot_operand`` rounds the fp32 score GEMM's operands). ``h`` and
+``grad_h`` are addressed with their own row strides.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot_operand, fp32_dot
 from ._launch import AOT_DIMS, AotTiles, KernelConfig, Launch, aot_views, dot_precision, pow2_at_least, upcast_dots
 from ._tiled_softmax import merge_launch, normalize_launch, tile_rows, tile_softmax_stats
 from .limits import MAX_HIDDEN
@@ -48,11 +53,10 @@ def gated_config(hidden: int, dtype: torch.dtype) -> KernelConfig:
     bit-identical. Two ``[block_n, HID_PAD]`` fp32 accumulators plus the pipelined ``[block_d, HID_PAD]`` weight
     tiles must fit in registers. Every tile re-reads V and U from L2, so ``block_n`` is as large as compiles
     without register spills on sm_80 and sm_90 with each checked triton release (``make aot``: the choices
-    below are where ptxas stopped spilling; fp32 inputs run a 3xTF32 score GEMM and take smaller tiles)."""
+    below are where ptxas stopped spilling; fp32 inputs run a 3xTF32 score GEMM, or a TF32 one whose operands are
+    rounded in registers, and take smaller tiles)."""
     hid_pad = pow2_at_least(hidden)
     if dtype == torch.float32:
-        if hid_pad == 32:
-            return KernelConfig(block_n=32, block_d=32, num_warps=8, num_stages=2)
         if hid_pad <= 64:
             return KernelConfig(block_n=32, block_d=16, num_warps=8, num_stages=2)
         return KernelConfig(block_n=16, block_d=16, num_warps=8, num_stages=2)
@@ -71,9 +75,12 @@ def gemm_block_k(hid_pad: int) -> int:
 
 
 def grad_h_config(hidden: int, dtype: torch.dtype) -> KernelConfig:
-    """Config of ``grad_h_kernel`` (``block_n`` = the tile size of the gated kernels)."""
+    """Config of ``grad_h_kernel`` (``block_n`` = the tile size of the gated kernels). ``fp32_dot`` splits the
+    ``[block_n, BLOCK_K]`` tile of ``dpre`` in two (3xTF32, ``kernels/_dot.py``): 128-row tiles take 8 warps, where
+    4 spill on sm_80."""
     fp32 = dtype == torch.float32
-    return KernelConfig(block_n=gated_config(hidden, dtype).block_n, block_d=32 if fp32 else 64, num_warps=4,
+    block_n = gated_config(hidden, dtype).block_n
+    return KernelConfig(block_n=block_n, block_d=32 if fp32 else 64, num_warps=8 if block_n >= 128 else 4,
                         num_stages=2)
 
 
@@ -132,18 +139,18 @@ def _gated_scores(
         w_off = hid[None, :] * D + cols[:, None]
         vt = tl.load(vu_ptr + w_off, mask=col_ok[:, None], other=0.0)
         ut = tl.load(vu_ptr + HID_PAD * D + w_off, mask=col_ok[:, None], other=0.0)
+        if WITH_GH:  # from the unrounded x, before the score GEMM's operand rounding (one x tile live at a time)
+            g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            gh += tl.sum(x.to(tl.float32) * g[None, :], axis=1)
         if UPCAST:
-            x = x.to(tl.float32)
-            vt = vt.to(tl.float32)
-            ut = ut.to(tl.float32)
+            x = dot_operand(x.to(tl.float32), DOT_PRECISION)
+            vt = dot_operand(vt.to(tl.float32), DOT_PRECISION)
+            ut = dot_operand(ut.to(tl.float32), DOT_PRECISION)
         else:
             vt = vt.to(x.dtype)
             ut = ut.to(x.dtype)
         pre_v = tl.dot(x, vt, pre_v, input_precision=DOT_PRECISION)
         pre_u = tl.dot(x, ut, pre_u, input_precision=DOT_PRECISION)
-        if WITH_GH:
-            g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            gh += tl.sum(x.to(tl.float32) * g[None, :], axis=1)
     bv = tl.load(bias_ptr + hid)
     bu = tl.load(bias_ptr + HID_PAD + hid)
     w = tl.load(w_ptr + hid)
@@ -239,11 +246,11 @@ def grad_h_kernel(
     dpre_ptr, w2_ptr, weights_ptr, grad_pooled_ptr, tile_bag_ptr, tile_start_ptr, tile_end_ptr, grad_h_ptr,
     D, stride_gh,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    W2_ROUNDED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid ``(T, cdiv(D, BLOCK_D))``. ``grad_h[rows, cols] = a_i g_b[cols] + dpre[rows] @ w2[:, cols]`` for the
     rows of tile ``t`` (bag ``b``), with ``a = weights [N]`` fp32 (the forward's), ``dpre [N, K]`` fp32 and
-    ``w2 = [V; U]`` zero-padded to ``[K, D]`` fp32,
+    ``w2 = [V; U]`` zero-padded to ``[K, D]`` fp32 (``W2_ROUNDED``: holding values of ``grad_h``'s dtype, fp16/bf16),
     ``K = 2 * HID_PAD``; ``grad_h`` has its own row stride ``stride_gh``. A plain GEMM with a K loop: register
     use does not grow with the hidden size."""
     t = tl.program_id(0)
@@ -260,7 +267,9 @@ def grad_h_kernel(
     for k0 in range(0, K, BLOCK_K):
         dp = tl.load(dp_base + local[:, None] * K + (k0 + ks)[None, :], mask=in_bag[:, None], other=0.0)
         w2 = tl.load(w2_ptr + (k0 + ks)[:, None] * D + cols[None, :], mask=col_ok[None, :], other=0.0)
-        acc = tl.dot(dp, w2, acc, input_precision=DOT_PRECISION)
+        if W2_ROUNDED:  # fp16/bf16 values held in fp32: converted back exactly, fp32_dot then splits dpre only
+            w2 = w2.to(grad_h_ptr.dtype.element_ty)
+        acc = fp32_dot(dp, w2, acc, DOT_PRECISION)
     tl.store(
         grad_h_ptr + start * stride_gh + local[:, None] * stride_gh + cols[None, :],
         acc.to(grad_h_ptr.dtype.element_ty), mask=in_bag[:, None] & col_ok[None, :],
@@ -295,7 +304,7 @@ def weight_grad_kernel(
         dp = tl.load(dp_base + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
         x_ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(h_base + rows[:, None] * stride_h + cols[None, :], mask=x_ok, other=0.0)
-        acc = tl.dot(tl.trans(dp), x.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        acc = fp32_dot(tl.trans(dp), x, acc, DOT_PRECISION)
     out = partial_ptr + (split.to(tl.int64) * K + ks[:, None]) * D + cols[None, :]
     tl.store(out, acc, mask=col_ok[None, :])
 
@@ -373,8 +382,9 @@ def grad_h_launch(
     tile_bag: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor, grad_h: torch.Tensor,
 ) -> Launch:
     """``grad_h = a g_b + dpre [V; U]``: ``dpre [N, K]``, ``w2 [K, D]`` (``[V; U]`` zero-padded to
-    ``K = 2 HID_PAD`` rows), ``weights [N]``, ``grad_pooled [B, D]`` fp32 -> ``grad_h [N, D]`` in the dtype of
-    ``h``. The tile table is the gated kernels' (``gated_config(HID_PAD, h.dtype).block_n`` rows per tile)."""
+    ``K = 2 HID_PAD`` rows, rounded to ``score_weight_dtype(h.dtype)`` as the score GEMM used them), ``weights [N]``,
+    ``grad_pooled [B, D]`` fp32 -> ``grad_h [N, D]`` in the dtype of ``h``. The tile table is the gated kernels'
+    (``gated_config(HID_PAD, h.dtype).block_n`` rows per tile)."""
     k_dim, dim = w2.shape
     cfg = grad_h_config(k_dim // 2, grad_h.dtype)
     return Launch(
@@ -382,7 +392,7 @@ def grad_h_launch(
         dict(dpre_ptr=dpre, w2_ptr=w2, weights_ptr=weights, grad_pooled_ptr=grad_pooled, tile_bag_ptr=tile_bag,
              tile_start_ptr=tile_start, tile_end_ptr=tile_end, grad_h_ptr=grad_h, D=dim, stride_gh=grad_h.stride(0),
              BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=gemm_block_k(k_dim // 2), K=k_dim,
-             DOT_PRECISION=dot_precision(grad_h.dtype)),
+             W2_ROUNDED=score_weight_dtype(grad_h.dtype) != torch.float32, DOT_PRECISION=dot_precision(grad_h.dtype)),
         cfg.num_warps, cfg.num_stages, strided=("grad_h_ptr",),
     )
 

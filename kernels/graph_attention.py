@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ._launch import DEFAULT_NUM_STAGES, Launch
 
-__all__ = ["aot_launches", "block_c", "gat_edge_kernel", "gat_edge_launch", "gat_fwd_kernel", "gat_fwd_launch",
-           "gat_pull_kernel", "gat_pull_launch"]
+__all__ = ["aot_launches", "block_c", "gat_bwd_buffers", "gat_edge_kernel", "gat_edge_launch", "gat_fwd_buffers",
+           "gat_fwd_kernel", "gat_fwd_launch", "gat_pull_kernel", "gat_pull_launch"]
 
 BLOCK_N = 32
 """Rows per program."""
@@ -215,6 +215,22 @@ def _grid(x: torch.Tensor, channel_blocks: bool) -> tuple[int, int, int]:
     return (triton.cdiv(n, BLOCK_N), heads, triton.cdiv(channels, block_c(channels)) if channel_blocks else 1)
 
 
+def gat_fwd_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's outputs for ``x [N, H, C]``: ``out [N, H, C]`` in x's dtype and ``lse`` fp32 ``[N, H]``. The op
+    and :func:`aot_launches` both allocate them here, so the checked pointer dtypes are the ones that run."""
+    n, heads = x.shape[0], x.shape[1]
+    return torch.empty_like(x), torch.empty(n, heads, dtype=torch.float32, device=x.device)
+
+
+def gat_bwd_buffers(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's outputs for ``x [N, H, C]`` and ``k`` slots: ``dpre`` fp32 ``[N, k+1, H]``, the score
+    gradients ``ddst``/``dsrc`` fp32 ``[N, H]`` (the op casts them to the scores' dtypes) and ``dx`` in x's dtype."""
+    n, heads = x.shape[0], x.shape[1]
+    dpre = torch.empty(n, k + 1, heads, dtype=torch.float32, device=x.device)
+    ddst = torch.empty(n, heads, dtype=torch.float32, device=x.device)
+    return dpre, ddst, torch.empty_like(ddst), torch.empty_like(x)
+
+
 def gat_fwd_launch(x: torch.Tensor, nbr: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, slope: float, self_loop: bool) -> Launch:
     """Forward: writes ``out [N, H, C]`` (x's dtype) and ``lse`` fp32 ``[N, H]``."""
@@ -253,19 +269,24 @@ AOT_SHAPES = ((4, 64, 24), (1, 256, 24), (4, 64, 8), (1, 36, 24))
 (one head aggregating its 256-wide input before projecting back to the features: four channel blocks), a radius-1
 stencil, and a width that is not a multiple of 16."""
 
+AOT_ROWS = (64, 100, 1)
+"""Row counts fed to the launchers: every class Triton specialises the runtime ``n_rows`` into (divisible by 16: a
+hint; 100: none; 1, a graph of one patch: a constant). Every other argument is a constexpr, a float or a pointer
+the op allocates or makes canonical (16-byte aligned)."""
+
 
 def aot_launches() -> Iterator[Launch]:
-    """Every dtype, self loop on and off, over :data:`AOT_SHAPES`; the slope is a runtime float (one class)."""
-    n = 64
+    """Every dtype, self loop on and off, over :data:`AOT_SHAPES` and :data:`AOT_ROWS`, with the buffers the op
+    allocates (:func:`gat_fwd_buffers`, :func:`gat_bwd_buffers`); the slope is a runtime float (one class)."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for heads, channels, k in AOT_SHAPES:
-            x = torch.zeros(n, heads, channels, dtype=dtype)
-            nbr = torch.zeros(n, k, dtype=torch.int64)
-            src, dst = torch.zeros(n, heads, dtype=dtype), torch.zeros(n, heads, dtype=dtype)
-            lse = torch.zeros(n, heads)
-            dpre = torch.zeros(n, k + 1, heads)
-            for self_loop in (True, False):
-                yield gat_fwd_launch(x, nbr, src, dst, torch.zeros_like(x), lse, 0.2, self_loop)
-                yield gat_edge_launch(x, nbr, src, dst, x, lse, x, dpre, torch.zeros_like(src), 0.2, self_loop)
-                yield gat_pull_launch(x, nbr, src, dst, lse, x, dpre, torch.zeros_like(x), torch.zeros_like(src),
-                                      0.2, self_loop)
+            for n in AOT_ROWS:
+                x = torch.zeros(n, heads, channels, dtype=dtype)
+                nbr = torch.zeros(n, k, dtype=torch.int64)
+                src, dst = torch.zeros(n, heads, dtype=dtype), torch.zeros(n, heads, dtype=dtype)
+                out, lse = gat_fwd_buffers(x)
+                dpre, ddst, dsrc, dx = gat_bwd_buffers(x, k)
+                for self_loop in (True, False):
+                    yield gat_fwd_launch(x, nbr, src, dst, out, lse, 0.2, self_loop)
+                    yield gat_edge_launch(x, nbr, src, dst, out, lse, x, dpre, ddst, 0.2, self_loop)
+                    yield gat_pull_launch(x, nbr, src, dst, lse, x, dpre, dx, dsrc, 0.2, self_loop)

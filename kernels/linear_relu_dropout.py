@@ -18,9 +18,11 @@ Cost of the draws: one 10-round Philox per entry, of whose 128 bits 16 are used 
 100k x 512, of the order of 0.05 ms on an H100; spreading one draw over 8 adjacent columns would cut that 8-fold).
 
 Precision: every load that enters arithmetic outside ``tl.dot`` is cast to fp32. ``UPCAST`` (``_launch.upcast_dots``)
-casts the ``tl.dot`` operands to fp32 for fp32 inputs (with ``DOT_PRECISION``: TF32 or 3xTF32, as torch would) and for
-bf16 under the interpreter (whose bf16 arithmetic is wrong); otherwise fp16/bf16 operands go to ``tl.dot`` natively,
-with fp32 accumulation, as cuBLAS does under autocast (``x`` of another dtype is converted to W's in registers).
+casts the ``tl.dot`` operands to fp32 for fp32 inputs (with ``DOT_PRECISION``: 3xTF32, fp32-level, or, under
+``allow_tf32``, where torch's own fp32 GEMMs run TF32 too, TF32 with operands rounded to nearest by
+``_dot.dot_operand``) and for bf16 under the interpreter (whose bf16 arithmetic is wrong); otherwise fp16/bf16
+operands go to ``tl.dot`` natively, with fp32 accumulation, as cuBLAS does under autocast (``x`` of another dtype
+is converted to W's in registers).
 ``x`` is addressed with its own row stride. NaN propagates as in torch (through the ReLU and the dropout).
 """
 from __future__ import annotations
@@ -31,12 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot_operand
 from ._launch import AOT_DIMS, KernelConfig, Launch, aot_views, dot_precision, upcast_dots
 
 __all__ = ["aot_launches", "linear_relu_dropout_config", "linear_relu_dropout_kernel", "linear_relu_dropout_launch"]
 
-AOT_OUT_DIMS = (128, 256, 512, 1024, 40)
-"""Embedding widths ``E`` the AOT checks feed the launcher (one divisible-by-16 class and one not)."""
+AOT_OUT_DIMS = (128, 256, 512, 1024, 40, 1)
+"""Embedding widths ``E`` the AOT checks feed the launcher: each class Triton specialises the runtime ``E`` into
+(divisible by 16, not, and ``E = 1``, a constant: a layer of one output unit)."""
 
 
 COMPUTE_DTYPES = (
@@ -87,8 +91,8 @@ def linear_relu_dropout_kernel(
         a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = dot_operand(a.to(tl.float32), DOT_PRECISION)
+            b = dot_operand(b.to(tl.float32), DOT_PRECISION)
         else:
             a = a.to(b.dtype)  # x in another dtype than W (autocast): converted in registers, not copied
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)

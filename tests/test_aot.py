@@ -39,11 +39,14 @@ def test_every_kernel_of_every_module_is_discovered_and_covered():
 
 
 def test_runtime_launches_are_exactly_the_checked_specialisations():
-    """Run the three ops, forward and backward, through their real launch code on many argument shapes (dtypes,
-    heads, hidden sizes, embedding widths, masks, strided/misaligned/transposed views, a bag of one row, grads of
-    the weights, dropout on and off)
-    with the launches recorded instead of run, and derive each one's specialisation with Triton's binder (what
-    the GPU runtime would compile): every one must be among those ``make aot`` compiles."""
+    """Run the ops of all five kernel families (attention_pool and gated_attention_pool with the shared tile
+    merge/normalise kernels, linear_relu_dropout, graph_attention, saliency_mask), forward and backward, through
+    their real launch code on many argument shapes (dtypes, heads, hidden sizes, embedding widths, masks,
+    strided/misaligned/transposed views, a bag of one row, row counts equal to 1, divisible by 16 and not, grads of
+    the weights or not, dropout on and off, self loops on and off, int32/int64 neighbour tables, mixed score
+    dtypes) with the launches recorded instead of run (an empty grid is not launched, as in ``Launch.__call__``),
+    and derive each one's specialisation with Triton's binder (what the GPU runtime would compile): every one
+    must be among those ``make aot`` compiles, and every family must have been launched."""
     proc = _run_clean("""
         import itertools, torch
         import fastmil.ops._backend as backend
@@ -54,10 +57,14 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
         from triton.compiler import make_backend
 
         seen = []
-        Launch.__call__ = lambda self: seen.append(self)  # record instead of running (no GPU here)
+        # record instead of running (no GPU here); an empty grid is never launched (Launch.__call__)
+        Launch.__call__ = lambda self: seen.append(self) if min(self.grid, default=0) > 0 else None
         backend.resolve_backend = lambda *a, **k: "triton"  # the GPU dispatch, on CPU tensors
         import importlib
-        for name in ("attention_pool", "gated_attention_pool", "linear_relu_dropout"):
+        from fastmil.kernels.graph_attention import AOT_SHAPES
+        from fastmil.ops import graph_attention, saliency_mask
+        for name in ("attention_pool", "gated_attention_pool", "linear_relu_dropout", "graph_attention",
+                     "saliency_mask"):
             name = f"fastmil.ops.{name}"
             importlib.import_module(name).resolve_backend = backend.resolve_backend
 
@@ -70,7 +77,10 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
         for allow_tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             for dtype, d, sizes, masked in itertools.product(
-                (torch.float32, torch.float16, torch.bfloat16), (1024, 768, 40, 2), ([1], [5, 300, 33]), (False, True)):
+                (torch.float32, torch.float16, torch.bfloat16), (1024, 768, 40, 2), ([1], [5, 300, 33], [7, 41]),
+                (False, True)):
+                if masked and sum(sizes) % 16 == 0:  # 48 rows: the divisible row-count class, unmasked only
+                    continue
                 n = sum(sizes)
                 offsets = torch.tensor([0, *itertools.accumulate(sizes)])
                 mask = (torch.rand(2 * n) > 0.3)[::2] if masked else None
@@ -89,25 +99,59 @@ def test_runtime_launches_are_exactly_the_checked_specialisations():
                         (pooled.sum() + (w * 2).sum()).backward()
                     if masked:
                         continue
-                    for out_dim in (512, 45):
+                    for out_dim in (512, 45, 1):
                         weight = torch.randn(out_dim, d).to(dtype).requires_grad_()
                         bias = torch.randn(out_dim).to(dtype).requires_grad_()
                         for b, (training, p) in itertools.product((bias, None), ((True, 0.25), (True, 0.1),
                                                                                    (False, 0.25))):
                             linear_relu_dropout(h.detach(), weight, b, p, training).float().sum().backward()
+        # graph_attention: the model shapes make aot checks (heads, channels and K are constexprs), every row
+        # count class (N = 1 is a constant, N % 16 == 0 gets a hint, any other N neither; N = 0 launches
+        # nothing), both table dtypes, scores in another dtype, views the op copies, with and without grad x
+        for dtype, (heads, c, k), n in itertools.product(
+                (torch.float32, torch.float16, torch.bfloat16), AOT_SHAPES, (1, 37, 64, 0)):
+            nbr = torch.randint(-1, max(n, 1), (n, k)) if n else torch.zeros(0, k, dtype=torch.int64)
+            variants = [(torch.randn(n, heads, c).to(dtype), nbr, dtype, True, True),
+                        (torch.randn(n, heads, c + 3).to(dtype)[:, :, 1:c + 1], nbr.int(), torch.float32,
+                         False, True),
+                        (torch.randn(n, heads, c).to(dtype), nbr, dtype, False, False)]
+            for x, table, sdt, self_loop, grad_x in variants:
+                x = x.requires_grad_(grad_x)
+                src = torch.randn(heads, n).to(sdt).T.requires_grad_()  # a transposed view
+                dst = torch.randn(n, heads).to(sdt).requires_grad_()
+                out = graph_attention(x, table, src, dst, 0.2, self_loop)
+                out.float().sum().backward()  # a broadcast (stride 0) gradient
+                graph_attention(x, table, src, dst, 0.1, self_loop).backward(torch.randn_like(out))
+        # saliency_mask: score and random keys, with and without a participation mask, bags of one row and a
+        # ragged batch whose bags span several tiles, scores in each dtype and as a strided view
+        for dtype, sizes, masked in itertools.product(
+                (torch.float32, torch.float16, torch.bfloat16), ([1], [5, 1500, 33], [2048, 0, 17]),
+                (False, True)):
+            n = sum(sizes)
+            offsets = torch.tensor([0, *itertools.accumulate(sizes)])
+            mask = (torch.rand(2 * n) > 0.3)[::2] if masked else None
+            for scores in (torch.randn(n).to(dtype), torch.randn(2 * n).to(dtype)[::2]):
+                for high, rand in ((0.1, 0.5), (0.0, 0.3), (0.5, 0.0)):
+                    saliency_mask(scores, offsets, high, rand, seed=3, mask=mask, offsets_cpu=offsets)
         torch.backends.cuda.matmul.allow_tf32 = False
         be = make_backend(GPUTarget("cuda", 90, 32))
         runtime = {aot.specialise(launch, be) for launch in seen}
         checked = set(aot.collect_specialisations())
         missing = runtime - checked
         print(len(seen), len(runtime), len(missing))
-        for spec in list(missing)[:5]:
+        print(" ".join(sorted({launch.name for launch in seen})))
+        for spec in sorted(missing, key=lambda s: (s.kernel, s.label))[:20]:
             print(spec.kernel, spec.label)
-    """, timeout=900)
+    """, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     launches, distinct, missing = map(int, lines[0].split())
     assert launches > 1000 and distinct > 100, lines[0]
+    launched = set(lines[1].split())
+    for kernel in ("pool_fwd_tile_kernel", "gated_fwd_tile_kernel", "merge_tiles_kernel", "normalize_weights_kernel",
+                   "linear_relu_dropout_kernel", "gat_fwd_kernel", "gat_edge_kernel", "gat_pull_kernel",
+                   "radix_hist_kernel", "radix_select_kernel", "radix_mark_kernel"):
+        assert kernel in launched, (kernel, lines[1])
     assert missing == 0, "\n".join(lines)
 
 

@@ -180,10 +180,12 @@ def softmax_weight_ratio(weights: torch.Tensor, expected: torch.Tensor, offsets:
 
 
 def pooled_condition(expected_weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                     expected_pooled: torch.Tensor) -> float:
+                     expected_pooled: torch.Tensor, norm: int = 1) -> float:
     """``max_b,d sum_i w_i |v_id| / max |pooled|``: how much larger the terms of a weighted sum ``pooled[b] =
-    sum_i w_i v_i`` are than the largest pooled value (the normaliser of ``relative_error``). Weights ``[N]`` or
-    ``[N, H]``, values ``[N, D]``, pooled ``[B, D]`` or ``[B, H, D]``."""
+    sum_i w_i v_i`` are than the largest pooled value (the normaliser of ``relative_error``), at least 1. Weights
+    ``[N]`` or ``[N, H]``, values ``[N, D]``, pooled ``[B, D]`` or ``[B, H, D]``. ``norm=2``: the 2-norm of the
+    terms instead, ``max_b,d sqrt(sum_i (w_i v_id)^2) / max |pooled|`` (not floored): the size of a sum of one
+    independent relative error per term, such as a GPU dot's operand rounding (``dot_bound``)."""
     w = expected_weights.detach().double()
     w = w[:, None] if w.dim() == 1 else w
     v = values.detach().double().abs()
@@ -191,8 +193,13 @@ def pooled_condition(expected_weights: torch.Tensor, values: torch.Tensor, offse
     bounds = offsets.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi > lo:
-            terms = max(terms, float((w[lo:hi].T @ v[lo:hi]).max()))
+            if norm == 1:
+                terms = max(terms, float((w[lo:hi].T @ v[lo:hi]).max()))
+            else:
+                terms = max(terms, float((w[lo:hi].T.square() @ v[lo:hi].square()).max().sqrt()))
     top = float(expected_pooled.detach().double().abs().max()) if expected_pooled.numel() else 0.0
+    if norm != 1:
+        return terms / top if top > 0 else 1.0
     return max(terms / top, 1.0) if top > 0 else 1.0
 
 
@@ -207,3 +214,54 @@ def check_per_bag(actual: torch.Tensor, expected: torch.Tensor, offsets: torch.T
 def max_bag(offsets: torch.Tensor) -> int:
     """The largest bag's row count (at least 1): the ``n`` of a per-bag reduction's depth."""
     return max(int((offsets[1:] - offsets[:-1]).max()), 1) if offsets.numel() > 1 else 1
+
+
+# ---- GPU dot products (kernels/_launch.py dot_precision: the modes and their contract) ---------------------------
+
+
+def dot_product_roundoff(mode: str, inexact: int) -> float:
+    """Largest relative error of one product ``a * b`` of a GPU ``tl.dot`` in ``mode`` due to the representation of
+    its operands, ``inexact`` (0, 1 or 2) of which are fp32 values that are not TF32 numbers (an fp16/bf16 value
+    upcast to fp32 is exact in TF32). Products of TF32 numbers are exact in fp32; what the accumulation adds is the
+    fp32 ``u`` of ``rounding_bound``.
+
+    - ``"ieee"`` (and the interpreter): 0.
+    - ``"tf32x3"``: ``a = hi + lo``, ``hi`` rounded to nearest TF32 (so ``|lo| <= 2^-11 |a|``), ``lo`` truncated to
+      TF32 by the tensor core (off by ``< 2^-10 |lo|``): ``2^-21`` per inexact operand, plus ``2^-22`` for the
+      dropped ``lo_a * lo_b`` when both are.
+    - ``"tf32"`` with operands rounded to nearest (``kernels/_dot.py``): ``2^-11`` per inexact operand (plus the
+      second-order ``2^-22``).
+    - ``"tf32-truncated"``: what a plain ``input_precision="tf32"`` does to unrounded fp32 operands (the tensor core
+      drops their low 13 bits): ``2^-10`` per inexact operand, all of one sign. Not a mode of the kernels: the
+      emulation tests show it breaks the contract."""
+    if mode == "ieee" or inexact == 0:
+        return 0.0
+    per_operand, both = {"tf32x3": (2.0**-21, 2.0**-22), "tf32": (2.0**-11, 2.0**-22),
+                         "tf32-truncated": (2.0**-10, 2.0**-20)}[mode]
+    return inexact * per_operand + (both if inexact == 2 else 0.0)
+
+
+def dot_passes(mode: str) -> int:
+    """How many products a GPU ``tl.dot`` in ``mode`` adds into its fp32 accumulator per product of the
+    mathematical dot: 3 for ``"tf32x3"`` (``lo*hi``, ``hi*lo``, ``hi*hi``), so its accumulation has three times the
+    depth; 1 otherwise."""
+    return 3 if mode == "tf32x3" else 1
+
+
+def dot_bound(mode: str, inexact: int, condition: float) -> float:
+    """The operands' share of a GPU dot's error: ``LAMBDA * dot_product_roundoff(mode, inexact) * condition``, added
+    to the fp32 bound of the computation (whose depth counts ``dot_passes(mode)`` additions per product). Each
+    product errs independently (a round-to-nearest split or rounding: no common sign), so the errors of a sum add
+    like its terms' 2-norm, not their sum: ``condition`` is the 2-norm of the terms of the worst output over the
+    metric's normaliser (``pooled_condition(..., norm=2)``, ``gemm_condition(..., norm=2)``). A bias (the
+    truncated mode) is not covered: its error grows with the terms' sum and exceeds this bound."""
+    return LAMBDA * dot_product_roundoff(mode, inexact) * condition
+
+
+def gemm_condition(a: torch.Tensor, b: torch.Tensor, expected: torch.Tensor, norm: int = 2) -> float:
+    """``max_ij |terms of (a @ b)_ij|_norm / max |expected|``: the size of the terms of a GEMM's worst output
+    relative to the normaliser of ``relative_error`` (``norm=1``: their absolute sum; ``norm=2``: their 2-norm)."""
+    a64, b64 = a.detach().double().abs(), b.detach().double().abs()
+    terms = (a64 @ b64) if norm == 1 else (a64.square() @ b64.square()).sqrt()
+    top = float(expected.detach().double().abs().max()) if expected.numel() else 0.0
+    return float(terms.max()) / top if top > 0 else 1.0

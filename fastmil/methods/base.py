@@ -34,7 +34,12 @@ __all__ = ["METHODS", "Method", "StepContext", "StepOutput", "build_method", "ge
 class StepContext:
     """Where a training step is: ``epoch``, ``step`` within it, the totals, and the supervised loss: the class
     weights of cross-entropy (``[C]`` on the step's device, or None), or a task's own ``loss_fn(logits, bags)``
-    (``task: survival``: the censored NLL over the step's patients) logged under ``loss_name``."""
+    (``task: survival``: the censored NLL over the step's patients) logged under ``loss_name``.
+
+    ``step_applied`` (set by the stepper for :meth:`Method.after_optimizer_step` only): None when the optimiser
+    step certainly ran, else a 0-dim bool tensor on the step's device, False when fp16 loss scaling skipped the
+    step (overflowing gradients). A device value, so that deciding costs no host synchronisation: post-step
+    updates (EMA teachers, query updates) apply it with device arithmetic."""
 
     epoch: int
     step: int
@@ -44,6 +49,7 @@ class StepContext:
     class_weight: torch.Tensor | None = None
     loss_fn: Callable[[torch.Tensor, Bags], torch.Tensor] | None = None
     loss_name: str = "ce"
+    step_applied: torch.Tensor | None = None
 
     @property
     def global_step(self) -> int:
@@ -119,7 +125,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        """Called after every optimiser step (default: nothing)."""
+        """Called after every optimiser step (default: nothing), also after one that fp16 loss scaling skipped:
+        an update that must follow only real steps applies ``ctx.step_applied`` (a device value, no host read)."""
 
     def predict(self, bags: Bags) -> MILOutput:
         """Inference outputs (logits, attention, bag embedding) of the model this method predicts with."""

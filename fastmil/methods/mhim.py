@@ -181,7 +181,7 @@ class MHIM(Method):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         cfg = self.config
         momentum = teacher_momentum(cfg.teacher_momentum, cfg.momentum_schedule, ctx.progress)
-        ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), momentum)
+        ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), momentum, ctx.step_applied)
         if self.recycle is not None and self._tokens is not None:
-            self.recycle.update_queries(*self._tokens)
+            self.recycle.update_queries(*self._tokens, applied=ctx.step_applied)
             self._tokens = None

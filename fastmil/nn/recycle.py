@@ -72,16 +72,22 @@ class GlobalRecycleNetwork(nn.Module):
         return tokens * valid[:, None, None].to(tokens.dtype), valid
 
     @torch.no_grad()
-    def update_queries(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+    def update_queries(self, tokens: torch.Tensor, valid: torch.Tensor, applied: torch.Tensor | None = None) -> None:
         """``queries <- m queries + (1 - m) tokens_b`` for each valid bag ``b`` in order (``m`` =
-        ``query_momentum``), as one vectorised update."""
-        t = tokens[valid].detach().to(self.queries.dtype)  # [V, k, E]
-        n = t.shape[0]
-        if n == 0:
-            return
+        ``query_momentum``), as one vectorised update: ``m^V queries + sum_b valid_b (1 - m) m^(after_b) tokens_b``
+        with ``V`` valid bags and ``after_b`` valid bags after ``b``. Device arithmetic only (no boolean indexing,
+        which would read the count of valid bags back to the host). ``applied`` (a 0-dim bool tensor, e.g. False
+        when an fp16 step was skipped) leaves the queries as they are where False."""
+        t = tokens.detach().to(self.queries.dtype)  # [B, k, E]
         m = self.query_momentum
-        decay = m ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=t.device)  # m^(V-1-j)
-        self.queries.mul_(m**n).add_(((1 - m) * decay).to(t.dtype)[:, None, None].mul(t).sum(0))
+        counted = valid.to(torch.float64)
+        after = counted.sum() - counted.cumsum(0)  # valid bags after b
+        coef = torch.where(valid, (1 - m) * torch.pow(m, after), 0.0).to(t.dtype)  # [B]
+        share = torch.where(valid[:, None, None], t, 0.0) * coef[:, None, None]  # an invalid bag's tokens: 0
+        updated = self.queries * torch.pow(m, counted.sum()).to(t.dtype) + share.sum(0)
+        if applied is not None:
+            updated = torch.where(applied, updated, self.queries)
+        self.queries.copy_(updated)
 
 
 def recycle_reference(

@@ -13,6 +13,8 @@ edge (no neighbours, no self loop) gets zeros. Differentiable in ``x``, ``score_
 ``nbr[j, K-1-s] == i``. Both backward paths rely on it to *pull* each row's gradient from the rows that attend to
 it (deterministic, no atomics or scatters); :func:`fastmil.ops.grid_neighbours.check_stencil` verifies a table.
 Neighbours never cross bags when the table comes from ``grid_neighbours``, so the op needs no offsets.
+Every entry must be -1 or a row in ``[0, N)`` (:func:`check_neighbour_rows`, on every call and both backends): a
+stale table (built for another batch, or kept after rows were dropped) is an error, not an out-of-bounds read.
 
 Backends: **triton** (``fastmil.kernels.graph_attention``): one fused forward kernel (online softmax over the
 slots, gathers one neighbour row block at a time) that keeps only the per-row log-sum-exp ``[N, H]``, and two
@@ -34,7 +36,34 @@ from ..kernels._launch import canonical
 from ._backend import resolve_backend
 from ._triton import HAS_TRITON, check_triton_inputs
 
-__all__ = ["graph_attention", "graph_attention_reference"]
+__all__ = ["check_neighbour_rows", "graph_attention", "graph_attention_reference"]
+
+
+def check_neighbour_rows(nbr: torch.Tensor, n_rows: int) -> None:
+    """Refuse a neighbour table with an entry outside ``[-1, n_rows)`` (-1 = no neighbour): the kernels gather
+    ``x`` and the scores through it unchecked, so a stale table would read (and the backward pull) out of bounds.
+
+    One min/max pass over the ``[N, K]`` table (``K`` int64 per row, against the ``H C`` features gathered ``K``
+    times). CPU tensors (the torch path, the interpreter): ``ValueError`` naming the first bad entry. GPU tensors:
+    a device-side assertion (``torch._assert_async``), so a training step stays free of host synchronisation; a
+    bad table stops the process with a device-side assert at the next synchronisation instead of reading out of
+    bounds (as torch's own indexing kernels do)."""
+    if nbr.numel() == 0:
+        return
+    low, high = torch.aminmax(nbr)
+    if nbr.device.type != "cpu":
+        torch._assert_async((low >= -1) & (high < n_rows),
+                            f"graph_attention: neighbour table entries outside [-1, {n_rows}) (a stale table?)")
+        return
+    if int(low) >= -1 and int(high) < n_rows:
+        return
+    bad = (nbr < -1) | (nbr >= n_rows)
+    row, slot = (int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"graph_attention: neighbour table entry nbr[{row}, {slot}] = {int(nbr[row, slot])} is outside [-1, "
+        f"{n_rows}) (-1 = no neighbour; {int(bad.sum())} such entries): a stale table, built for another batch or "
+        "kept after rows were dropped? Build it for these rows (fastmil.ops.grid_neighbours)"
+    )
 
 
 def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, slope: float) -> None:
@@ -53,6 +82,7 @@ def _check_inputs(x: torch.Tensor, nbr: torch.Tensor, src: torch.Tensor, dst: to
         raise ValueError(f"graph_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
     if not (math.isfinite(slope) and slope >= 0):
         raise ValueError(f"graph_attention: negative_slope must be finite and >= 0, got {slope}")
+    check_neighbour_rows(nbr, n)
 
 
 def graph_attention_reference(x: torch.Tensor, nbr: torch.Tensor, score_src: torch.Tensor, score_dst: torch.Tensor,
@@ -148,8 +178,7 @@ class _GraphAttentionTriton(torch.autograd.Function):
         from ..kernels import graph_attention as k
 
         x, nbr, src, dst = canonical(x), canonical(nbr.long()), canonical(src), canonical(dst)
-        out = torch.empty_like(x)
-        lse = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        out, lse = k.gat_fwd_buffers(x)
         k.gat_fwd_launch(x, nbr, src, dst, out, lse, slope, self_loop)()
         ctx.save_for_backward(x, nbr, src, dst, out, lse)
         ctx.slope, ctx.self_loop = slope, self_loop
@@ -161,12 +190,8 @@ class _GraphAttentionTriton(torch.autograd.Function):
         from ..kernels import graph_attention as k
 
         x, nbr, src, dst, out, lse = ctx.saved_tensors
-        n, heads = lse.shape
         g_out = canonical(grad_out.to(x.dtype))
-        dpre = torch.empty(n, nbr.shape[1] + 1, heads, dtype=torch.float32, device=x.device)
-        grad_dst = torch.empty(n, heads, dtype=torch.float32, device=x.device)
-        grad_src = torch.empty_like(grad_dst)
-        grad_x = torch.empty_like(x)
+        dpre, grad_dst, grad_src, grad_x = k.gat_bwd_buffers(x, nbr.shape[1])
         k.gat_edge_launch(x, nbr, src, dst, out, lse, g_out, dpre, grad_dst, ctx.slope, ctx.self_loop)()
         k.gat_pull_launch(x, nbr, src, dst, lse, g_out, dpre, grad_x, grad_src, ctx.slope, ctx.self_loop)()
         grad_x = grad_x if ctx.needs_input_grad[0] else None

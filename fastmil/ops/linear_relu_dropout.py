@@ -34,7 +34,10 @@ CUDA): one GEMM kernel whose epilogue adds the bias, applies ReLU, dropout and s
 once; its keep mask comes from Philox draws of ``(seed, entry index)`` with the same threshold rule, the seed drawn
 from ``generator`` (default: the device's) on the device, without a host synchronisation. Under CUDA autocast the
 kernel runs in the autocast dtype (weights cast, features of any float dtype converted in registers). NaN propagates
-on both paths. The backward is the same for both: it reads ``y``.
+on both paths. The backward is the same for both: it reads ``y``. Its GEMMs run in the forward's compute dtype: for
+fp16/bf16 (autocast or half weights) both operands in that dtype (features rounded to it, as the forward's kernel
+rounds them) with fp32 accumulation, the weight gradient accumulated over the row chunks in fp32 (on CUDA a
+half-precision tensor-core GEMM with an fp32 output, :func:`_add_weight_grad`); for fp32 inputs fp32 GEMMs.
 
 Random numbers come from ``generator`` (default: torch's global generator of ``x``'s device), so a run seeded per
 (seed, epoch) replays its masks, as ``nn.Dropout`` would; the masks differ from ``nn.Dropout``'s.
@@ -146,6 +149,30 @@ def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
+HALF_GEMM_FP32_OUT = ("cuda",)
+"""Device types whose ``torch.addmm`` multiplies fp16/bf16 operands into an fp32 output (``out_dtype``)."""
+
+
+def _add_weight_grad(grad_w: torch.Tensor, grad_pre: torch.Tensor, x: torch.Tensor, first: bool) -> None:
+    """``grad_w (+)= grad_pre^T x`` for one chunk of rows (``first``: ``=``, whatever ``grad_w`` holds), ``grad_w``
+    fp32 (fp64 for fp64 weights), ``grad_pre`` in the forward's compute dtype.
+
+    fp16/bf16 ``grad_pre`` (the compute dtype under autocast, or half weights): a GEMM of operands in that dtype with
+    fp32 accumulation, as the forward's GEMM (``x`` is rounded to the dtype as the forward's kernel rounds it in
+    registers: the gradient of what was computed). On CUDA that is one half-precision tensor-core GEMM writing fp32
+    into ``grad_w`` (``out_dtype``; 100k x 1024 -> 512 is 105 GFLOP, which fp32 operands would run on the CUDA cores).
+    Elsewhere (no half GEMM with an fp32 output, and no fast bf16 GEMM on CPUs) the half operands are upcast to fp32,
+    exactly, and multiplied in fp32: the same exact products (two fp16/bf16 significands fit in fp32's) and the
+    same fp32 accumulation. fp32/fp64 ``grad_pre``: the GEMM in that dtype."""
+    beta = 0.0 if first else 1.0  # beta = 0 ignores what grad_w holds (the first chunk needs no zero fill)
+    if grad_pre.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(grad_pre.dtype)
+        if grad_pre.device.type in HALF_GEMM_FP32_OUT:
+            torch.addmm(grad_w, grad_pre.T, x, beta=beta, out_dtype=grad_w.dtype, out=grad_w)
+            return
+    grad_w.addmm_(grad_pre.T.to(grad_w.dtype), x.to(grad_w.dtype), beta=beta)
+
+
 class _LinearReLUDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p, training, generator, use_triton):
@@ -177,7 +204,7 @@ class _LinearReLUDropout(torch.autograd.Function):
             # the dropout scale goes onto the small results, not onto this chunk
             grad_pre = torch.ops.aten.threshold_backward(grad_y[rows], y[rows], 0)  # grad_y * (y > 0) in one pass
             if need_w:
-                grad_w.addmm_(grad_pre.T.to(acc), x[rows].to(acc), beta=0.0 if lo == 0 else 1.0)
+                _add_weight_grad(grad_w, grad_pre, x[rows], first=lo == 0)
             if need_b:
                 grad_b += grad_pre.sum(0, dtype=acc)
             if need_x:

@@ -251,7 +251,7 @@ def _saliency_triton(scores, offsets, offsets_cpu, k_salient, random_ratio, coun
     scores = canonical(scores.float())
     mask = None if mask is None else canonical(mask)
     tiles = build_tiles(offsets_cpu, n, k.BLOCK_N, dev)
-    seed_t = torch.tensor([seed_mix(seed)], dtype=torch.int64, device=dev)
+    seed_t = torch.full((1,), seed_mix(seed), dtype=torch.int64, device=dev)  # a fill kernel: no host copy
     salient = _smallest_triton(k, scores, seed_t, mask, None, tiles, k.MODE_SCORE, k_salient)
     k_random = ratio_count(counts - k_salient, random_ratio, "floor")
     random = _smallest_triton(k, scores, seed_t, mask, salient, tiles, k.MODE_RANDOM, k_random)

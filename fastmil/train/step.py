@@ -3,6 +3,7 @@ clipping, the optimiser step and the method's post-step hook. Method-agnostic.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any
 
@@ -53,7 +54,7 @@ class Stepper:
         # ~1M parameters of MHIM(ABMIL) on CPU; same update rule
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def step(self, bags: Bags, ctx: StepContext) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
@@ -69,18 +70,19 @@ class Stepper:
             self.scaler.unscale_(self.optimizer)
         if self.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip)
-        stepped = True
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
+            # the scale drops exactly when the step was skipped (overflowing fp16 gradients); compared on the
+            # device: get_scale() would read it back to the host twice per step
+            scale = self.scaler._get_scale_async().clone()
+            self.scaler.step(self.optimizer)  # the fused AdamW takes the overflow flag on the device
             self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale  # the scale drops exactly when the step was skipped
+            ctx = dataclasses.replace(ctx, step_applied=self.scaler._get_scale_async() >= scale)
         else:
             self.optimizer.step()
-        if stepped:  # a teacher's EMA must not move towards an unchanged student
-            self.method.after_optimizer_step(ctx)
-            if self.distributed is not None:  # buffers that follow each process's own bags (recycle queries)
-                self.distributed.average_buffers(self.method)
+        # a teacher's EMA must not move towards an unchanged student: post-step updates honour ctx.step_applied
+        self.method.after_optimizer_step(ctx)
+        if self.distributed is not None:  # buffers that follow each process's own bags (recycle queries)
+            self.distributed.average_buffers(self.method)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
 
     @property

@@ -18,6 +18,7 @@ from fastmil.checkpoint import load_checkpoint
 from fastmil.cli import main
 from fastmil.data import SynthConfig, synthesize_store
 from fastmil.methods import MHIM, StepContext, build_method, method_config
+from fastmil.methods.ema import ema_update_
 from fastmil.methods.mhim import teacher_momentum
 from fastmil.nn import model_config
 from fastmil.train import TrainConfig, fit, load_method, predict
@@ -55,6 +56,38 @@ def test_teacher_ema_is_the_formula_after_each_optimiser_step():
     assert all(not p.requires_grad for p in method.teacher.parameters())
     trained = {id(p) for p in stepper.params}
     assert trained == {id(p) for p in [*method.model.parameters(), *method.recycle.parameters()]}
+
+
+def test_a_skipped_fp16_step_moves_neither_teacher_nor_queries_and_the_next_step_does():
+    """fp16 loss scaling skips a step whose gradients overflow; the stepper tells the method on the device
+    (``ctx.step_applied``, no host read of the scale), and the EMA teacher and the recycle queries stay bit for bit.
+    The next step applies the EMA formula exactly. (The CPU's GradScaler runs the same logic as CUDA's.)"""
+    method = _method(teacher_momentum=0.9)
+    stepper = Stepper(method, TrainConfig().optim, "fp16", torch.device("cpu"))
+    teacher = [p.clone() for p in method.teacher.parameters()]
+    student = [p.clone() for p in method.model.parameters()]
+    queries = method.recycle.queries.clone()
+    hook = next(method.model.parameters()).register_hook(lambda g: g * float("inf"))
+    stepper.step(_bags(), _ctx())
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(student, method.model.parameters()))  # the step was skipped
+    assert all(torch.equal(a, b) for a, b in zip(teacher, method.teacher.parameters()))
+    assert torch.equal(queries, method.recycle.queries)
+    stepper.step(_bags(), _ctx(1))
+    assert not torch.equal(queries, method.recycle.queries)
+    for t_old, t_new, s in zip(teacher, method.teacher.parameters(), method.model.parameters()):
+        assert torch.equal(t_new, 0.9 * t_old + (1 - 0.9) * s)
+
+
+def test_ema_with_a_device_flag_is_bitwise_the_scalar_formula_or_nothing():
+    g = torch.Generator().manual_seed(1)
+    target, source = [torch.randn(7, generator=g)], [torch.randn(7, generator=g)]
+    for momentum in (0.9, 0.9997, 0.3):
+        plain, flagged, held = ([t.clone() for t in target] for _ in range(3))
+        ema_update_(plain, source, momentum)
+        ema_update_(flagged, source, momentum, torch.tensor(True))
+        ema_update_(held, source, momentum, torch.tensor(False))
+        assert torch.equal(flagged[0], plain[0]) and torch.equal(held[0], target[0])
 
 
 def test_momentum_schedules():

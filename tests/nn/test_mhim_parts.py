@@ -95,6 +95,21 @@ def test_query_ema_follows_each_valid_bag_in_order():
     assert "queries" in dict(net.named_buffers()) and "queries" not in dict(net.named_parameters())
 
 
+def test_query_ema_leaves_the_queries_alone_without_a_valid_bag_or_an_applied_step():
+    """No valid bag, or ``applied`` False (a skipped fp16 step): the queries stay bit for bit, even where an
+    invalid bag's tokens are not finite (the update is device arithmetic over all bags, not an indexed subset)."""
+    net = _net(8, 2, 2).float()
+    start = net.queries.clone()
+    tokens = torch.randn(2, 2, 8)
+    tokens[1] = float("nan")
+    net.update_queries(tokens, torch.tensor([False, False]))
+    assert torch.equal(net.queries, start)
+    net.update_queries(tokens[:1], torch.tensor([True]), applied=torch.tensor(False))
+    assert torch.equal(net.queries, start)
+    net.update_queries(tokens, torch.tensor([True, False]), applied=torch.tensor(True))
+    assert not torch.equal(net.queries, start) and bool(torch.isfinite(net.queries).all())
+
+
 @pytest.mark.parametrize("model_cls", [ABMIL, MeanPoolMIL])
 def test_pooling_with_tokens_equals_pooling_the_concatenated_bag(model_cls):
     """``aggregate(h, mask, tokens)`` == attention pooling over [kept instances; the bag's tokens], forward and

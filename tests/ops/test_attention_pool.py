@@ -5,7 +5,9 @@ Both backends run the same cases: ``torch``, and ``triton`` through the Triton i
 ``tl.dot`` in fp32 (it ignores ``input_precision``), so on both backends every fp32 output is expected within a
 few fp32 roundings of the fp64 reference evaluated on the same (dtype-rounded) inputs; outputs in the input
 dtype (grads of fp16/bf16 tensors) within one unit of that dtype's last place. The CUDA-only test at the end
-checks the GPU's TF32 weighted sums against a reference that applies the same rounding.
+checks the GPU's weighted sums against the precision contract of their ``tl.dot`` (``kernels/_launch.py:
+dot_precision``; ``tests/ops/test_tf32_emulation.py`` emulates the same on the CPU): the fp32 bound plus the mode's
+operand term, and, in the TF32 mode, a reference that rounds the operands to nearest as the kernel does.
 
 Tolerances follow tests/tolerance.py (bounds derived from each case's own shapes, checked on every CPU code path):
 pooled: depth 2n + 2 (the bag's softmax normaliser, then its weighted sum) times the cancellation of the weighted
@@ -23,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from fastmil.kernels._launch import interpreting
+from fastmil.kernels._launch import dot_precision, interpreting
 from fastmil.ops import attention_pool, attention_pool_reference, resolve_backend
 from tests.ragged import (
     LAYOUTS,
@@ -39,6 +41,8 @@ from tests.ragged import (
 )
 from tests.tolerance import (
     check,
+    dot_bound,
+    dot_passes,
     family_of,
     half_rounding,
     lse_bound,
@@ -324,8 +328,9 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tf32_tile_reference(scores, values, offsets, mask, block_n):
-    """What the GPU computes for fp16/bf16 values: per tile of ``block_n`` rows, ``p = exp(s - m_tile)`` in fp32
-    rounded to TF32 for the weighted sum (exact products, fp64 sums here), then the exact merge of the tiles."""
+    """What the GPU computes in the ``"tf32"`` mode (fp32 values under ``allow_tf32``): per tile of ``block_n`` rows,
+    ``p = exp(s - m_tile)`` in fp32, ``p`` and the values rounded to nearest TF32 (``kernels/_dot.py``) for the
+    weighted sum (exact products, fp64 sums here), then the exact merge of the tiles."""
     s = scores.float()
     pooled = []
     bounds = offsets.tolist()
@@ -338,7 +343,7 @@ def _tf32_tile_reference(scores, values, offsets, mask, block_n):
                 continue
             m = float(s[t0:t1][valid].max())
             p = torch.where(valid, torch.exp(s[t0:t1] - m), torch.zeros(()))
-            parts.append(round_to_tf32(p).double() @ values[t0:t1].double())
+            parts.append(round_to_tf32(p).double() @ round_to_tf32(values[t0:t1]).double())
             stats.append((m, float(p.double().sum())))
         if not parts:
             pooled.append(torch.zeros(values.shape[1], dtype=torch.float64))
@@ -353,22 +358,35 @@ def _tf32_tile_reference(scores, values, offsets, mask, block_n):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                     reason="needs a CUDA GPU and compiled kernels (the interpreter computes dots in fp32)")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_tf32_weighted_sum_matches_a_reference_with_the_same_rounding(dtype):
-    """fp16/bf16 values: the tile kernel's weighted sum runs in TF32, which rounds the fp32 tile weights to 10
-    bits (relative error up to 2^-11). Against a reference that rounds the same way the pooled vector agrees to
-    fp32 accumulation error, an order of magnitude inside that rounding."""
+@pytest.mark.parametrize(("dtype", "allow_tf32"), [(torch.float16, False), (torch.bfloat16, False),
+                                                   (torch.float32, False), (torch.float32, True)],
+                         ids=["float16", "bfloat16", "float32", "float32-allow_tf32"])
+def test_gpu_weighted_sums_hold_the_dot_precision_contract(dtype, allow_tf32, monkeypatch):
+    """The tile kernel's weighted sums ``p x`` on a GPU, in the mode ``dot_precision`` picks: 3xTF32 (or, for fp32
+    values under ``allow_tf32``, TF32 with operands rounded to nearest). Against the fp64 reference: the interpreter
+    tests' bound (with 3xTF32's extra products in the depth) plus the mode's operand term (``dot_bound``: 2^-21 per
+    inexact operand for 3xTF32, 2^-11 for TF32, times the terms' 2-norm). In the TF32 mode also against a reference
+    that rounds ``p`` and ``x`` to nearest, within the fp32 bound alone: the kernel rounds (a tensor core left to
+    truncate would be ~2^-11 low, an order of magnitude outside)."""
     from fastmil.kernels.attention_pool import pool_config
 
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    mode = dot_precision(dtype)
     scores, values, offsets, mask = _case(SIZES, WIDE_DIM, None, dtype, "random", seed=11)
     pooled, weights = attention_pool(scores.cuda(), values.cuda(), offsets.cuda(), mask.cuda(), backend="triton")
-    _, ref_w = attention_pool_reference(scores.double(), values.double(), offsets, mask)
-    ref = _tf32_tile_reference(scores, values, offsets, mask, pool_config(1, dtype).block_n)
+    ref, ref_w = attention_pool_reference(scores.double(), values.double(), offsets, mask)
     score_max = float(scores.double().abs().max())
     check(softmax_weight_ratio(weights.cpu(), ref_w, offsets, score_max=score_max), 1.0, FAMILY, "weights (GPU)")
-    # the TF32 rounding is in the reference: what remains is fp32 accumulation over the bag and the merge
+    n = max_bag(offsets)
+    inexact = 2 if dtype == torch.float32 else 1  # p always; x unless fp16/bf16 (exact in TF32)
     condition = pooled_condition(ref_w, values, offsets, ref)
-    check(relative_error(pooled.cpu(), ref), _pooled_bound(offsets, condition), FAMILY, "pooled (GPU TF32)")
+    bound = (rounding_bound(2 * n + 2 + (dot_passes(mode) - 1) * n, condition=condition)
+             + dot_bound(mode, inexact, pooled_condition(ref_w, values, offsets, ref, norm=2)))
+    check(relative_error(pooled.cpu(), ref), bound, FAMILY, f"pooled (GPU {mode})")
+    if mode == "tf32":
+        rounded = _tf32_tile_reference(scores, values, offsets, mask, pool_config(1, dtype).block_n)
+        check(relative_error(pooled.cpu(), rounded), _pooled_bound(offsets, condition), FAMILY,
+              "pooled (GPU TF32, operands rounded to nearest)")
 
 
 @pytest.mark.parametrize("heads", [None, 3])

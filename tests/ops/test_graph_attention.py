@@ -209,3 +209,37 @@ def test_a_non_finite_input_reaches_the_rows_that_attend_to_it(where, backend):
     (out[~hears].float() * grad[~hears].float()).sum().backward()
     clean = ~hears & ~(nbr[:, None, :] == torch.nonzero(hears)[:, 0][None, :, None]).any((1, 2))  # no edge to them
     assert torch.isfinite(leaves[1].grad[clean]).all() and torch.isfinite(leaves[0].grad[clean]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", ["stale", "far", "negative", "int32-stale"])
+def test_neighbour_rows_outside_the_batch_are_refused(case, backend):
+    """A table entry outside ``[-1, N)``: a stale table (row N: built for a larger batch, or kept after rows were
+    dropped), a row far beyond, a negative entry other than the -1 sentinel. The Triton kernels gather through the
+    table unchecked (out of bounds on a GPU), the torch path used to raise an IndexError or skip -2 silently: both
+    refuse it with the entry named, before any launch."""
+    nbr = _batch([6, 5], 1, seed=3)
+    n = nbr.shape[0]
+    row, slot = 4, 2
+    bad = {"stale": n, "far": 10 * n, "negative": -2, "int32-stale": n}[case]
+    nbr[row, slot] = bad
+    if case == "int32-stale":
+        nbr = nbr.int()
+    x, src, dst, _ = (t.float() for t in _inputs(n, 2, 8))
+    with pytest.raises(ValueError, match=rf"nbr\[{row}, {slot}\] = {bad} is outside \[-1, {n}\)"):
+        graph_attention(x, nbr, src, dst, backend=backend)
+    nbr[row, slot] = -1  # the sentinel is fine
+    graph_attention(x, nbr, src, dst, backend=backend)
+
+
+def test_neighbour_rows_are_checked_on_the_device_without_a_host_read(monkeypatch):
+    """Off the CPU the check is one device-side assertion (``torch._assert_async``: no host synchronisation in a
+    training step): on meta tensors, whose values cannot be read at all, it runs and asserts on a device flag."""
+    from fastmil.ops.graph_attention import check_neighbour_rows
+
+    calls = []
+    monkeypatch.setattr(torch, "_assert_async", lambda flag, msg: calls.append((flag.device.type, flag.shape, msg)))
+    check_neighbour_rows(torch.empty(7, 8, dtype=torch.int64, device="meta"), 7)
+    assert calls == [("meta", torch.Size([]), calls[0][2])] and "outside [-1, 7)" in calls[0][2]
+    check_neighbour_rows(torch.empty(0, 8, dtype=torch.int64, device="meta"), 0)  # an empty table: nothing to check
+    assert len(calls) == 1

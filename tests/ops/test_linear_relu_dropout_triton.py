@@ -20,7 +20,7 @@ import triton.language as tl
 from fastmil.ops import linear_relu_dropout
 from tests.ops.test_linear_relu_dropout import FAMILY, _bound, _case
 from tests.ragged import relative_error
-from tests.tolerance import check, family_of, half_rounding
+from tests.tolerance import LAMBDA, check, family_of, half_rounding, unit_roundoff
 
 kernel_module = importlib.import_module("fastmil.kernels.linear_relu_dropout")
 
@@ -184,3 +184,76 @@ def test_a_generator_on_another_device_is_refused():
     x, weight, bias = _case()
     with pytest.raises(ValueError, match="generator is on cuda"):
         linear_relu_dropout(x, weight, bias, 0.1, True, generator=CudaGenerator())
+
+
+def _autocast_fp16(monkeypatch):
+    """The Triton path as under CUDA autocast with fp16, on CPU tensors: fp32 features and parameters, fp16 compute."""
+    op = importlib.import_module("fastmil.ops.linear_relu_dropout")
+    monkeypatch.setattr(op, "_autocasting", lambda device_type: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.float16)
+    return op
+
+
+def _autocast_run(monkeypatch, n=150, chunk_rows=64):
+    """fp32 post-ReLU features and fp32 parameters through the autocast (fp16) path in row chunks of ``chunk_rows``
+    (a tail chunk): y (fp16), the fp32 leaves with their gradients, the upstream gradient as y's fp16 receives it."""
+    op = _autocast_fp16(monkeypatch)
+    monkeypatch.setattr(op, "CHUNK_ROWS", chunk_rows)
+    x, weight, bias = _case(n=n, d=37, e=45)
+    x = x.abs()
+    y, leaves = _run(x, weight, bias, 0.25)
+    assert y.dtype == torch.float16 and all(t.grad is None for t in leaves)
+    upstream = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (y.double() * upstream).sum().backward()
+    return y, leaves, upstream.half().double()
+
+
+def test_autocast_weight_gradient_is_a_gemm_in_the_compute_dtype(monkeypatch):
+    """Under autocast the weight gradient ``grad_pre^T x`` is a GEMM of compute-dtype operands with fp32 accumulation
+    (on CUDA a half tensor-core GEMM with an fp32 output): the features enter it rounded to fp16, as the forward's
+    kernel rounded them. Against the fp64 gradient of what the forward computed (x rounded to fp16; the upstream
+    gradient as y's fp16 received it; the dropout/ReLU mask read off y) it is within the fp32 bound of the GEMM over
+    the N rows; against the fp32 model's (unrounded x) within that plus the features' fp16 rounding, one unit of
+    fp16 (2^-11) per term, independent: ``LAMBDA 2^-11`` times the terms' 2-norm. An fp32 GEMM of the unrounded
+    features (the former code) is ~2^-12 off the first reference and fails it; so does a wrong gradient."""
+    y, (x, weight, bias), upstream = _autocast_run(monkeypatch)
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    g = upstream * (y.double() > 0) / (1 - 0.25)  # the backward's grad_pre, in fp64 (scale 1 / (1 - p))
+    x16 = x.detach().half().double()
+    want = g.T @ x16
+    bound = _bound(x.shape[0] + 2, g.abs().T @ x16.abs(), want)
+    check(relative_error(weight.grad, want), bound, FAMILY, "autocast grad weight (rounded features)")
+    model = g.T @ x.detach().double()
+    rms = float(((g.square().T @ x.detach().double().square()).sqrt()).max()) / float(model.abs().max())
+    rounding = LAMBDA * unit_roundoff(torch.float16) * rms
+    check(relative_error(weight.grad, model), _bound(x.shape[0] + 2, g.abs().T @ x16.abs(), model) + rounding,
+          FAMILY, "autocast grad weight (fp32 model)")
+    check(relative_error(bias.grad, g.sum(0)), _bound(x.shape[0] + 2, g.abs().sum(0), g.sum(0)), FAMILY,
+          "autocast grad bias")
+
+
+def test_autocast_weight_gradient_on_cuda_is_one_half_gemm_with_an_fp32_output(monkeypatch):
+    """The CUDA branch of the weight gradient, taken on the CPU (``HALF_GEMM_FP32_OUT``) with ``torch.addmm`` spied
+    (the CPU has no fp16 GEMM with an fp32 output; the spy computes it from the exactly upcast operands): one call per
+    row chunk, fp16 operands (``grad_pre^T`` and the features rounded to fp16), fp32 ``out`` = the gradient itself,
+    ``beta`` 0 for the first chunk and 1 after; the gradient equals the CPU branch's bit for bit."""
+    op = importlib.import_module("fastmil.ops.linear_relu_dropout")
+    _, cpu_leaves, _ = _autocast_run(monkeypatch)
+    calls = []
+    real_addmm = torch.addmm
+
+    def spy(acc, mat1, mat2, *, beta=1.0, alpha=1.0, out_dtype=None, out=None):
+        assert out_dtype == torch.float32 and out is acc and out.dtype == torch.float32
+        assert mat1.dtype == mat2.dtype == torch.float16
+        calls.append((tuple(mat1.shape), tuple(mat2.shape), beta))
+        return out.addmm_(mat1.float(), mat2.float(), beta=beta, alpha=alpha)
+
+    monkeypatch.setattr(op, "HALF_GEMM_FP32_OUT", ("cpu",))
+    monkeypatch.setattr(torch, "addmm", spy)
+    try:
+        _, cuda_leaves, _ = _autocast_run(monkeypatch)
+    finally:
+        monkeypatch.setattr(torch, "addmm", real_addmm)
+    assert calls == [((45, 64), (64, 37), 0.0), ((45, 64), (64, 37), 1.0), ((45, 22), (22, 37), 1.0)]
+    assert torch.equal(cuda_leaves[1].grad, cpu_leaves[1].grad)
+    assert torch.equal(cuda_leaves[2].grad, cpu_leaves[2].grad)
