@@ -164,6 +164,11 @@ def _plain_dataset(sid: str, path: Path, fh: h5py.File, name: str) -> h5py.Datas
     if obj.external or obj.is_virtual:
         raise ValueError(f"slide {sid!r}: {path}: '{name}' keeps its data outside this file "
                          f"({'external storage' if obj.external else 'a virtual dataset'}); refusing to read it")
+    logical, stored = obj.size * obj.dtype.itemsize, obj.id.get_storage_size()
+    if obj.compression is None and obj.scaleoffset is None and stored < logical:
+        # unwritten chunks read as fill values: a tiny file could stand for terabytes of zeros
+        raise ValueError(f"slide {sid!r}: {path}: '{name}' {obj.shape} holds {stored} of its {logical} bytes "
+                         "(never written); refusing to import fill values")
     return obj
 
 

@@ -66,6 +66,7 @@ _ENTRY_NAME = re.compile(r"^(?P<slide_id>.+)\.(?P<tag>[0-9a-f]{32})$")
 # a write-aside file of _atomic.atomic_target: ".<name>.<uuid4 hex>.tmp"
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
 _WRITER_TEMP_NAMES = ("zarr.json", _LABEL_JOURNAL)  # written only under the write lock
+MAX_SLIDE_ID_BYTES = 200  # a file name holds 255 bytes; staging adds ".<32 hex>"
 _STALE_TEMP_SECONDS = 3600.0  # other write-aside files (readers' neighbour caches) older than this are litter
 _CRC32C_RESIDUE = 0x48674BC7  # CRC32C of any message followed by its own CRC32C, little-endian
 
@@ -77,15 +78,16 @@ class StoreError(ValueError):
 def validate_slide_id(slide_id: str) -> str:
     """Return ``slide_id`` if it is usable as a directory name, else raise ``ValueError``: a non-empty string
     without path separators, NUL or other control characters, not starting with '.' (so never '.' or '..'),
-    at most 255 bytes. Every id that reaches a path goes through this (:meth:`FeatureStore._slide_dir`)."""
+    at most ``MAX_SLIDE_ID_BYTES``. Every id that reaches a path goes through this (:meth:`FeatureStore._slide_dir`)."""
     if not isinstance(slide_id, str) or not slide_id:
         raise ValueError(f"invalid slide id {slide_id!r}: must be a non-empty string")
     if slide_id.startswith(".") or "/" in slide_id or "\\" in slide_id:
         raise ValueError(f"invalid slide id {slide_id!r}: must not start with '.' or contain path separators")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in slide_id):
         raise ValueError(f"invalid slide id {slide_id!r}: must not contain control characters")
-    if len(slide_id.encode("utf-8", errors="surrogatepass")) > 255:
-        raise ValueError(f"invalid slide id {slide_id[:40]!r}...: longer than 255 bytes (a file name's limit)")
+    if len(slide_id.encode("utf-8", errors="surrogatepass")) > MAX_SLIDE_ID_BYTES:
+        raise ValueError(f"invalid slide id {slide_id[:40]!r}...: longer than {MAX_SLIDE_ID_BYTES} bytes (a file "
+                         "name's limit, less the staging suffix)")
     return slide_id
 
 
@@ -176,13 +178,14 @@ class FeatureStore:
                 f"{self.path}: not a fastmil store of format {FORMAT_VERSION} "
                 f"(fastmil_format={attrs.get('fastmil_format')!r})"
             )
+        _check_own_folders(self.path)
         self._slide_meta: dict[str, dict] = {}
         self._orphans: dict[str, Path] = {}
         self._journal: dict | None = None
         self._classes_seen: tuple[tuple[int, int, int], list[str] | None] | None = None  # (root stamp, classes)
         if mode == "a":
             try:
-                store_lock.acquire(self.path, lock_timeout)
+                self._lock_key = store_lock.acquire(self.path, lock_timeout)
             except store_lock.StoreBusyError as exc:
                 raise StoreError(str(exc)) from None
             except OSError as exc:
@@ -198,7 +201,7 @@ class FeatureStore:
         if self._locked:
             self._locked = False
             self.mode = "r"
-            store_lock.release(self.path)
+            store_lock.release(self._lock_key)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -422,6 +425,8 @@ class FeatureStore:
             return None
         classes = self.classes
         limit = len(classes) if classes else MAX_CLASSES
+        if isinstance(value, float) and value.is_integer():  # 1.0 (a JSON writer's float) is class 1
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
             raise StoreError(f"slide {slide_id!r}: label {short_repr(value)} is not a class index in [0, {limit})"
                              f"{' (classes ' + short_repr(classes) + ')' if classes else ''}")
@@ -456,6 +461,9 @@ class FeatureStore:
         buffer (``readinto``: one copy from the page cache, no per-chunk temporaries); compressed ones through
         zarr. Both paths reject missing or short chunk files.
         """
+        if array_dir.is_symlink() or (array_dir / "c").is_symlink():
+            raise StoreError(f"slide {slide_id!r}: {array_dir.name} is a link; a slide's arrays must be its own "
+                             "folders (store tampered with, re-ingest)")
         try:
             ameta = _read_json(array_dir / "zarr.json")
         except (OSError, json.JSONDecodeError) as exc:
@@ -692,9 +700,13 @@ class FeatureStore:
             if not final_dir.exists() and trash.exists():
                 os.rename(trash, final_dir)
             raise
-        shutil.rmtree(trash)
-        _remove_if_empty(trash.parent)
-        _remove_if_empty(staging.parent)
+        try:  # the new slide is in place: the old one's removal is cleanup, which the next writable open finishes
+            shutil.rmtree(trash)
+            _remove_if_empty(trash.parent)
+            _remove_if_empty(staging.parent)
+        except OSError as exc:
+            warnings.warn(f"{trash}: the replaced slide could not be removed ({exc.strerror}); the next writable "
+                          "open removes it", RuntimeWarning, stacklevel=3)
 
     def update_slide_attrs(self, slide_id: str, **updates: Any) -> None:
         """Merge ``updates`` into one slide's attributes (atomic rewrite of its zarr.json)."""
@@ -720,8 +732,10 @@ class FeatureStore:
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise StoreError(f"labels name {len(unknown)} slide(s) not in store {self.path}: {shown}{more}")
         for sid, y in labels.items():
-            if not 0 <= int(y) < len(classes):
-                raise ValueError(f"slide {sid!r}: label {y} out of range [0, {len(classes)})")
+            whole = isinstance(y, (int, np.integer)) and not isinstance(y, bool) or \
+                isinstance(y, (float, np.floating)) and float(y).is_integer()
+            if not whole or not 0 <= int(y) < len(classes):
+                raise ValueError(f"slide {sid!r}: label {short_repr(y)} is not a class index in [0, {len(classes)})")
         journal = {"classes": list(classes), "labels": {sid: int(y) for sid, y in labels.items()}}
         _write_json_atomic(self.path / _LABEL_JOURNAL, journal)  # the commit point
         self._journal = journal
@@ -808,6 +822,16 @@ def _checked_layout(slide_id: str, array_dir: Path, ameta: Mapping[str, Any], nd
             list(chunks[1:]) != list(shape[1:]):
         raise StoreError(f"{where}: chunk shape {short_repr(chunks)} does not cut whole rows of shape {shape}")
     return tuple(shape), chunks[0]
+
+
+def _check_own_folders(root: Path) -> None:
+    """``slides/``, ``.staging/`` and ``.trash/`` must be real folders of the store (or absent): a link there
+    would make recovery remove, and writes create, folders outside it."""
+    for name in (_SLIDES, _STAGING, _TRASH):
+        folder = root / name
+        if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or not _inside(folder, root))):
+            raise StoreError(f"{root}: {name} is not a folder of the store itself (a link?); refusing to read or "
+                             "write through it")
 
 
 def _leave_alone(entry: Path, why: str) -> None:
@@ -960,18 +984,28 @@ def _check_coords(slide_id: str, coords: Any, n_rows: int) -> np.ndarray:
 
 def create_store(path: str | os.PathLike, *, exist_ok: bool = True, lock_timeout: float = 0.0) -> FeatureStore:
     """Create (or, with ``exist_ok``, open for appending) a fastmil store at ``path``; the returned store holds
-    the write lock (``lock_timeout``: seconds to wait for another writer)."""
+    the write lock (``lock_timeout``: seconds to wait for another writer). Creation itself runs under the lock,
+    so two processes creating one store at once get one store."""
     p = Path(path)
     if (p / "zarr.json").is_file():
         if not exist_ok:
             raise StoreError(f"{p}: store already exists")
         return FeatureStore(p, mode="a", lock_timeout=lock_timeout)
-    if p.exists() and any(p.iterdir()):
+    if p.exists() and any(entry.name != store_lock.LOCK_NAME for entry in p.iterdir()):
         raise StoreError(f"{p}: exists and is not a fastmil store; refusing to write into it")
-    group = zarr.open_group(str(p), mode="w", zarr_format=3)
-    group.attrs.update({"fastmil_format": FORMAT_VERSION})
-    (p / _SLIDES).mkdir(exist_ok=True)
-    return FeatureStore(p, mode="a", lock_timeout=lock_timeout)
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        key = store_lock.acquire(p, lock_timeout)
+    except store_lock.StoreBusyError as exc:
+        raise StoreError(str(exc)) from None
+    try:
+        if not (p / "zarr.json").is_file():  # another creator may have finished while we waited
+            group = zarr.open_group(str(p), mode="a", zarr_format=3)  # "a": never clears the folder (the .lock)
+            group.attrs.update({"fastmil_format": FORMAT_VERSION})
+            (p / _SLIDES).mkdir(exist_ok=True)
+        return FeatureStore(p, mode="a", lock_timeout=lock_timeout)  # a second hold of our lock
+    finally:
+        store_lock.release(key)
 
 
 def open_store(path: str | os.PathLike, mode: str = "r", *, lock_timeout: float = 0.0,

@@ -76,7 +76,12 @@ _TABLES: dict[int, tuple[int, dict[tuple[int, int, torch.device], TileTable]]] =
 
 
 def _tables_of(off: torch.Tensor) -> dict[tuple[int, int, torch.device], TileTable]:
-    """The table cache of the host offsets ``off`` (emptied if ``off`` changed in place since it was filled)."""
+    """The table cache of the host offsets ``off`` (emptied if ``off`` changed in place since it was filled; none
+    for an inference-mode tensor, which keeps no version counter: a fresh dict, so its table is built per call).
+    Writes that bypass torch (through ``off.numpy()``) are not seen: host offsets are read-only once a batch
+    exists."""
+    if off.is_inference():
+        return {}
     entry = _TABLES.get(id(off))
     if entry is None:
         entry = _TABLES[id(off)] = (off._version, {})

@@ -149,8 +149,14 @@ def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
-HALF_GEMM_FP32_OUT = ("cuda",)
-"""Device types whose ``torch.addmm`` multiplies fp16/bf16 operands into an fp32 output (``out_dtype``)."""
+def _torch_at_least(major: int, minor: int) -> bool:
+    release = torch.__version__.split("+")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+HALF_GEMM_FP32_OUT = ("cuda",) if _torch_at_least(2, 10) else ()
+"""Device types whose ``torch.addmm`` multiplies fp16/bf16 operands into an fp32 output (``out_dtype`` with an fp32
+``self``: CUDA, from torch 2.10; older releases take the exact-upcast path below)."""
 
 
 def _add_weight_grad(grad_w: torch.Tensor, grad_pre: torch.Tensor, x: torch.Tensor, first: bool) -> None:

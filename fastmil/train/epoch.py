@@ -49,6 +49,15 @@ def _timed(loader, clock: dict) -> Iterator[Bags]:
         yield bags
 
 
+def _diverged(stepper: Stepper, n_bad: int, n_steps: int) -> bool:
+    """Whether non-finite losses in ``n_bad`` of ``n_steps`` steps mean the run is lost: always without loss
+    scaling; with it (skipped steps leave the weights as they were), when every step was lost or a parameter is
+    no longer finite."""
+    if stepper.scaler is None or n_bad >= n_steps:
+        return True
+    return not all(bool(torch.isfinite(p).all()) for p in stepper.params)
+
+
 def train_epoch(
     stepper: Stepper, loader, epoch: int, *, epochs: int, seed: int, device: torch.device,
     class_weight: torch.Tensor | None, progress: bool = False,
@@ -58,8 +67,10 @@ def train_epoch(
     """Run one epoch of ``stepper`` over ``loader`` (a :class:`fastmil.data.BagLoader`).
 
     Terms are summed on the device and read once at the end (one host synchronisation per epoch). So is the first
-    step whose loss was not finite: the epoch then raises :class:`DivergedError` naming it (the weights are NaN
-    from there on; the run's last checkpoint is the previous epoch's).
+    step whose loss was not finite: the epoch then raises :class:`DivergedError` naming it (the run's last
+    checkpoint stays the previous epoch's). With fp16 loss scaling, whose scaler skips a step with non-finite
+    gradients (a single overflowing bag is survivable), it raises only when every step of the epoch had a
+    non-finite loss or the parameters themselves are no longer finite.
     ``step_callback(epoch, step, loss)``, when given, is called after every step (it reads the loss: a sync).
     ``progress`` shows a step bar on a terminal (tqdm hides it elsewhere). ``loss_fn``/``loss_name``: the task's
     supervised loss for the methods (:class:`fastmil.methods.StepContext`; default: cross-entropy, ``ce``).
@@ -73,6 +84,7 @@ def train_epoch(
     clock = {"data": 0.0}
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # the first non-finite step, on the device
     bad_value = torch.zeros((), dtype=torch.float32, device=device)
+    n_bad = torch.zeros((), dtype=torch.int64, device=device)
     start = time.perf_counter()
     batches = device_batches(_timed(loader, clock), device)  # on CUDA, copies overlap the previous step
     for step, bags in enumerate(tqdm(batches, desc=f"epoch {epoch}", unit="step", total=n_steps, leave=False,
@@ -80,7 +92,9 @@ def train_epoch(
         ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=n_steps, epochs=epochs, seed=seed,
                           class_weight=class_weight, loss_fn=loss_fn, loss_name=loss_name)
         terms = stepper.step(bags, ctx)
-        newly_bad = (first_bad < 0) & ~torch.isfinite(terms["loss"])
+        bad = ~torch.isfinite(terms["loss"])
+        n_bad += bad
+        newly_bad = (first_bad < 0) & bad
         first_bad = torch.where(newly_bad, step, first_bad)
         bad_value = torch.where(newly_bad, terms["loss"].float(), bad_value)
         for key, value in terms.items():
@@ -91,10 +105,11 @@ def train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
-    if int(first_bad) >= 0:
+    if int(first_bad) >= 0 and _diverged(stepper, int(n_bad), n_steps):
         raise DivergedError(
-            f"training diverged: the loss is {float(bad_value)} at epoch {epoch} step {int(first_bad)} (lr "
-            f"{stepper.lr:.3g}); lower optim.lr, set optim.grad_clip, check the features for values near their "
-            "dtype's limit (fp16: 65504), or train with run.amp=none")
+            f"training diverged: the loss is {float(bad_value)} at epoch {epoch} step {int(first_bad)} "
+            f"({int(n_bad)} of {n_steps} steps non-finite, lr {stepper.lr:.3g}); start a new run with a lower "
+            "optim.lr or optim.grad_clip, check the features for values near their dtype's limit (fp16: 65504), "
+            "or train with run.amp=none")
     means = {key: float(total) / counts[key] for key, total in sums.items()}
     return EpochStats(means, counts.get("loss", 0), clock["data"], max(0.0, wall - clock["data"]))

@@ -179,16 +179,25 @@ def _nothing_left(state: TrainState, cfg: TrainConfig) -> str:
 
 EXPLODING_FACTOR = 100.0
 """An epoch whose mean training loss exceeds this multiple of the first epoch's (and 10) gets a warning."""
+EXPLODED_LOSS = 1e4
+"""A mean training loss above this is a warning from the first epoch on (a cross-entropy is ~log C; 1e29 was seen
+with features near 1e30)."""
 
 
 def _warn_if_exploding(history: list[dict]) -> None:
     """Warn (once, on the epoch it happens) when the training loss has grown far past its first epoch's value:
     finite, but diverging (a too high learning rate, features near their dtype's limit)."""
     losses = [r["train"].get("loss") for r in history]
-    if len(losses) < 2 or losses[0] is None or losses[-1] is None:
+    if not losses or losses[-1] is None:
+        return
+    if losses[-1] > EXPLODED_LOSS and all(x is None or x <= EXPLODED_LOSS for x in losses[:-1]):
+        warnings.warn(f"the training loss is {losses[-1]:.3g} in epoch {len(losses) - 1}: training has exploded "
+                      "(features near their dtype's limit? a too high optim.lr?)", RuntimeWarning, stacklevel=3)
+        return
+    if len(losses) < 2 or losses[0] is None:
         return
     limit = max(10.0, EXPLODING_FACTOR * abs(losses[0]))
-    if losses[-1] > limit and all(x is None or x <= limit for x in losses[1:-1]):
+    if EXPLODED_LOSS >= losses[-1] > limit and all(x is None or x <= limit for x in losses[1:-1]):
         warnings.warn(f"the training loss is exploding: {losses[-1]:.3g} in epoch {len(losses) - 1} against "
                       f"{losses[0]:.3g} in epoch 0; lower optim.lr or set optim.grad_clip", RuntimeWarning,
                       stacklevel=3)

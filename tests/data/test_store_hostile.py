@@ -544,3 +544,57 @@ def test_ingest_into_a_read_only_store_is_one_line_naming_it(tmp_path, monkeypat
     assert main(["ingest", str(src), str(root), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot open the store for writing: Read-only file system" in err
+
+
+# ------------------------------------------------------------------------------- review: the store's own folders
+@pytest.mark.parametrize("name", ["slides", ".trash", ".staging"])
+def test_a_store_whose_own_folder_is_a_link_is_refused_and_nothing_outside_is_touched(tmp_path, name):
+    """With ``slides -> /home/u`` and ``.trash/Documents.<hex>``, recovery used to remove /home/u/Documents."""
+    root = _store(tmp_path / "s", n_slides=1)
+    outside = _mkdir(tmp_path / "home")
+    (outside / "Documents").mkdir()
+    (outside / "Documents" / "thesis.txt").write_text("precious")
+    if name == "slides":
+        import shutil
+
+        shutil.rmtree(root / "slides")
+        _mkdir(root / ".trash" / f"Documents.{uuid.uuid4().hex}").joinpath("zarr.json").write_text("{}")
+    (root / name).symlink_to(outside, target_is_directory=True)
+    for mode in ("a", "r"):
+        with pytest.raises(StoreError, match=f"{name} is not a folder of the store itself"):
+            open_store(root, mode=mode)
+    assert (outside / "Documents" / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in outside.iterdir()) == ["Documents"]
+
+
+def test_two_processes_creating_one_new_store_get_one_store(tmp_path):
+    root = tmp_path / "fresh"  # not created beforehand: creation itself runs under the lock
+    procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(root), tag, "60"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO) for tag in ("a", "b")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(open_store(root).slide_ids) == 12
+
+
+def test_an_h5_dataset_that_was_never_written_is_refused(tmp_path):
+    import h5py
+
+    from fastmil.data import ingest
+
+    src = _mkdir(tmp_path / "src")
+    with h5py.File(src / "ghost.h5", "w") as fh:
+        fh.create_dataset("features", shape=(10**6, 1024), dtype=np.float32, chunks=(1024, 1024))
+    assert (src / "ghost.h5").stat().st_size < 100_000
+    report = ingest(src, tmp_path / "store", progress=False)
+    assert "never written" in dict(report.failed)["ghost"]
+
+
+def test_labels_are_class_indices_integral_floats_included(tmp_path):
+    root = _store(tmp_path / "s", n_slides=2)
+    _edit_json(root / "slides" / "s1" / "zarr.json", lambda m: m["attributes"].update(label=1.0))
+    store = open_store(root, mode="a")
+    assert store.label("s1") == 1
+    with pytest.raises(ValueError, match="label 1.7 is not a class index"):
+        store.set_labels({"s0": 1.7}, ["a", "b"])
+    store.set_labels({"s0": np.int64(1), "s1": 0.0}, ["a", "b"])
+    assert store.labels() == {"s0": 1, "s1": 0}

@@ -69,7 +69,8 @@ class ToyEMA(Method):
         return StepOutput(ce + self.config.weight * consistency, terms)
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), self.config.momentum)
+        ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), self.config.momentum,
+                    ctx.step_applied)  # False after a step fp16 loss scaling skipped: the teacher stays
 
 
 DATA = SynthConfig(n_slides=16, dim=8, median_instances=60, min_instances=16, size_sigma=0.2, seed=1)

@@ -497,3 +497,13 @@ def test_a_non_finite_input_gives_a_non_finite_bag_not_an_empty_one(where, backe
     pooled.sum().backward()
     assert not torch.isfinite(s.grad[:100]).all() or not torch.isfinite(v.grad[:100]).all()
     assert torch.isfinite(s.grad[100:]).all() and torch.isfinite(v.grad[100:]).all()
+
+
+def test_host_offsets_made_in_inference_mode_work_on_the_triton_path():
+    """Inference tensors keep no version counter; the tile-table cache must not ask them for one."""
+    with torch.inference_mode():
+        offsets = torch.tensor([0, 5, 9])
+        scores, values = torch.randn(9, 1), torch.randn(9, 4)
+        pooled, _ = attention_pool(scores, values, offsets, backend="triton")
+    ref, _ = attention_pool(scores, values, offsets, backend="torch")
+    check(relative_error(pooled, ref), rounding_bound(9), FAMILY, "pooled (inference mode)")

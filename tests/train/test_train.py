@@ -321,6 +321,39 @@ def test_an_exploding_loss_is_a_warning():
 
     history = [{"train": {"loss": 0.7}}, {"train": {"loss": 0.5}}]
     _warn_if_exploding(history)  # no warning
-    history.append({"train": {"loss": 1e29}})
-    with pytest.warns(RuntimeWarning, match="exploding: 1e\\+29 in epoch 2"):
+    history.append({"train": {"loss": 500.0}})
+    with pytest.warns(RuntimeWarning, match="exploding: 500 in epoch 2 against 0.7"):
         _warn_if_exploding(history)
+    history.append({"train": {"loss": 1e29}})
+    with pytest.warns(RuntimeWarning, match="1e\\+29 in epoch 3: training has exploded"):
+        _warn_if_exploding(history)
+
+
+def test_with_fp16_loss_scaling_one_overflowing_step_is_survived_and_all_is_not():
+    """The scaler skips a step whose gradients are not finite, so one bad bag leaves the weights as they were;
+    an epoch of nothing but bad steps is still an error."""
+    from fastmil.bags import Bags
+    from fastmil.methods import build_method, method_config
+    from fastmil.nn import model_config
+    from fastmil.train.epoch import DivergedError, train_epoch
+    from fastmil.train.step import Stepper
+
+    torch.manual_seed(0)
+    method = build_method(method_config({"name": "plain"}), model_config({"embed_dim": 8, "attn_dim": 4}), 4, 2)
+    g = torch.Generator().manual_seed(0)
+    batches = [Bags.from_list([torch.randn(5, 4, generator=g)], labels=[i % 2]) for i in range(4)]
+    batches[2] = Bags.from_list([torch.full((5, 4), 3e38)], labels=[1], validate=False)
+    stepper = Stepper(method, TrainConfig().optim, "fp16", torch.device("cpu"))
+    stats = train_epoch(stepper, _ListLoader(batches), 0, epochs=1, seed=0, device=torch.device("cpu"),
+                        class_weight=None)
+    assert stats.steps == 4 and all(bool(torch.isfinite(p).all()) for p in method.parameters())
+    with pytest.raises(DivergedError, match="4 of 4 steps non-finite"):
+        train_epoch(stepper, _ListLoader([batches[2]] * 4), 1, epochs=2, seed=0, device=torch.device("cpu"),
+                    class_weight=None)
+
+
+def test_a_loss_that_starts_exploded_is_a_warning():
+    from fastmil.train.loop import _warn_if_exploding
+
+    with pytest.warns(RuntimeWarning, match="1e\\+29 in epoch 0: training has exploded"):
+        _warn_if_exploding([{"train": {"loss": 1e29}}])
