@@ -27,6 +27,7 @@ from fastmil.ops import grid_neighbours
 from fastmil.ops._backend import interpreting
 from fastmil.train import TrainConfig
 from fastmil.train.step import Stepper
+from tests.methods.test_srmil import _bags as srmil_bags
 
 ABMIL = {"embed_dim": 16, "attn_dim": 8, "dropout": 0.0}
 GRAPH = {"name": "graphmil", "heads": 2, "head_dim": 8, "radius": 1, "head_hidden": 8, "dropout": 0.0}
@@ -63,14 +64,9 @@ class SyncProbe(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _batch(sizes=(30, 1, 57), dim=6, seed=0, radius=None) -> Bags:
-    g = torch.Generator().manual_seed(seed)
-    feats, coords = [], []
-    for n in sizes:
-        cells = torch.randperm(100, generator=g)[:n]
-        coords.append(torch.stack([cells % 10 * 256, cells // 10 * 256], 1))
-        feats.append(torch.randn(n, dim, generator=g))
-    bags = Bags.from_list(feats, coords=coords, labels=[i % 2 for i in range(len(sizes))])
+def _batch(seed=0, radius=None) -> Bags:
+    """The SRMIL tests' ragged batch (a bag of one among them) on a 10 x 10 patch grid, with its stencil table."""
+    bags = srmil_bags(seed=seed)
     if radius is not None:  # as the store's loader does: the table comes with the batch
         bags.neighbours = grid_neighbours(bags.coords, bags.offsets, radius, offsets_cpu=bags.offsets_cpu)
     return bags

@@ -297,12 +297,11 @@ class _ListLoader(list):
         pass
 
 
-def test_a_non_finite_loss_stops_training_naming_the_step():
-    """Features near fp32's limit used to train on to a loss of 1e29 or NaN and exit 0 (issue 29 item 14)."""
+def _plain_run_with_an_overflowing_bag(amp: str):
+    """A small plain-ABMIL stepper and four one-bag batches, the third with features near fp32's limit."""
     from fastmil.bags import Bags
     from fastmil.methods import build_method, method_config
     from fastmil.nn import model_config
-    from fastmil.train.epoch import DivergedError, train_epoch
     from fastmil.train.step import Stepper
 
     torch.manual_seed(0)
@@ -310,7 +309,14 @@ def test_a_non_finite_loss_stops_training_naming_the_step():
     g = torch.Generator().manual_seed(0)
     batches = [Bags.from_list([torch.randn(5, 4, generator=g)], labels=[i % 2]) for i in range(4)]
     batches[2] = Bags.from_list([torch.full((5, 4), 3e38)], labels=[1], validate=False)
-    stepper = Stepper(method, TrainConfig().optim, "none", torch.device("cpu"))
+    return Stepper(method, TrainConfig().optim, amp, torch.device("cpu")), batches
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step():
+    """Features near fp32's limit used to train on to a loss of 1e29 or NaN and exit 0 (issue 29 item 14)."""
+    from fastmil.train.epoch import DivergedError, train_epoch
+
+    stepper, batches = _plain_run_with_an_overflowing_bag("none")
     with pytest.raises(DivergedError, match=r"loss is (nan|inf) at epoch 0 step 2"):
         train_epoch(stepper, _ListLoader(batches), 0, epochs=1, seed=0, device=torch.device("cpu"),
                     class_weight=None)
@@ -332,18 +338,10 @@ def test_an_exploding_loss_is_a_warning():
 def test_with_fp16_loss_scaling_one_overflowing_step_is_survived_and_all_is_not():
     """The scaler skips a step whose gradients are not finite, so one bad bag leaves the weights as they were;
     an epoch of nothing but bad steps is still an error."""
-    from fastmil.bags import Bags
-    from fastmil.methods import build_method, method_config
-    from fastmil.nn import model_config
     from fastmil.train.epoch import DivergedError, train_epoch
-    from fastmil.train.step import Stepper
 
-    torch.manual_seed(0)
-    method = build_method(method_config({"name": "plain"}), model_config({"embed_dim": 8, "attn_dim": 4}), 4, 2)
-    g = torch.Generator().manual_seed(0)
-    batches = [Bags.from_list([torch.randn(5, 4, generator=g)], labels=[i % 2]) for i in range(4)]
-    batches[2] = Bags.from_list([torch.full((5, 4), 3e38)], labels=[1], validate=False)
-    stepper = Stepper(method, TrainConfig().optim, "fp16", torch.device("cpu"))
+    stepper, batches = _plain_run_with_an_overflowing_bag("fp16")
+    method = stepper.method
     stats = train_epoch(stepper, _ListLoader(batches), 0, epochs=1, seed=0, device=torch.device("cpu"),
                         class_weight=None)
     assert stats.steps == 4 and all(bool(torch.isfinite(p).all()) for p in method.parameters())
