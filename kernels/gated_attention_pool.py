@@ -76,12 +76,12 @@ def gemm_block_k(hid_pad: int) -> int:
 
 def grad_h_config(hidden: int, dtype: torch.dtype) -> KernelConfig:
     """Config of ``grad_h_kernel`` (``block_n`` = the tile size of the gated kernels). ``fp32_dot`` splits the
-    ``[block_n, BLOCK_K]`` tile of ``dpre`` in two (3xTF32, ``kernels/_dot.py``): 128-row tiles take 8 warps, where
-    4 spill on sm_80."""
+    ``[block_n, BLOCK_K]`` tile of ``dpre`` in two (3xTF32, ``kernels/_dot.py``): 128-row tiles, and 64-row tiles of
+    ``K = 2 HID_PAD = 256``, take 8 warps, where 4 spill on sm_80 (triton 3.8: 104-208 B). ``hidden`` is HID_PAD."""
     fp32 = dtype == torch.float32
     block_n = gated_config(hidden, dtype).block_n
-    return KernelConfig(block_n=block_n, block_d=32 if fp32 else 64, num_warps=8 if block_n >= 128 else 4,
-                        num_stages=2)
+    wide = block_n >= 128 or block_n * hidden >= 8192
+    return KernelConfig(block_n=block_n, block_d=32 if fp32 else 64, num_warps=8 if wide else 4, num_stages=2)
 
 
 def weight_grad_config() -> KernelConfig:
