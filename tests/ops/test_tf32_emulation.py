@@ -234,19 +234,29 @@ def test_pooling_forward_within_the_contract_and_truncated_tf32_outside_it(dtype
     def bound(m):
         return rounding_bound(2 * N + 2 + (dot_passes(m) - 1) * N, condition=cond1) + dot_bound(m, inexact, cond2)
 
-    for split in splits:
-        got = emulated_pool_forward(scores, values, block_n, mode, split)
-        check(relative_error(got, ref), bound(contract), FAMILY, f"pooled {mode} ({split} split)")
-    truncated = emulated_pool_forward(scores, values, block_n, "tf32-truncated")
-    error = relative_error(truncated, ref)
-    if contract == "tf32x3":
-        assert error > 3 * bound(contract), f"truncated TF32: {error:.2e}, contract {bound(contract):.2e}"
+    def emulate(m, split="nearest"):
+        return emulated_pool_forward(scores, values, block_n, m, split)
+
+    truncated = _check_modes(emulate, ref, bound(contract), mode, splits, contract, "pooled")
     # truncation shrinks every product: the pooled vector (all positive here) comes out low on average
     bias = float(((truncated.double() - ref) / ref).mean())
     assert bias < -2.0**-12 * inexact, bias
     if contract == "tf32":  # rounding to nearest removes that bias
         rounded = emulated_pool_forward(scores, values, block_n, "tf32")
         assert abs(float(((rounded.double() - ref) / ref).mean())) < 2.0**-14
+
+
+def _check_modes(emulate, ref: torch.Tensor, bound: float, mode: str, splits, contract: str, what: str
+                 ) -> torch.Tensor:
+    """``emulate(mode, split)`` within ``bound`` of ``ref`` for each split of ``mode``; under the 3xTF32 contract,
+    plain truncated TF32 (``emulate("tf32-truncated")``, returned) must miss it by more than 3x."""
+    for split in splits:
+        check(relative_error(emulate(mode, split), ref), bound, FAMILY, f"{what} {mode} ({split} split)")
+    truncated = emulate("tf32-truncated")
+    error = relative_error(truncated, ref)
+    if contract == "tf32x3":
+        assert error > 3 * bound, f"truncated TF32: {error:.2e}, contract {bound:.2e}"
+    return truncated
 
 
 @pytest.mark.parametrize(("dtype", "allow_tf32"), CASES, ids=IDS)
@@ -267,13 +277,10 @@ def test_backward_gemms_within_the_contract_and_truncated_tf32_outside_it(name, 
     def bound(m):
         return rounding_bound(dot_passes(m) * k + n_splits, condition=max(cond2, 1.0)) + dot_bound(m, inexact, cond2)
 
-    for split in splits:
-        got = _emulated_gemm(a, b, row_splits, mode, split)
-        check(relative_error(got, ref), bound(contract), FAMILY, f"{name} {mode} ({split} split)")
-    truncated = _emulated_gemm(a, b, row_splits, "tf32-truncated")
-    error = relative_error(truncated, ref)
-    if contract == "tf32x3":
-        assert error > 3 * bound(contract), f"truncated TF32: {error:.2e}, contract {bound(contract):.2e}"
+    def emulate(m, split="nearest"):
+        return _emulated_gemm(a, b, row_splits, m, split)
+
+    _check_modes(emulate, ref, bound(contract), mode, splits, contract, name)
 
 
 # ---- the kernels' own rounding in the "tf32" mode, run through the interpreter --------------------------------------
